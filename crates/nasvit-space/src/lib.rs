@@ -1,0 +1,15 @@
+//! Search spaces, architectures, sampling and the cost model of NASViT. No tensors here.
+//!
+//! `SearchSpace` holds the choices per stage; `Arch` is one subnet in the released layout
+//! `{resolution, width[9], depth[7], kernel_size[7], expand_ratio[7]}` (plus optional paper genes);
+//! `SubnetShape` expands an arch into every layer size, which both the cost model and the model builders read.
+
+pub mod arch;
+pub mod cost;
+pub mod error;
+pub mod space;
+
+pub use arch::Arch;
+pub use cost::{BlockShape, Cost, StageShape, SubnetShape};
+pub use error::{ArchError, SpaceError};
+pub use space::{make_divisible, PaperSpace, SearchSpace, StageSpace, HEAD_DIM, HEAD_EXPAND, V_EXPAND};
