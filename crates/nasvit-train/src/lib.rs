@@ -1,0 +1,1 @@
+//! Model-independent parts of NASViT supernet training.
