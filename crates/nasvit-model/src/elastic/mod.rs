@@ -1,0 +1,45 @@
+//! Elastic ops: each holds the max-size tensor of the supernet and runs on a leading slice of it
+//! (`W[:out, :in]`, BN `[:C]`, the centre `k x k` crop of a depthwise kernel), as the released
+//! implementation does. The same types hold the already-sliced tensors of an extracted [`crate::StaticNet`].
+
+pub mod conv;
+pub mod linear;
+pub mod norm;
+pub mod se;
+
+use burn::module::Param;
+use burn::tensor::{Device, Distribution, Tensor};
+
+pub use conv::{ConvBias, ConvWeight, ElasticConv2d};
+pub use linear::{ElasticLinear, LinearWeight};
+pub use norm::{BnParams, ElasticBatchNorm, JointLayerNorm};
+pub use se::{ElasticSe, SeFc};
+
+/// Whether BN uses the statistics of the batch (and updates its running statistics) or its running statistics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Batch statistics over the active channels; running statistics updated with momentum 0.1.
+    Train,
+    /// Running statistics.
+    Eval,
+}
+
+/// The leading `sizes` slice of a tensor (`t[:s0, :s1, ...]`); no-op on dimensions already that size.
+pub(crate) fn lead<const D: usize>(t: Tensor<D>, sizes: [usize; D]) -> Tensor<D> {
+    let dims = t.dims();
+    if dims == sizes {
+        return t;
+    }
+    t.slice(sizes.map(|s| 0..s))
+}
+
+/// A parameter initialised as PyTorch's default for conv/linear: `U(-1/sqrt(fan_in), 1/sqrt(fan_in))`.
+pub(crate) fn uniform_param<const D: usize>(shape: [usize; D], fan_in: usize, device: &Device) -> Param<Tensor<D>> {
+    let a = 1.0 / (fan_in.max(1) as f64).sqrt();
+    Param::from_tensor(Tensor::random(shape, Distribution::Uniform(-a, a), device))
+}
+
+/// A new parameter holding a detached copy of `t` (the sliced weights of an extracted subnet).
+pub(crate) fn detached_param<const D: usize>(t: Tensor<D>) -> Param<Tensor<D>> {
+    Param::from_tensor(t.detach())
+}
