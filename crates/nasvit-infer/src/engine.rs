@@ -1,0 +1,566 @@
+//! The runtime: a static subnet with its weights packed once at load, run on `[B, C, H, W]` inputs.
+//!
+//! Semantics are those of the released network in inference mode (NASVIT.md 2.1-2.2); the export already folded
+//! BN, sliced every weight and resolved the switchable scales, so this file only holds plain layers. Two more
+//! constants are folded at load: the q scale `8^-0.5` into the q rows of the fused qkv weight, and the layer scales
+//! `g_a`, `g_m` into the rows of `proj` and `fc2`, so each residual branch is one accumulate-GEMM.
+
+use std::path::Path;
+
+use nasvit_space::{Arch, BlockShape, SearchSpace, SubnetShape, HEAD_DIM, V_EXPAND};
+use rayon::prelude::*;
+
+use crate::error::{InferError, Result};
+use crate::export::{ExportedModel, Preprocess};
+use crate::kernels::{self, Act, ConvGeom, Mat, Par};
+use crate::resize::bicubic;
+use crate::state::Tensor;
+
+/// Runtime options.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EngineOptions {
+    /// Worker threads; 0 means one per available core.
+    pub threads: usize,
+}
+
+/// A 1x1 conv or linear `[cout, cin]` with an optional bias.
+struct Linear {
+    w: Vec<f32>,
+    b: Option<Vec<f32>>,
+    cout: usize,
+    cin: usize,
+}
+
+impl Linear {
+    fn run(&self, x: &[f32], n: usize, act: Act, par: Par) -> Vec<f32> {
+        let mut out = vec![0.0f32; self.cout * n];
+        kernels::conv1x1(&self.w, self.b.as_deref(), self.cout, self.cin, x, n, &mut out, act, par);
+        out
+    }
+
+    /// `acc += W x + b` (the residual branches).
+    fn run_add(&self, x: &[f32], n: usize, acc: &mut [f32], par: Par) {
+        kernels::matmul(self.cout, n, self.cin, Mat::rows(&self.w, self.cin), Mat::rows(x, n), acc, n, true, par);
+        if let Some(b) = &self.b {
+            kernels::bias_act(&mut acc[..self.cout * n], n, Some(b), Act::None, par);
+        }
+    }
+
+    /// Matrix-vector product for the tiny SE / head layers.
+    fn matvec(&self, x: &[f32], act: Act) -> Vec<f32> {
+        (0..self.cout)
+            .map(|o| {
+                let row = &self.w[o * self.cin..(o + 1) * self.cin];
+                let s: f32 = row.iter().zip(x).map(|(a, b)| a * b).sum();
+                kernels::apply(act, s + self.b.as_ref().map_or(0.0, |b| b[o]))
+            })
+            .collect()
+    }
+}
+
+struct MbConv {
+    cin: usize,
+    cmid: usize,
+    cout: usize,
+    geom: ConvGeom,
+    expand: Option<Linear>,
+    dw_w: Vec<f32>,
+    dw_b: Vec<f32>,
+    se: Option<(Linear, Linear)>,
+    project: Linear,
+    shortcut: Option<Linear>,
+}
+
+struct Mlp {
+    hidden: usize,
+    fc1: Linear,
+    /// Rows already multiplied by `g_m`.
+    fc2: Linear,
+    dw: Option<Vec<f32>>,
+}
+
+struct TfLayer {
+    c: usize,
+    heads: usize,
+    grid: usize,
+    windows: usize,
+    norms: [(Vec<f32>, Vec<f32>); 3],
+    /// q (pre-scaled by 8^-0.5), k, v stacked: `[6C, C]`.
+    qkv: Linear,
+    vconv: Vec<f32>,
+    /// `[h, T, T]`, T = tokens per window.
+    rpb: Vec<f32>,
+    proj_l: Linear,
+    proj_w: Linear,
+    /// Rows already multiplied by `g_a`.
+    proj: Linear,
+    mlp1: Mlp,
+    mlp2: Mlp,
+}
+
+enum Block {
+    Mb(MbConv),
+    Tf(TfLayer),
+}
+
+/// A loaded subnet, ready to run.
+pub struct Engine {
+    pub space: SearchSpace,
+    pub arch: Arch,
+    pub labels: Vec<String>,
+    pub preprocess: Preprocess,
+    in_channels: usize,
+    stem: Linear,
+    stem_geom: ConvGeom,
+    stages: Vec<(String, Vec<Block>)>,
+    head_expand: Linear,
+    head_mix: Linear,
+    classifier: Linear,
+    threads: usize,
+    pool: rayon::ThreadPool,
+}
+
+/// Output of `Engine::run_with_taps`: logits `[B, K]` and each stage's output `[B, C, H, W]` by name
+/// (`stem`, `mb1`, ...).
+pub struct RunOutput {
+    pub logits: Tensor,
+    pub taps: Vec<(String, Tensor)>,
+}
+
+fn take(model: &ExportedModel, key: &str) -> Result<Vec<f32>> {
+    model
+        .tensors
+        .get(key)
+        .map(|t| t.data.clone())
+        .ok_or_else(|| InferError::MissingKey {
+            key: key.into(),
+            context: String::new(),
+        })
+}
+
+fn linear(model: &ExportedModel, prefix: &str, bias: bool) -> Result<Linear> {
+    let key = format!("{prefix}.weight");
+    let t = model.tensors.get(&key).ok_or_else(|| InferError::MissingKey {
+        key: key.clone(),
+        context: String::new(),
+    })?;
+    let cout = t.shape[0];
+    let cin = t.numel() / cout.max(1);
+    Ok(Linear {
+        w: t.data.clone(),
+        b: if bias { Some(take(model, &format!("{prefix}.bias"))?) } else { None },
+        cout,
+        cin,
+    })
+}
+
+/// Multiplies row `o` of a linear (weight and bias) by `s[o]`.
+fn scale_rows(mut l: Linear, s: &[f32]) -> Linear {
+    for (o, &g) in s.iter().enumerate() {
+        l.w[o * l.cin..(o + 1) * l.cin].iter_mut().for_each(|v| *v *= g);
+        if let Some(b) = &mut l.b {
+            b[o] *= g;
+        }
+    }
+    l
+}
+
+impl Engine {
+    /// Packs the weights of an exported model.
+    pub fn new(model: &ExportedModel, opts: EngineOptions) -> Result<Self> {
+        model.check()?;
+        let threads = if opts.threads == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            opts.threads
+        };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("nasvit-infer-{i}"))
+            .build()
+            .map_err(|e| InferError::Threads(e.to_string()))?;
+        let sh = SubnetShape::new(&model.space, &model.arch);
+        let mut stages = Vec::new();
+        for (i, st) in sh.stages.iter().enumerate() {
+            let mut blocks = Vec::new();
+            for (j, b) in st.blocks.iter().enumerate() {
+                let p = format!("stages.{i}.{j}");
+                blocks.push(match *b {
+                    BlockShape::MbConv {
+                        cin,
+                        cmid,
+                        cout,
+                        kernel,
+                        stride,
+                        no_expand,
+                        se_mid,
+                        hin,
+                        ..
+                    } => Block::Mb(MbConv {
+                        cin,
+                        cmid,
+                        cout,
+                        geom: ConvGeom {
+                            h: hin,
+                            w: hin,
+                            k: kernel,
+                            stride,
+                        },
+                        expand: if no_expand { None } else { Some(linear(model, &format!("{p}.expand"), true)?) },
+                        dw_w: take(model, &format!("{p}.dw.weight"))?,
+                        dw_b: take(model, &format!("{p}.dw.bias"))?,
+                        se: match se_mid {
+                            Some(_) => Some((
+                                linear(model, &format!("{p}.se.reduce"), true)?,
+                                linear(model, &format!("{p}.se.expand"), true)?,
+                            )),
+                            None => None,
+                        },
+                        project: linear(model, &format!("{p}.project"), true)?,
+                        shortcut: if cin != cout { Some(linear(model, &format!("{p}.shortcut"), false)?) } else { None },
+                    }),
+                    BlockShape::Transformer {
+                        c,
+                        heads,
+                        grid,
+                        windows,
+                        mlp_ratio,
+                        mlp_dwconv,
+                    } => {
+                        let q = linear(model, &format!("{p}.attn.q"), true)?;
+                        let k = linear(model, &format!("{p}.attn.k"), true)?;
+                        let v = linear(model, &format!("{p}.attn.v"), true)?;
+                        let qs = (HEAD_DIM as f32).powf(-0.5);
+                        let mut w = Vec::with_capacity(6 * c * c);
+                        let mut bias = Vec::with_capacity(6 * c);
+                        w.extend(q.w.iter().map(|x| x * qs));
+                        bias.extend(q.b.as_ref().expect("bias").iter().map(|x| x * qs));
+                        w.extend_from_slice(&k.w);
+                        bias.extend_from_slice(k.b.as_ref().expect("bias"));
+                        w.extend_from_slice(&v.w);
+                        bias.extend_from_slice(v.b.as_ref().expect("bias"));
+                        let ga = take(model, &format!("{p}.scale_attn"))?;
+                        let gm = take(model, &format!("{p}.scale_mlp"))?;
+                        let mlp = |m: &str| -> Result<Mlp> {
+                            Ok(Mlp {
+                                hidden: mlp_ratio * c,
+                                fc1: linear(model, &format!("{p}.{m}.fc1"), true)?,
+                                fc2: scale_rows(linear(model, &format!("{p}.{m}.fc2"), true)?, &gm),
+                                dw: if mlp_dwconv { Some(take(model, &format!("{p}.{m}.dw.weight"))?) } else { None },
+                            })
+                        };
+                        let norm = |n: usize| -> Result<(Vec<f32>, Vec<f32>)> {
+                            Ok((take(model, &format!("{p}.norm{n}.weight"))?, take(model, &format!("{p}.norm{n}.bias"))?))
+                        };
+                        Block::Tf(TfLayer {
+                            c,
+                            heads,
+                            grid,
+                            windows,
+                            norms: [norm(1)?, norm(2)?, norm(3)?],
+                            qkv: Linear {
+                                w,
+                                b: Some(bias),
+                                cout: (2 + V_EXPAND) * c,
+                                cin: c,
+                            },
+                            vconv: take(model, &format!("{p}.attn.vconv.weight"))?,
+                            rpb: take(model, &format!("{p}.attn.rpb"))?,
+                            proj_l: linear(model, &format!("{p}.attn.proj_l"), true)?,
+                            proj_w: linear(model, &format!("{p}.attn.proj_w"), true)?,
+                            proj: scale_rows(linear(model, &format!("{p}.attn.proj"), true)?, &ga),
+                            mlp1: mlp("mlp1")?,
+                            mlp2: mlp("mlp2")?,
+                        })
+                    }
+                });
+            }
+            stages.push((st.name.clone(), blocks));
+        }
+        Ok(Engine {
+            space: model.space.clone(),
+            arch: model.arch.clone(),
+            labels: model.labels.clone(),
+            preprocess: model.preprocess.clone(),
+            in_channels: sh.in_channels,
+            stem: linear(model, "stem", true)?,
+            stem_geom: ConvGeom {
+                h: sh.resolution,
+                w: sh.resolution,
+                k: 3,
+                stride: sh.stem_stride,
+            },
+            stages,
+            head_expand: linear(model, "head.expand", true)?,
+            head_mix: linear(model, "head.mix", false)?,
+            classifier: linear(model, "classifier", true)?,
+            threads,
+            pool,
+        })
+    }
+
+    /// Loads an export folder (see `ExportedModel::load`).
+    pub fn load(dir: &Path, opts: EngineOptions) -> Result<Self> {
+        Self::new(&ExportedModel::load(dir)?, opts)
+    }
+
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// The arch's input resolution.
+    pub fn resolution(&self) -> usize {
+        self.arch.resolution
+    }
+
+    pub fn num_classes(&self) -> usize {
+        self.classifier.cout
+    }
+
+    /// Logits `[B, K]` of a normalised input `[B, C, H, W]`; other sizes than the arch's resolution are resized
+    /// bicubically first, as the released network does.
+    pub fn run(&self, input: &Tensor) -> Result<Tensor> {
+        Ok(self.run_inner(input, false)?.logits)
+    }
+
+    /// `run` plus every stage output (for checks against the reference).
+    pub fn run_with_taps(&self, input: &Tensor) -> Result<RunOutput> {
+        self.run_inner(input, true)
+    }
+
+    /// Logits of one sample `[C, H, W]`.
+    pub fn run_one(&self, x: &[f32], h: usize, w: usize) -> Result<Vec<f32>> {
+        let t = Tensor::new(vec![1, self.in_channels, h, w], x.to_vec());
+        Ok(self.run(&t)?.data)
+    }
+
+    fn run_inner(&self, input: &Tensor, want_taps: bool) -> Result<RunOutput> {
+        let s = &input.shape;
+        if s.len() != 4 || s[1] != self.in_channels || s[2] == 0 || s[3] == 0 {
+            return Err(InferError::Input(format!(
+                "input of shape {s:?}, expected [B, {}, H, W]",
+                self.in_channels
+            )));
+        }
+        if input.data.len() != s.iter().product::<usize>() {
+            return Err(InferError::Input("input data does not fill its shape".into()));
+        }
+        let (b, c, h, w) = (s[0], s[1], s[2], s[3]);
+        let per = c * h * w;
+        let mut logits = Vec::with_capacity(b * self.num_classes());
+        let mut taps: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+        self.pool.install(|| {
+            for i in 0..b {
+                let mut sample_taps = if want_taps { Some(Vec::new()) } else { None };
+                logits.extend(self.forward(&input.data[i * per..(i + 1) * per], h, w, &mut sample_taps));
+                if let Some(st) = sample_taps {
+                    if taps.is_empty() {
+                        taps = st
+                            .iter()
+                            .map(|(n, shape, _)| {
+                                let mut full = vec![b];
+                                full.extend_from_slice(shape);
+                                (n.clone(), full, Vec::new())
+                            })
+                            .collect();
+                    }
+                    for (dst, (_, _, d)) in taps.iter_mut().zip(st) {
+                        dst.2.extend(d);
+                    }
+                }
+            }
+        });
+        Ok(RunOutput {
+            logits: Tensor::new(vec![b, self.num_classes()], logits),
+            taps: taps.into_iter().map(|(n, s, d)| (n, Tensor::new(s, d))).collect(),
+        })
+    }
+
+    /// One sample; runs inside the pool.
+    fn forward(&self, x: &[f32], h: usize, w: usize, taps: &mut Option<Vec<(String, Vec<usize>, Vec<f32>)>>) -> Vec<f32> {
+        let par = Par { threads: self.threads };
+        let r = self.arch.resolution;
+        let resized;
+        let x = if h != r || w != r {
+            resized = bicubic(x, self.in_channels, h, w, r, r);
+            &resized[..]
+        } else {
+            x
+        };
+        let g = self.stem_geom;
+        let (ho, _) = g.out();
+        let mut cur = vec![0.0f32; self.stem.cout * ho * ho];
+        kernels::conv_dense(x, self.in_channels, g, &self.stem.w, self.stem.cout, self.stem.b.as_deref().unwrap_or(&[]), &mut cur, Act::Swish, par);
+        let mut side = ho;
+        let mut ch = self.stem.cout;
+        if let Some(t) = taps {
+            t.push(("stem".into(), vec![ch, side, side], cur.clone()));
+        }
+        for (name, blocks) in &self.stages {
+            for b in blocks {
+                match b {
+                    Block::Mb(m) => {
+                        let (out, s) = m.forward(&cur, par);
+                        cur = out;
+                        side = s;
+                        ch = m.cout;
+                    }
+                    Block::Tf(t) => t.forward(&mut cur, par),
+                }
+            }
+            if let Some(t) = taps {
+                t.push((name.clone(), vec![ch, side, side], cur.clone()));
+            }
+        }
+        let hw = side * side;
+        let e = self.head_expand.run(&cur, hw, Act::Swish, par);
+        let pooled = kernels::row_means(&e, hw);
+        let mixed = self.head_mix.matvec(&pooled, Act::Swish);
+        self.classifier.matvec(&mixed, Act::None)
+    }
+}
+
+impl MbConv {
+    /// `x: [cin, hin*hin]` -> (`[cout, hout*hout]`, hout).
+    fn forward(&self, x: &[f32], par: Par) -> (Vec<f32>, usize) {
+        let g = self.geom;
+        let hw_in = g.h * g.w;
+        let (ho, wo) = g.out();
+        let hw = ho * wo;
+        let expanded;
+        let e = match &self.expand {
+            Some(l) => {
+                expanded = l.run(x, hw_in, Act::Swish, par);
+                &expanded[..]
+            }
+            None => x,
+        };
+        let mut d = vec![0.0f32; self.cmid * hw];
+        kernels::dwconv(e, self.cmid, g, &self.dw_w, Some(&self.dw_b), &mut d, Act::Swish, par);
+        if let Some((reduce, expand)) = &self.se {
+            let m = kernels::row_means(&d, hw);
+            let r = reduce.matvec(&m, Act::Relu);
+            let s = expand.matvec(&r, Act::HardSigmoid);
+            d.par_chunks_mut(hw).zip(s.par_iter()).for_each(|(row, &sv)| row.iter_mut().for_each(|v| *v *= sv));
+        }
+        let mut out = self.project.run(&d, hw, Act::None, par);
+        // Shortcut (always present): avg-pool when strided, 1x1 conv when the width changes.
+        let pooled;
+        let sc_in = if g.stride > 1 {
+            let (p, ph, pw) = kernels::avgpool_shortcut(x, self.cin, g.h, g.w, g.stride);
+            debug_assert_eq!((ph, pw), (ho, wo));
+            pooled = p;
+            &pooled[..]
+        } else {
+            x
+        };
+        match &self.shortcut {
+            Some(l) => l.run_add(sc_in, hw, &mut out, par),
+            None => out.iter_mut().zip(sc_in).for_each(|(o, s)| *o += s),
+        }
+        (out, ho)
+    }
+}
+
+impl Mlp {
+    /// `t += fc2(act(fc1(u)))` with the layer scale already in fc2.
+    fn forward_add(&self, u: &[f32], n: usize, grid: usize, t: &mut [f32], par: Par) {
+        let hdn = match &self.dw {
+            None => self.fc1.run(u, n, Act::Swish, par),
+            Some(w) => {
+                let pre = self.fc1.run(u, n, Act::None, par);
+                let mut out = vec![0.0f32; self.hidden * n];
+                let g = ConvGeom {
+                    h: grid,
+                    w: grid,
+                    k: 3,
+                    stride: 1,
+                };
+                kernels::dwconv(&pre, self.hidden, g, w, None, &mut out, Act::Swish, par);
+                out
+            }
+        };
+        self.fc2.run_add(&hdn, n, t, par);
+    }
+}
+
+impl TfLayer {
+    /// One NASViT transformer layer on `t: [C, N]` in place.
+    fn forward(&self, t: &mut [f32], par: Par) {
+        let (c, n) = (self.c, self.grid * self.grid);
+        let mut u = vec![0.0f32; c * n];
+        kernels::joint_layernorm(t, c, n, &self.norms[0].0, &self.norms[0].1, &mut u);
+        let mut qkv = self.qkv.run(&u, n, Act::None, par);
+        let (qk, v) = qkv.split_at_mut(2 * c * n);
+        let mut vc = vec![0.0f32; V_EXPAND * c * n];
+        let g = ConvGeom {
+            h: self.grid,
+            w: self.grid,
+            k: 3,
+            stride: 1,
+        };
+        kernels::dwconv(v, V_EXPAND * c, g, &self.vconv, None, &mut vc, Act::None, par);
+        let (q, k) = qk.split_at(c * n);
+        let mut o = vec![0.0f32; V_EXPAND * c * n];
+        if self.windows == 1 {
+            self.attend(q, k, &vc, n, &mut o, par);
+        } else {
+            // 2x2 windows: gather each window's tokens, attend inside it, scatter back.
+            let side = self.grid / 2;
+            let tw = side * side;
+            let gather = |src: &[f32], rows: usize, wy: usize, wx: usize| -> Vec<f32> {
+                let mut out = vec![0.0f32; rows * tw];
+                for r in 0..rows {
+                    for y in 0..side {
+                        let s = r * n + (wy * side + y) * self.grid + wx * side;
+                        out[r * tw + y * side..r * tw + (y + 1) * side].copy_from_slice(&src[s..s + side]);
+                    }
+                }
+                out
+            };
+            for wy in 0..2 {
+                for wx in 0..2 {
+                    let (qw, kw, vw) = (gather(q, c, wy, wx), gather(k, c, wy, wx), gather(&vc, V_EXPAND * c, wy, wx));
+                    let mut ow = vec![0.0f32; V_EXPAND * c * tw];
+                    self.attend(&qw, &kw, &vw, tw, &mut ow, par);
+                    for r in 0..V_EXPAND * c {
+                        for y in 0..side {
+                            let d = r * n + (wy * side + y) * self.grid + wx * side;
+                            o[d..d + side].copy_from_slice(&ow[r * tw + y * side..r * tw + (y + 1) * side]);
+                        }
+                    }
+                }
+            }
+        }
+        o.iter_mut().for_each(|v| *v = kernels::swish(*v));
+        self.proj.run_add(&o, n, t, par);
+        // MLP2 (norm3) first, then MLP1 (norm2), as the released layer does.
+        kernels::joint_layernorm(t, c, n, &self.norms[2].0, &self.norms[2].1, &mut u);
+        self.mlp2.forward_add(&u, n, self.grid, t, par);
+        kernels::joint_layernorm(t, c, n, &self.norms[1].0, &self.norms[1].1, &mut u);
+        self.mlp1.forward_add(&u, n, self.grid, t, par);
+    }
+
+    /// Talking-heads attention over `tn` tokens: q, k `[C, T]`, v `[4C, T]` -> o `[4C, T]`.
+    fn attend(&self, q: &[f32], k: &[f32], v: &[f32], tn: usize, o: &mut [f32], par: Par) {
+        let h = self.heads;
+        let tt = tn * tn;
+        let dv = V_EXPAND * HEAD_DIM;
+        let serial = Par { threads: 1 };
+        // Scores per head, starting from the relative position bias.
+        let mut a = self.rpb.clone();
+        a.par_chunks_mut(tt).enumerate().for_each(|(j, aj)| {
+            let qj = Mat::cols(&q[j * HEAD_DIM * tn..], tn);
+            let kj = Mat::rows(&k[j * HEAD_DIM * tn..], tn);
+            kernels::matmul(tn, tn, HEAD_DIM, qj, kj, aj, tn, true, serial);
+        });
+        let mut mixed = self.proj_l.run(&a, tt, Act::None, par);
+        kernels::softmax_rows(&mut mixed, tn, par);
+        let post = self.proj_w.run(&mixed, tt, Act::None, par);
+        o[..h * dv * tn].par_chunks_mut(dv * tn).enumerate().for_each(|(j, oj)| {
+            let vj = Mat::rows(&v[j * dv * tn..], tn);
+            let aj = Mat::cols(&post[j * tt..], tn);
+            kernels::matmul(dv, tn, tn, vj, aj, oj, tn, false, serial);
+        });
+    }
+}

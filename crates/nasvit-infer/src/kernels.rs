@@ -1,0 +1,373 @@
+//! CPU kernels of the runtime, on channel-major (NCHW, one sample) buffers.
+//!
+//! Layout choice: every activation is `[C, H*W]`, and transformer tokens stay in that layout too (`[C, N]`, the
+//! transpose of the usual `[N, C]`). Then 1x1 convs and token linears are the same GEMM `W[Cout, Cin] x X[Cin, N]`,
+//! depthwise convs (MBConv, V, MLP) read contiguous planes, and no transposes happen between CNN and transformer
+//! stages. The GEMM is the `gemm` crate; parallel loops use rayon inside the engine's own pool.
+
+use rayon::prelude::*;
+
+/// Activation fused after a conv / linear.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Act {
+    None,
+    Swish,
+    Relu,
+    /// `relu6(x + 3) / 6`
+    HardSigmoid,
+}
+
+#[inline(always)]
+pub fn swish(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+#[inline(always)]
+pub fn apply(act: Act, x: f32) -> f32 {
+    match act {
+        Act::None => x,
+        Act::Swish => swish(x),
+        Act::Relu => x.max(0.0),
+        Act::HardSigmoid => (x + 3.0).clamp(0.0, 6.0) / 6.0,
+    }
+}
+
+/// Threading of one kernel call.
+#[derive(Clone, Copy, Debug)]
+pub struct Par {
+    pub threads: usize,
+}
+
+impl Par {
+    fn gemm(self, work: usize) -> gemm::Parallelism {
+        // Small products lose more to the fork/join than they gain.
+        if self.threads > 1 && work >= 1 << 16 {
+            gemm::Parallelism::Rayon(self.threads)
+        } else {
+            gemm::Parallelism::None
+        }
+    }
+
+    /// Minimum items per rayon task so that tiny loops are not split.
+    fn min_len(self, items: usize, item_cost: usize) -> usize {
+        if self.threads <= 1 {
+            return items.max(1);
+        }
+        let per_task = (1 << 14) / item_cost.max(1);
+        per_task.clamp(1, items.div_ceil(self.threads).max(1))
+    }
+}
+
+/// A strided matrix view for `matmul`: element (i, j) at `ptr[i * rs + j * cs]`.
+#[derive(Clone, Copy)]
+pub struct Mat<'a> {
+    pub data: &'a [f32],
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl<'a> Mat<'a> {
+    pub fn rows(data: &'a [f32], ld: usize) -> Self {
+        Mat { data, rs: ld, cs: 1 }
+    }
+
+    /// The transpose of a row-major matrix with leading dimension `ld`.
+    pub fn cols(data: &'a [f32], ld: usize) -> Self {
+        Mat { data, rs: 1, cs: ld }
+    }
+}
+
+/// `dst[m, n] (+)= a[m, k] x b[k, n]`, dst row-major with leading dimension `ldd`.
+pub fn matmul(m: usize, n: usize, k: usize, a: Mat, b: Mat, dst: &mut [f32], ldd: usize, accumulate: bool, par: Par) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(a.data.len() > (m - 1) * a.rs + (k.max(1) - 1) * a.cs || k == 0);
+    assert!(b.data.len() > (k.max(1) - 1) * b.rs + (n - 1) * b.cs || k == 0);
+    assert!(dst.len() >= (m - 1) * ldd + n);
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                dst[i * ldd..i * ldd + n].fill(0.0);
+            }
+        }
+        return;
+    }
+    // SAFETY: the asserts above keep every index the kernel touches inside the three slices.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            ldd as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par.gemm(m * n * k),
+        );
+    }
+}
+
+/// Adds a per-row bias and applies `act` to `x: [rows, n]`.
+pub fn bias_act(x: &mut [f32], n: usize, bias: Option<&[f32]>, act: Act, par: Par) {
+    if n == 0 {
+        return;
+    }
+    let rows = x.len() / n;
+    let ml = par.min_len(rows, n);
+    x.par_chunks_mut(n).with_min_len(ml).enumerate().for_each(|(r, row)| {
+        let b = bias.map_or(0.0, |b| b[r]);
+        match act {
+            Act::None => row.iter_mut().for_each(|v| *v += b),
+            _ => row.iter_mut().for_each(|v| *v = apply(act, *v + b)),
+        }
+    });
+}
+
+/// A 1x1 conv / linear on `[cin, n]`: `out[cout, n] = w[cout, cin] x x + bias`, then `act`.
+pub fn conv1x1(w: &[f32], bias: Option<&[f32]>, cout: usize, cin: usize, x: &[f32], n: usize, out: &mut [f32], act: Act, par: Par) {
+    matmul(cout, n, cin, Mat::rows(w, cin), Mat::rows(x, n), out, n, false, par);
+    if bias.is_some() || act != Act::None {
+        bias_act(&mut out[..cout * n], n, bias, act, par);
+    }
+}
+
+/// Geometry of a depthwise / stem conv with padding `k / 2`.
+#[derive(Clone, Copy, Debug)]
+pub struct ConvGeom {
+    pub h: usize,
+    pub w: usize,
+    pub k: usize,
+    pub stride: usize,
+}
+
+impl ConvGeom {
+    pub fn out(&self) -> (usize, usize) {
+        let p = self.k / 2;
+        ((self.h + 2 * p - self.k) / self.stride + 1, (self.w + 2 * p - self.k) / self.stride + 1)
+    }
+
+    /// Output columns `ox` whose input column `ox * s + kx - p` lies inside `[0, w)`.
+    #[inline]
+    fn valid_cols(&self, kx: usize, wo: usize) -> (usize, usize) {
+        let p = self.k / 2;
+        let s = self.stride;
+        // ox * s + kx >= p  and  ox * s + kx - p <= w - 1
+        let lo = if kx >= p { 0 } else { (p - kx).div_ceil(s) };
+        let hi = if self.w + p > kx { ((self.w + p - kx - 1) / s + 1).min(wo) } else { 0 };
+        (lo, hi.max(lo))
+    }
+}
+
+/// One plane of a depthwise conv: `out[ho, wo] = sum w[ky, kx] x[oy*s+ky-p, ox*s+kx-p] + bias`, then `act`.
+#[inline]
+fn dw_plane(x: &[f32], wk: &[f32], bias: f32, g: ConvGeom, out: &mut [f32], act: Act) {
+    let (ho, wo) = g.out();
+    let p = g.k / 2;
+    let s = g.stride;
+    let mut cols = [(0usize, 0usize); 16];
+    for (kx, c) in cols.iter_mut().enumerate().take(g.k) {
+        *c = g.valid_cols(kx, wo);
+    }
+    for oy in 0..ho {
+        let row = &mut out[oy * wo..(oy + 1) * wo];
+        row.fill(bias);
+        for ky in 0..g.k {
+            let iy = oy * s + ky;
+            if iy < p || iy - p >= g.h {
+                continue;
+            }
+            let xin = &x[(iy - p) * g.w..(iy - p + 1) * g.w];
+            for kx in 0..g.k {
+                let wv = wk[ky * g.k + kx];
+                let (lo, hi) = cols[kx];
+                if s == 1 {
+                    let base = lo + kx - p;
+                    let src = &xin[base..base + (hi - lo)];
+                    for (o, v) in row[lo..hi].iter_mut().zip(src) {
+                        *o += wv * v;
+                    }
+                } else {
+                    for (ox, o) in row.iter_mut().enumerate().take(hi).skip(lo) {
+                        *o += wv * xin[ox * s + kx - p];
+                    }
+                }
+            }
+        }
+        if act != Act::None {
+            row.iter_mut().for_each(|v| *v = apply(act, *v));
+        }
+    }
+}
+
+/// Depthwise k x k conv, stride s, padding k/2 on `x: [c, h, w]` with weights `[c, k, k]`.
+pub fn dwconv(x: &[f32], c: usize, g: ConvGeom, w: &[f32], bias: Option<&[f32]>, out: &mut [f32], act: Act, par: Par) {
+    let (ho, wo) = g.out();
+    let (hw_in, hw_out, kk) = (g.h * g.w, ho * wo, g.k * g.k);
+    assert!(g.k <= 16 && x.len() >= c * hw_in && out.len() >= c * hw_out && w.len() >= c * kk);
+    let ml = par.min_len(c, hw_out * kk);
+    out[..c * hw_out].par_chunks_mut(hw_out).with_min_len(ml).enumerate().for_each(|(ch, o)| {
+        let b = bias.map_or(0.0, |b| b[ch]);
+        dw_plane(&x[ch * hw_in..(ch + 1) * hw_in], &w[ch * kk..(ch + 1) * kk], b, g, o, act);
+    });
+}
+
+/// Full 3x3 (or k x k) conv with padding k/2 as im2col + GEMM: the stem (few input channels).
+pub fn conv_dense(x: &[f32], cin: usize, g: ConvGeom, w: &[f32], cout: usize, bias: &[f32], out: &mut [f32], act: Act, par: Par) {
+    let (ho, wo) = g.out();
+    let n = ho * wo;
+    let kk = g.k * g.k;
+    let mut cols = vec![0.0f32; cin * kk * n];
+    let p = g.k / 2;
+    let ml = par.min_len(cin * kk, n);
+    cols.par_chunks_mut(n).with_min_len(ml).enumerate().for_each(|(r, col)| {
+        let (ci, ky, kx) = (r / kk, (r % kk) / g.k, r % g.k);
+        let plane = &x[ci * g.h * g.w..(ci + 1) * g.h * g.w];
+        let (lo, hi) = g.valid_cols(kx, wo);
+        for oy in 0..ho {
+            let dst = &mut col[oy * wo..(oy + 1) * wo];
+            let iy = oy * g.stride + ky;
+            if iy < p || iy - p >= g.h {
+                dst.fill(0.0);
+                continue;
+            }
+            let src = &plane[(iy - p) * g.w..(iy - p + 1) * g.w];
+            dst[..lo].fill(0.0);
+            dst[hi..].fill(0.0);
+            for ox in lo..hi {
+                dst[ox] = src[ox * g.stride + kx - p];
+            }
+        }
+    });
+    conv1x1(w, Some(bias), cout, cin * kk, &cols, n, out, act, par);
+}
+
+/// The MBConv shortcut pooling: average pool with kernel s, stride s, padding 1 when the side is odd (else 0),
+/// zero pads counted in the average (PyTorch `count_include_pad=True`).
+pub fn avgpool_shortcut(x: &[f32], c: usize, h: usize, w: usize, s: usize) -> (Vec<f32>, usize, usize) {
+    let ph = if h % 2 == 1 { 1 } else { 0 };
+    let pw = if w % 2 == 1 { 1 } else { 0 };
+    let ho = (h + 2 * ph - s) / s + 1;
+    let wo = (w + 2 * pw - s) / s + 1;
+    let mut out = vec![0.0f32; c * ho * wo];
+    for ch in 0..c {
+        let plane = &x[ch * h * w..(ch + 1) * h * w];
+        for oy in 0..ho {
+            let y0 = (oy * s) as isize - ph as isize;
+            let y1 = (y0 + s as isize).min((h + ph) as isize);
+            for ox in 0..wo {
+                let x0 = (ox * s) as isize - pw as isize;
+                let x1 = (x0 + s as isize).min((w + pw) as isize);
+                let count = ((y1 - y0) * (x1 - x0)) as f32;
+                let mut sum = 0.0f32;
+                for yy in y0.max(0)..y1.min(h as isize) {
+                    for xx in x0.max(0)..x1.min(w as isize) {
+                        sum += plane[yy as usize * w + xx as usize];
+                    }
+                }
+                out[(ch * ho + oy) * wo + ox] = sum / count;
+            }
+        }
+    }
+    (out, ho, wo)
+}
+
+/// Mean of each row of `x: [rows, n]`.
+pub fn row_means(x: &[f32], n: usize) -> Vec<f32> {
+    x.chunks_exact(n).map(|r| (r.iter().map(|&v| v as f64).sum::<f64>() / n as f64) as f32).collect()
+}
+
+/// Joint LayerNorm (NASVIT.md 2.2): one mean and variance over all `c * n` values, eps 1e-5, then the
+/// per-channel affine. `x` and `out` are `[c, n]`.
+pub fn joint_layernorm(x: &[f32], c: usize, n: usize, gamma: &[f32], beta: &[f32], out: &mut [f32]) {
+    let len = (c * n) as f64;
+    let mean = x[..c * n].iter().map(|&v| v as f64).sum::<f64>() / len;
+    let var = x[..c * n].iter().map(|&v| (v as f64 - mean) * (v as f64 - mean)).sum::<f64>() / len;
+    let inv = 1.0 / (var + 1e-5).sqrt();
+    for ch in 0..c {
+        let s = (inv * gamma[ch] as f64) as f32;
+        let b = beta[ch] - (mean * inv) as f32 * gamma[ch];
+        for (o, &v) in out[ch * n..(ch + 1) * n].iter_mut().zip(&x[ch * n..(ch + 1) * n]) {
+            *o = v * s + b;
+        }
+    }
+}
+
+/// Softmax over each row of `x: [rows, n]`, in place.
+pub fn softmax_rows(x: &mut [f32], n: usize, par: Par) {
+    let rows = x.len() / n;
+    let ml = par.min_len(rows, n * 4);
+    x.par_chunks_mut(n).with_min_len(ml).for_each(|row| {
+        let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0f32;
+        for v in row.iter_mut() {
+            *v = (*v - m).exp();
+            sum += *v;
+        }
+        let inv = 1.0 / sum;
+        row.iter_mut().for_each(|v| *v *= inv);
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive_dw(x: &[f32], c: usize, g: ConvGeom, w: &[f32]) -> Vec<f32> {
+        let (ho, wo) = g.out();
+        let p = g.k as isize / 2;
+        let mut out = vec![0.0; c * ho * wo];
+        for ch in 0..c {
+            for oy in 0..ho {
+                for ox in 0..wo {
+                    let mut s = 0.0;
+                    for ky in 0..g.k {
+                        for kx in 0..g.k {
+                            let iy = (oy * g.stride + ky) as isize - p;
+                            let ix = (ox * g.stride + kx) as isize - p;
+                            if iy >= 0 && ix >= 0 && (iy as usize) < g.h && (ix as usize) < g.w {
+                                s += w[ch * g.k * g.k + ky * g.k + kx] * x[(ch * g.h + iy as usize) * g.w + ix as usize];
+                            }
+                        }
+                    }
+                    out[(ch * ho + oy) * wo + ox] = s;
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn dwconv_matches_naive() {
+        for (h, k, s) in [(7, 3, 1), (7, 3, 2), (8, 5, 2), (9, 5, 1), (1, 3, 1), (2, 5, 2), (5, 3, 2)] {
+            let g = ConvGeom { h, w: h, k, stride: s };
+            let c = 3;
+            let x: Vec<f32> = (0..c * h * h).map(|i| ((i * 37) % 11) as f32 - 5.0).collect();
+            let w: Vec<f32> = (0..c * k * k).map(|i| ((i * 13) % 7) as f32 - 3.0).collect();
+            let (ho, wo) = g.out();
+            let mut out = vec![0.0; c * ho * wo];
+            dwconv(&x, c, g, &w, None, &mut out, Act::None, Par { threads: 2 });
+            assert_eq!(out, naive_dw(&x, c, g, &w), "h {h} k {k} s {s}");
+        }
+    }
+
+    #[test]
+    fn avgpool_odd_counts_pads() {
+        // 3x3 input, kernel 2 stride 2 pad 1: corners average one real value over a 2x2 window.
+        let x: Vec<f32> = (1..=9).map(|v| v as f32).collect();
+        let (out, ho, wo) = avgpool_shortcut(&x, 1, 3, 3, 2);
+        assert_eq!((ho, wo), (2, 2));
+        assert_eq!(out, vec![0.25, (2.0 + 3.0) / 4.0, (4.0 + 7.0) / 4.0, (5.0 + 6.0 + 8.0 + 9.0) / 4.0]);
+    }
+}
