@@ -34,9 +34,7 @@ pub struct Arch {
 impl Arch {
     /// Parses JSON or YAML text.
     pub fn from_str_any(text: &str) -> Result<Self, ArchError> {
-        serde_yaml::from_str(text).map_err(|e| ArchError::Parse {
-            reason: e.to_string(),
-        })
+        serde_yaml::from_str(text).map_err(|e| ArchError::Parse { reason: e.to_string() })
     }
 
     /// Reads a `.json` / `.yaml` / `.yml` file.
@@ -96,9 +94,17 @@ impl Arch {
             check_gene(format!("width[{}] ({n})", i + 1), &self.width[i + 1], &st.widths)?;
             check_gene(format!("depth[{i}] ({n})"), &self.depth[i], &st.depths)?;
             check_gene(format!("kernel_size[{i}] ({n})"), &self.kernel_size[i], &st.kernels)?;
-            check_gene(format!("expand_ratio[{i}] ({n})"), &self.expand_ratio[i], &st.expand_ratios)?;
+            check_gene(
+                format!("expand_ratio[{i}] ({n})"),
+                &self.expand_ratio[i],
+                &st.expand_ratios,
+            )?;
         }
-        check_gene(format!("width[{}] (last_conv)", k + 1), &self.width[k + 1], &space.head.widths)?;
+        check_gene(
+            format!("width[{}] (last_conv)", k + 1),
+            &self.width[k + 1],
+            &space.head.widths,
+        )?;
         let n_tf = space.transformer_stages().count();
         match &space.paper {
             None => {
@@ -147,7 +153,11 @@ impl Arch {
     }
 }
 
-fn check_gene<T: PartialEq + Display + std::fmt::Debug>(gene: String, value: &T, allowed: &[T]) -> Result<(), ArchError> {
+fn check_gene<T: PartialEq + Display + std::fmt::Debug>(
+    gene: String,
+    value: &T,
+    allowed: &[T],
+) -> Result<(), ArchError> {
     if allowed.contains(value) {
         Ok(())
     } else {
@@ -175,7 +185,11 @@ impl SearchSpace {
         a
     }
 
-    pub(crate) fn pick_arch(&self, mut pick: impl FnMut(&[usize]) -> usize, mut pick_b: impl FnMut(&[bool]) -> bool) -> Arch {
+    pub(crate) fn pick_arch(
+        &self,
+        mut pick: impl FnMut(&[usize]) -> usize,
+        mut pick_b: impl FnMut(&[bool]) -> bool,
+    ) -> Arch {
         let resolution = pick(&self.resolutions);
         let mut width = vec![pick(&self.stem.widths)];
         let mut depth = Vec::new();

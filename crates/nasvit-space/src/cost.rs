@@ -105,7 +105,11 @@ impl SubnetShape {
                 } else {
                     (cout, 1, h_out)
                 };
-                let cmid = if no_expand { b_in } else { mid_channels(b_in, arch.expand_ratio[i]) };
+                let cmid = if no_expand {
+                    b_in
+                } else {
+                    mid_channels(b_in, arch.expand_ratio[i])
+                };
                 blocks.push(BlockShape::MbConv {
                     cin: b_in,
                     cmid,

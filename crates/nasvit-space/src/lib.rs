@@ -7,9 +7,11 @@
 pub mod arch;
 pub mod cost;
 pub mod error;
+pub mod sample;
 pub mod space;
 
 pub use arch::Arch;
 pub use cost::{BlockShape, Cost, StageShape, SubnetShape};
 pub use error::{ArchError, SpaceError};
-pub use space::{make_divisible, PaperSpace, SearchSpace, StageSpace, HEAD_DIM, HEAD_EXPAND, V_EXPAND};
+pub use sample::{MacsRange, NoArchInRange};
+pub use space::{make_divisible, PaperSpace, SearchSpace, StageSpace, BUILTIN, HEAD_DIM, HEAD_EXPAND, V_EXPAND};

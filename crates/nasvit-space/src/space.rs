@@ -20,7 +20,7 @@ pub const V_EXPAND: usize = 4;
 pub const HEAD_EXPAND: usize = 6;
 
 /// Names of the built-in spaces, for `--help` texts and errors.
-pub const BUILTIN_SPACES: [&str; 3] = ["official", "paper", "tiny"];
+pub const BUILTIN: [&str; 3] = ["official", "paper", "tiny"];
 
 const OFFICIAL_YAML: &str = include_str!("../spaces/official.yaml");
 const PAPER_YAML: &str = include_str!("../spaces/paper.yaml");
@@ -132,18 +132,14 @@ impl SearchSpace {
             "official" => OFFICIAL_YAML,
             "paper" => PAPER_YAML,
             "tiny" => TINY_YAML,
-            _ => {
-                return Err(SpaceError::UnknownBuiltin {
-                    name: name.to_string(),
-                })
-            }
+            _ => return Err(SpaceError::UnknownBuiltin { name: name.to_string() }),
         };
         Self::from_yaml_str(text, name)
     }
 
     /// A built-in name, or else a YAML/JSON file path.
     pub fn load(name_or_path: &str) -> Result<Self, SpaceError> {
-        if BUILTIN_SPACES.contains(&name_or_path) {
+        if BUILTIN.contains(&name_or_path) {
             return Self::builtin(name_or_path);
         }
         let path = Path::new(name_or_path);
@@ -170,9 +166,7 @@ impl SearchSpace {
 
     /// Parses a space from YAML (or JSON) text; `default_name` is used when the text names none.
     pub fn from_yaml_str(text: &str, default_name: &str) -> Result<Self, SpaceError> {
-        let raw: RawSpace = serde_yaml::from_str(text).map_err(|e| SpaceError::Parse {
-            reason: e.to_string(),
-        })?;
+        let raw: RawSpace = serde_yaml::from_str(text).map_err(|e| SpaceError::Parse { reason: e.to_string() })?;
         Self::from_raw(raw, default_name)
     }
 
@@ -266,10 +260,16 @@ impl SearchSpace {
         list("stages.first_conv.c", &self.stem.widths)?;
         list("stages.last_conv.c", &self.head.widths)?;
         if self.in_channels == 0 || self.num_classes == 0 {
-            return invalid("num_classes".into(), "in_channels and num_classes must be positive".into());
+            return invalid(
+                "num_classes".into(),
+                "in_channels and num_classes must be positive".into(),
+            );
         }
         if !(1..=2).contains(&self.stem.stride) {
-            return invalid("stages.first_conv.s".into(), format!("stride {} (allowed 1 or 2)", self.stem.stride));
+            return invalid(
+                "stages.first_conv.s".into(),
+                format!("stride {} (allowed 1 or 2)", self.stem.stride),
+            );
         }
         for st in &self.stages {
             let f = |x: &str| format!("stages.{}.{x}", st.name);
@@ -327,7 +327,11 @@ impl SearchSpace {
 
     /// Indices (0-based, into `stages`) of the stages with transformer layers.
     pub fn transformer_stages(&self) -> impl Iterator<Item = usize> + '_ {
-        self.stages.iter().enumerate().filter(|(_, s)| s.transformer).map(|(i, _)| i)
+        self.stages
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.transformer)
+            .map(|(i, _)| i)
     }
 
     /// Spatial side after the stem and after each stage at input `resolution`: `[stem, mb1, .., mbK]`.
@@ -353,7 +357,10 @@ impl SearchSpace {
 
     /// Maximum number of blocks per stage (the supernet holds this many).
     pub fn max_depths(&self) -> Vec<usize> {
-        self.stages.iter().map(|s| *s.depths.iter().max().unwrap_or(&0)).collect()
+        self.stages
+            .iter()
+            .map(|s| *s.depths.iter().max().unwrap_or(&0))
+            .collect()
     }
 
     /// Serialises the space back into the file format (stable key order).

@@ -1,1 +1,4 @@
-//! Model-independent parts of NASViT supernet training.
+//! Model-independent parts of NASViT supernet training: losses, gradient combination, schedule, EMA,
+//! configuration and data. The training loop that ties them to the supernet lives elsewhere.
+
+pub mod distill;
