@@ -1,0 +1,3 @@
+pub mod flops;
+pub mod space;
+pub mod unimplemented;

@@ -1,0 +1,73 @@
+//! `nasvit`: one command per user action on the NASViT pipeline
+//! (search space -> supernet -> training -> search -> export -> inference).
+
+mod cmd;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "nasvit",
+    version,
+    about = "Weight-sharing neural architecture search for efficient hybrid CNN + vision-transformer models (NASViT)",
+    long_about = "Weight-sharing neural architecture search for efficient hybrid CNN + vision-transformer models, \
+                  after NASViT (ICLR 2022).\n\n\
+                  Spaces are built in (official, paper, tiny) or YAML files; an ARCH is `min`, `max` or a JSON/YAML \
+                  file with {resolution, width[9], depth[7], kernel_size[7], expand_ratio[7]}."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Inspect search spaces.
+    Space {
+        #[command(subcommand)]
+        command: cmd::space::SpaceCommand,
+    },
+    /// MACs (millions, released counting) and parameters of one subnet.
+    Flops(cmd::flops::FlopsArgs),
+    /// Train a supernet (sandwich rule, in-place distillation, gradient projection).
+    Train(cmd::unimplemented::AnyArgs),
+    /// BN re-calibration and top-1/top-5 of one subnet of a trained supernet.
+    Eval(cmd::unimplemented::AnyArgs),
+    /// Evolutionary search under a MACs or latency budget.
+    Search(cmd::unimplemented::AnyArgs),
+    /// Export a subnet as a standalone model folder.
+    Export(cmd::unimplemented::AnyArgs),
+    /// Classify images with an exported model.
+    Infer(cmd::unimplemented::AnyArgs),
+    /// Batch-1 latency of an exported model.
+    Bench(cmd::unimplemented::AnyArgs),
+    /// Gradient-conflict table: share of negative cosines between supernet and subnet gradients.
+    Conflict(cmd::unimplemented::AnyArgs),
+    /// Convert a released NASViT state dict (safetensors) into a nasvit checkpoint.
+    ImportOfficial(cmd::unimplemented::AnyArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Space { command } => cmd::space::run(command),
+        Command::Flops(args) => cmd::flops::run(args),
+        Command::Train(_) => cmd::unimplemented::run("train"),
+        Command::Eval(_) => cmd::unimplemented::run("eval"),
+        Command::Search(_) => cmd::unimplemented::run("search"),
+        Command::Export(_) => cmd::unimplemented::run("export"),
+        Command::Infer(_) => cmd::unimplemented::run("infer"),
+        Command::Bench(_) => cmd::unimplemented::run("bench"),
+        Command::Conflict(_) => cmd::unimplemented::run("conflict"),
+        Command::ImportOfficial(_) => cmd::unimplemented::run("import-official"),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

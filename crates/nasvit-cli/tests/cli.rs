@@ -1,0 +1,67 @@
+//! The `nasvit` binary as a user runs it.
+
+use std::process::{Command, Output};
+
+fn nasvit(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_nasvit"))
+        .args(args)
+        .output()
+        .expect("run nasvit")
+}
+
+fn mmacs(arch: &str) -> (f64, u64) {
+    let out = nasvit(&["flops", "--space", "official", "--arch", arch, "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    (v["mmacs"].as_f64().unwrap(), v["params"].as_u64().unwrap())
+}
+
+#[test]
+fn flops_of_the_official_min_and_max_subnets() {
+    let (min, min_params) = mmacs("min");
+    let (max, max_params) = mmacs("max");
+    assert!((min - 189.8).abs() < 0.05, "{min}");
+    assert!((max - 1881.7).abs() < 0.05, "{max}");
+    assert!(min_params > 0 && min_params < max_params);
+}
+
+#[test]
+fn flops_of_an_arch_file_and_a_bad_one() {
+    let dir = std::env::temp_dir().join(format!("nasvit-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = dir.join("a.yaml");
+    std::fs::write(
+        &good,
+        "resolution: 192\nwidth: [16, 16, 24, 32, 64, 112, 160, 208, 1792]\ndepth: [1, 3, 3, 3, 3, 3, 3]\n\
+         kernel_size: [3, 3, 3, 3, 3, 3, 3]\nexpand_ratio: [1, 4, 4, 4, 4, 6, 6]\n",
+    )
+    .unwrap();
+    let (m, _) = mmacs(good.to_str().unwrap());
+    assert!((m - 189.8).abs() < 0.05, "{m}");
+
+    let bad = dir.join("b.json");
+    std::fs::write(&bad, r#"{"resolution": 100, "width": [], "depth": [], "kernel_size": [], "expand_ratio": []}"#).unwrap();
+    let out = nasvit(&["flops", "--arch", bad.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("b.json") && err.contains("`width` has 0 entries"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn unknown_space_is_a_clear_error() {
+    let out = nasvit(&["space", "show", "huge"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown space `huge`"));
+}
+
+#[test]
+fn space_show_lists_every_stage() {
+    let out = nasvit(&["space", "show", "official"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for stage in ["first_conv", "mb1", "mb4", "mb7", "last_conv"] {
+        assert!(text.contains(stage), "{stage} missing in\n{text}");
+    }
+    assert!(text.contains("189.8 MMACs") && text.contains("1881.7 MMACs"), "{text}");
+}
