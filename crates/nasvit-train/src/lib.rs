@@ -2,3 +2,4 @@
 //! configuration and data. The training loop that ties them to the supernet lives elsewhere.
 
 pub mod distill;
+pub mod grad_proj;
