@@ -29,7 +29,11 @@ pub const META_ARCH: &str = "nasvit.arch";
 pub const FORMAT_VERSION: &str = "1";
 
 /// Writes `net` to `path` (through a temporary file in the same folder, then a rename).
-pub fn save_checkpoint(net: &Supernet, path: &Path, extra_metadata: &BTreeMap<String, String>) -> Result<(), ModelError> {
+pub fn save_checkpoint(
+    net: &Supernet,
+    path: &Path,
+    extra_metadata: &BTreeMap<String, String>,
+) -> Result<(), ModelError> {
     let mut meta: HashMap<String, String> = extra_metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     meta.insert(META_FORMAT.into(), FORMAT_VERSION.into());
     meta.insert(META_SPACE.into(), net.space().to_json().to_string());
@@ -50,7 +54,10 @@ pub fn write_tensors(
     let mut owned: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(tensors.len());
     for (k, data) in tensors {
         let shape = data.shape().to_vec();
-        let values: Vec<f32> = data.convert::<f32>().try_to_vec::<f32>().map_err(|e| io(format!("tensor {k}: {e:?}")))?;
+        let values: Vec<f32> = data
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .map_err(|e| io(format!("tensor {k}: {e:?}")))?;
         let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         owned.push((k, shape, bytes));
     }
@@ -59,7 +66,10 @@ pub fn write_tensors(
         let view = TensorView::new(Dtype::F32, shape.clone(), bytes).map_err(|e| io(format!("tensor {k}: {e}")))?;
         views.push((k.clone(), view));
     }
-    let file_name = path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let file_name = path
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = path.with_file_name(format!(".{file_name}.tmp-{}", std::process::id()));
     safetensors::serialize_to_file(views, &Some(metadata), &tmp).map_err(|e| io(e.to_string()))?;
     std::fs::rename(&tmp, path).map_err(|e| {
@@ -78,8 +88,16 @@ pub fn load_checkpoint(path: &Path, device: &Device) -> Result<Supernet, ModelEr
     };
     match meta.get(META_FORMAT) {
         Some(v) if v == FORMAT_VERSION => {}
-        Some(v) => return Err(not_ckpt(format!("format version {v}, this build reads {FORMAT_VERSION}"))),
-        None => return Err(not_ckpt(format!("no `{META_FORMAT}` metadata (use import_official for a released state dict)"))),
+        Some(v) => {
+            return Err(not_ckpt(format!(
+                "format version {v}, this build reads {FORMAT_VERSION}"
+            )))
+        }
+        None => {
+            return Err(not_ckpt(format!(
+                "no `{META_FORMAT}` metadata (use import_official for a released state dict)"
+            )))
+        }
     }
     let space_json = meta
         .get(META_SPACE)
@@ -134,7 +152,11 @@ fn metadata(bytes: &[u8], path: &Path) -> Result<HashMap<String, String>, ModelE
 fn view_to_f32(view: &TensorView<'_>) -> Option<Vec<f32>> {
     let d = view.data();
     match view.dtype() {
-        Dtype::F32 => Some(d.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()),
+        Dtype::F32 => Some(
+            d.chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        ),
         Dtype::F64 => Some(
             d.chunks_exact(8)
                 .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32)
@@ -212,7 +234,10 @@ fn load_tensors(net: Supernet, bytes: &[u8], path: &Path) -> Result<Supernet, Mo
             Some(values) => {
                 tensors.insert(key.clone(), TensorData::new(values, want.clone()));
             }
-            None => problems.push(format!("  key `{key}` has dtype {:?}, expected a float type", view.dtype())),
+            None => problems.push(format!(
+                "  key `{key}` has dtype {:?}, expected a float type",
+                view.dtype()
+            )),
         }
     }
     for (key, shape) in &expected {
@@ -238,10 +263,7 @@ impl Supernet {
 
     /// The BN running statistics (`*.bn.bn.running_mean` / `running_var`) by key, at max size.
     pub fn bn_stats(&self) -> Vec<(String, TensorData)> {
-        named_tensors(self)
-            .into_iter()
-            .filter(|(k, _)| is_bn_stat(k))
-            .collect()
+        named_tensors(self).into_iter().filter(|(k, _)| is_bn_stat(k)).collect()
     }
 
     /// Replaces BN running statistics by key (`NAME.bn.bn.running_mean` / `running_var`, max-size `[C_max]`).

@@ -70,7 +70,10 @@ impl<F: FnMut(String, TensorRef)> ModuleVisitor for Collect<F> {
 }
 
 fn visit_named<M: Module>(m: &M, f: impl FnMut(String, TensorRef)) {
-    let mut v = Collect { path: Path::default(), f };
+    let mut v = Collect {
+        path: Path::default(),
+        f,
+    };
     m.visit(&mut v);
 }
 

@@ -111,7 +111,16 @@ impl NetView<'_> {
         };
         let mut t = x.reshape([b, c, n]).swap_dims(1, 2);
         for (blk, bs) in tf {
-            if let (Block::Transformer(layer), BlockShape::Transformer { c, mlp_ratio, mlp_dwconv, .. }) = (blk, bs) {
+            if let (
+                Block::Transformer(layer),
+                BlockShape::Transformer {
+                    c,
+                    mlp_ratio,
+                    mlp_dwconv,
+                    ..
+                },
+            ) = (blk, bs)
+            {
                 let active = TfActive {
                     scale_row: if self.fixed_scales { 0 } else { self.arch.depth[stage] },
                     scale_col: if self.fixed_scales { 0 } else { n % 8 },

@@ -245,11 +245,16 @@ impl Supernet {
             let grid = sizes[i + 1];
             for (j, bs) in s.blocks.iter().enumerate() {
                 let blk = match (&self.blocks[start + j], bs) {
-                    (Block::MbConv(mb), BlockShape::MbConv { cin, .. }) => Block::MbConv(mb.sliced(*cin, mb_active(bs))),
+                    (Block::MbConv(mb), BlockShape::MbConv { cin, .. }) => {
+                        Block::MbConv(mb.sliced(*cin, mb_active(bs)))
+                    }
                     (
                         Block::Transformer(tf),
                         BlockShape::Transformer {
-                            c, mlp_ratio, mlp_dwconv, ..
+                            c,
+                            mlp_ratio,
+                            mlp_dwconv,
+                            ..
                         },
                     ) => Block::Transformer(tf.sliced(
                         *c,

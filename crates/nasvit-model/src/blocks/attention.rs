@@ -67,7 +67,11 @@ impl Attention {
         let v = self.v.forward(u, cv);
         // [B, N, 4C] -> image [B, 4C, H, W] -> depthwise 3x3 -> tokens
         let v = v.swap_dims(1, 2).reshape([b, cv, g, g]);
-        let v = self.vconv.forward_depthwise(v, 3, 1).reshape([b, cv, n]).swap_dims(1, 2);
+        let v = self
+            .vconv
+            .forward_depthwise(v, 3, 1)
+            .reshape([b, cv, n])
+            .swap_dims(1, 2);
         let (q, k, v) = if tg.windows == 4 {
             (partition(q, g), partition(k, g), partition(v, g))
         } else {
@@ -81,7 +85,10 @@ impl Attention {
         // [bw, h, nw, nw]
         let a = q.matmul(k.swap_dims(2, 3));
         let table = lead(self.relative_position_bias_table.val(), [self.table_rows(), h]);
-        let bias = table.select(0, tg.rpb_index.clone()).swap_dims(0, 1).reshape([1, h, nw, nw]);
+        let bias = table
+            .select(0, tg.rpb_index.clone())
+            .swap_dims(0, 1)
+            .reshape([1, h, nw, nw]);
         let a = head_mix(a + bias, &self.proj_l, h);
         let a = head_mix(softmax(a, 3), &self.proj_w, h);
         // [bw, h, nw, 32] -> [bw, nw, 4C]

@@ -83,14 +83,25 @@ impl TransformerBlock {
         let g_a = select_scale(&self.rescale_attn, a, c);
         let g_m = select_scale(&self.rescale_mlp, a, c);
         let t = t.clone() + self.attn.forward(self.norm1.forward(t), tg) * g_a;
-        let t = t.clone() + self.mlp2.forward(self.norm3.forward(t), a.mlp_hidden, a.mlp_dwconv, tg.grid) * g_m.clone();
-        t.clone() + self.mlp1.forward(self.norm2.forward(t), a.mlp_hidden, a.mlp_dwconv, tg.grid) * g_m
+        let t = t.clone()
+            + self
+                .mlp2
+                .forward(self.norm3.forward(t), a.mlp_hidden, a.mlp_dwconv, tg.grid)
+                * g_m.clone();
+        t.clone()
+            + self
+                .mlp1
+                .forward(self.norm2.forward(t), a.mlp_hidden, a.mlp_dwconv, tg.grid)
+                * g_m
     }
 
     /// The layer cut to width `c` with the switchable scales of `a` selected (shape `[1, 1, C]`).
     pub fn sliced(&self, c: usize, a: TfActive) -> Self {
         let pick = |p: &Param<Tensor<3>>| {
-            detached_param(p.val().slice([a.scale_row..a.scale_row + 1, a.scale_col..a.scale_col + 1, 0..c]))
+            detached_param(
+                p.val()
+                    .slice([a.scale_row..a.scale_row + 1, a.scale_col..a.scale_col + 1, 0..c]),
+            )
         };
         Self {
             norm1: self.norm1.sliced(c),

@@ -45,7 +45,12 @@ impl ConvWeight {
     pub fn forward_depthwise(&self, x: Tensor<4>, k: usize, stride: usize) -> Tensor<4> {
         let c = x.dims()[1];
         let w = self.depthwise_filter(c, k);
-        conv2d(x, w, None, ConvOptions::new([stride, stride], [k / 2, k / 2], [1, 1], c))
+        conv2d(
+            x,
+            w,
+            None,
+            ConvOptions::new([stride, stride], [k / 2, k / 2], [1, 1], c),
+        )
     }
 
     /// Depthwise weight cut to `c` channels and a `k x k` kernel.
@@ -78,7 +83,12 @@ impl ElasticConv2d {
         let w = self.conv.weight.val();
         let k = w.dims()[2];
         let w = lead(w, [out, cin, k, k]);
-        conv2d(x, w, None, ConvOptions::new([stride, stride], [k / 2, k / 2], [1, 1], 1))
+        conv2d(
+            x,
+            w,
+            None,
+            ConvOptions::new([stride, stride], [k / 2, k / 2], [1, 1], 1),
+        )
     }
 
     /// Depthwise conv with the centre `k x k` crop (`DynamicSeparableConv2d`).
