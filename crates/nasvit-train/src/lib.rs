@@ -3,3 +3,5 @@
 
 pub mod distill;
 pub mod grad_proj;
+pub mod schedule;
+pub mod ema;
