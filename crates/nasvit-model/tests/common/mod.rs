@@ -60,3 +60,62 @@ pub fn compare(got: &[f32], want: &[f32], atol: f32, rtol: f32) -> (f32, bool) {
     }
     (max_err, ok)
 }
+
+/// A tiny seeded generator (xorshift64*), so the tests need no RNG crate.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    pub fn pick<T: Copy>(&mut self, v: &[T]) -> T {
+        v[(self.next() % v.len() as u64) as usize]
+    }
+    /// Uniform values in [-1, 1).
+    pub fn values(&mut self, n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|_| (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0)
+            .collect()
+    }
+}
+
+/// A uniformly random arch of `space`: every gene drawn independently from its choice list.
+pub fn random_arch(space: &nasvit_space::SearchSpace, rng: &mut Rng) -> nasvit_space::Arch {
+    let mut a = space.min_arch();
+    a.resolution = rng.pick(&space.resolutions);
+    a.width[0] = rng.pick(&space.stem.widths);
+    for (i, st) in space.stages.iter().enumerate() {
+        a.width[i + 1] = rng.pick(&st.widths);
+        a.depth[i] = rng.pick(&st.depths);
+        a.kernel_size[i] = rng.pick(&st.kernels);
+        a.expand_ratio[i] = rng.pick(&st.expand_ratios);
+    }
+    let k = space.stages.len();
+    a.width[k + 1] = rng.pick(&space.head.widths);
+    if let Some(p) = &space.paper {
+        let n_tf = space.transformer_stages().count();
+        a.windows = Some(rng.pick(&p.windows));
+        a.mlp_ratio = Some((0..n_tf).map(|_| rng.pick(&p.mlp_ratio)).collect());
+        a.mlp_dwconv = Some((0..n_tf).map(|_| rng.pick(&p.mlp_dwconv)).collect());
+    }
+    a
+}
+
+/// A random input `[b, c, r, r]`.
+pub fn random_input(rng: &mut Rng, b: usize, c: usize, r: usize, device: &Device) -> Tensor<4> {
+    Tensor::from_data(TensorData::new(rng.values(b * c * r * r), [b, c, r, r]), device)
+}
+
+/// A fresh temporary directory for one test.
+pub fn temp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("nasvit-model-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("temp dir");
+    d
+}
