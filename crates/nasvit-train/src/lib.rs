@@ -1,7 +1,25 @@
-//! Model-independent parts of NASViT supernet training: losses, gradient combination, schedule, EMA,
-//! configuration and data. The training loop that ties them to the supernet lives elsewhere.
+//! Model-independent parts of NASViT supernet training (NASVIT.md section 4, DESIGN.md decisions 1-4):
+//!
+//! | module | what |
+//! |---|---|
+//! | [`distill`] | adaptive alpha-divergence KD, label-smoothed and soft-target cross entropy |
+//! | [`grad_proj`] | supernet/subnet gradient combination (clip + projection), cosines, conflict table |
+//! | [`schedule`] | per-iteration warm-up + cosine learning rate |
+//! | [`ema`] | exponential moving average of a module's weights |
+//! | [`config`] | the training config (YAML) with the released recipe as defaults |
+//! | [`data`] | IDX and image-folder readers, transforms, a seeded parallel loader, held-out split |
+//!
+//! The training loop that ties these to the supernet lives elsewhere.
 
+pub mod config;
+pub mod data;
 pub mod distill;
+pub mod ema;
 pub mod grad_proj;
 pub mod schedule;
-pub mod ema;
+
+pub use config::{ConfigError, TrainConfig};
+pub use distill::{label_smoothing_cross_entropy, soft_target_cross_entropy, AlphaDivergence, KdOutput};
+pub use ema::ModelEma;
+pub use grad_proj::{combine_gradients, CombineOptions, CombineStats};
+pub use schedule::CosineSchedule;
