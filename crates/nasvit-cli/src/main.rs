@@ -46,7 +46,7 @@ enum Command {
     /// Gradient-conflict table: share of negative cosines between supernet and subnet gradients.
     Conflict(cmd::unimplemented::AnyArgs),
     /// Convert a released NASViT state dict (safetensors) into a nasvit checkpoint.
-    ImportOfficial(cmd::unimplemented::AnyArgs),
+    ImportOfficial(cmd::import::ImportArgs),
 }
 
 fn main() -> ExitCode {
@@ -61,7 +61,7 @@ fn main() -> ExitCode {
         Command::Infer(_) => cmd::unimplemented::run("infer"),
         Command::Bench(_) => cmd::unimplemented::run("bench"),
         Command::Conflict(_) => cmd::unimplemented::run("conflict"),
-        Command::ImportOfficial(_) => cmd::unimplemented::run("import-official"),
+        Command::ImportOfficial(args) => cmd::import::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

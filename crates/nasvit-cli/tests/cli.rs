@@ -40,7 +40,11 @@ fn flops_of_an_arch_file_and_a_bad_one() {
     assert!((m - 189.8).abs() < 0.05, "{m}");
 
     let bad = dir.join("b.json");
-    std::fs::write(&bad, r#"{"resolution": 100, "width": [], "depth": [], "kernel_size": [], "expand_ratio": []}"#).unwrap();
+    std::fs::write(
+        &bad,
+        r#"{"resolution": 100, "width": [], "depth": [], "kernel_size": [], "expand_ratio": []}"#,
+    )
+    .unwrap();
     let out = nasvit(&["flops", "--arch", bad.to_str().unwrap()]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
@@ -64,4 +68,48 @@ fn space_show_lists_every_stage() {
         assert!(text.contains(stage), "{stage} missing in\n{text}");
     }
     assert!(text.contains("189.8 MMACs") && text.contains("1881.7 MMACs"), "{text}");
+}
+
+fn golden_dir() -> std::path::PathBuf {
+    std::env::var_os("NASVIT_GOLDEN_DIR")
+        .map(Into::into)
+        .unwrap_or_else(|| {
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../nasvit-model/tests/fixtures/official-mini"
+            )
+            .into()
+        })
+}
+
+#[test]
+fn import_official_writes_a_checkpoint_and_reports_bad_keys() {
+    let golden = golden_dir();
+    let dir = std::env::temp_dir().join(format!("nasvit-cli-import-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out_path = dir.join("mini.safetensors");
+    let space = golden.join("space.json");
+    let weights = golden.join("weights.safetensors");
+    let out = nasvit(&[
+        "import-official",
+        weights.to_str().unwrap(),
+        "--space",
+        space.to_str().unwrap(),
+        "--out",
+        out_path.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(std::fs::metadata(&out_path).unwrap().len() > 1_000_000);
+
+    // The released weights do not fit the official space: every mis-shaped key is named.
+    let out = nasvit(&[
+        "import-official",
+        weights.to_str().unwrap(),
+        "--out",
+        out_path.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("first_conv.conv.conv.weight"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
 }

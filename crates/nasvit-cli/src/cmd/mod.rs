@@ -1,3 +1,4 @@
 pub mod flops;
+pub mod import;
 pub mod space;
 pub mod unimplemented;

@@ -46,7 +46,10 @@ fn list(v: &[usize]) -> String {
 fn describe(s: &SearchSpace) -> String {
     let mut out = String::new();
     let (min, max) = (s.cost(&s.min_arch()), s.cost(&s.max_arch()));
-    out += &format!("space {}: {} input channels, {} classes\n", s.name, s.in_channels, s.num_classes);
+    out += &format!(
+        "space {}: {} input channels, {} classes\n",
+        s.name, s.in_channels, s.num_classes
+    );
     out += &format!("resolutions {}\n", list(&s.resolutions));
     out += &format!(
         "{:<11} {:<14} {:<14} {:<8} {:<8} {:>6} {:>3}  {}\n",
@@ -63,7 +66,11 @@ fn describe(s: &SearchSpace) -> String {
         "-"
     );
     for st in &s.stages {
-        let blocks = if st.transformer { "MBConv + transformer" } else { "MBConv" };
+        let blocks = if st.transformer {
+            "MBConv + transformer"
+        } else {
+            "MBConv"
+        };
         out += &format!(
             "{:<11} {:<14} {:<14} {:<8} {:<8} {:>6} {:>3}  {blocks}\n",
             st.name,
