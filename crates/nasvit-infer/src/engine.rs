@@ -532,7 +532,7 @@ impl TfLayer {
                 }
             }
         }
-        o.iter_mut().for_each(|v| *v = kernels::swish(*v));
+        kernels::act_row(&mut o, 0.0, Act::Swish);
         self.proj.run_add(&o, n, t, par);
         // MLP2 (norm3) first, then MLP1 (norm2), as the released layer does.
         kernels::joint_layernorm(t, c, n, &self.norms[2].0, &self.norms[2].1, &mut u);

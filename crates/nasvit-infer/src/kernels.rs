@@ -17,9 +17,29 @@ pub enum Act {
     HardSigmoid,
 }
 
+/// `exp` to about 2 ulp (Cephes' `expf` polynomial), branch-free so that loops over it vectorise. Inputs are
+/// clamped to [-87, 88], where the result stays a normal float.
+#[inline(always)]
+pub fn exp_fast(x: f32) -> f32 {
+    let x = x.max(-87.0).min(88.0);
+    // Round x * log2(e) to the nearest integer n with the 1.5 * 2^23 trick: n sits in t's low mantissa bits.
+    let t = x * std::f32::consts::LOG2_E + 12_582_912.0;
+    let n = t - 12_582_912.0;
+    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let mut p = 1.987_569_1e-4f32;
+    p = p * r + 1.398_2e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 5.000_000_1e-1;
+    let y = p * r * r + r + 1.0;
+    let pow2 = f32::from_bits(((t.to_bits() as i32 - 0x4B40_0000 + 127) << 23) as u32);
+    y * pow2
+}
+
 #[inline(always)]
 pub fn swish(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
+    x / (1.0 + exp_fast(-x))
 }
 
 #[inline(always)]
@@ -30,6 +50,48 @@ pub fn apply(act: Act, x: f32) -> f32 {
         Act::Relu => x.max(0.0),
         Act::HardSigmoid => (x + 3.0).clamp(0.0, 6.0) / 6.0,
     }
+}
+
+/// Runs `$body` compiled for AVX2 + FMA when the CPU has them (the default target only assumes SSE2), else as is.
+/// The body must be `#[inline(always)]` code so that it is compiled inside the feature-enabled wrapper.
+macro_rules! dispatch {
+    ($body:expr) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
+                f()
+            }
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                // SAFETY: the CPU supports the features the wrapper is compiled for.
+                unsafe { avx2(|| $body) }
+            } else {
+                $body
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            $body
+        }
+    }};
+}
+
+/// `row[i] = act(row[i] + bias)`.
+#[inline(always)]
+fn act_row_impl(row: &mut [f32], bias: f32, act: Act) {
+    match act {
+        Act::None => row.iter_mut().for_each(|v| *v += bias),
+        Act::Swish => row.iter_mut().for_each(|v| {
+            let z = *v + bias;
+            *v = z / (1.0 + exp_fast(-z));
+        }),
+        Act::Relu => row.iter_mut().for_each(|v| *v = (*v + bias).max(0.0)),
+        Act::HardSigmoid => row.iter_mut().for_each(|v| *v = ((*v + bias + 3.0).max(0.0).min(6.0)) * (1.0 / 6.0)),
+    }
+}
+
+pub fn act_row(row: &mut [f32], bias: f32, act: Act) {
+    dispatch!(act_row_impl(row, bias, act))
 }
 
 /// Threading of one kernel call.
@@ -127,11 +189,7 @@ pub fn bias_act(x: &mut [f32], n: usize, bias: Option<&[f32]>, act: Act, par: Pa
     let rows = x.len() / n;
     let ml = par.min_len(rows, n);
     x.par_chunks_mut(n).with_min_len(ml).enumerate().for_each(|(r, row)| {
-        let b = bias.map_or(0.0, |b| b[r]);
-        match act {
-            Act::None => row.iter_mut().for_each(|v| *v += b),
-            _ => row.iter_mut().for_each(|v| *v = apply(act, *v + b)),
-        }
+        act_row(row, bias.map_or(0.0, |b| b[r]), act);
     });
 }
 
@@ -170,52 +228,64 @@ impl ConvGeom {
     }
 }
 
-/// One plane of a depthwise conv: `out[ho, wo] = sum w[ky, kx] x[oy*s+ky-p, ox*s+kx-p] + bias`, then `act`.
-#[inline]
-fn dw_plane(x: &[f32], wk: &[f32], bias: f32, g: ConvGeom, out: &mut [f32], act: Act) {
+/// One plane of a depthwise conv: `out[oy, ox] = act(sum w[ky, kx] x[oy*s+ky-p, ox*s+kx-p] + bias)`.
+///
+/// The input is first copied, zero-padded, into `s` column phases (phase f holds padded columns f, f+s, ...), so
+/// that every tap reads a contiguous run of `wo` values: no bounds checks in the inner loop, for any stride.
+#[inline(always)]
+fn dw_plane_impl(x: &[f32], wk: &[f32], bias: f32, g: ConvGeom, out: &mut [f32], act: Act, pad: &mut Vec<f32>) {
     let (ho, wo) = g.out();
-    let p = g.k / 2;
-    let s = g.stride;
-    let mut cols = [(0usize, 0usize); 16];
-    for (kx, c) in cols.iter_mut().enumerate().take(g.k) {
-        *c = g.valid_cols(kx, wo);
-    }
-    for oy in 0..ho {
-        let row = &mut out[oy * wo..(oy + 1) * wo];
-        row.fill(bias);
-        for ky in 0..g.k {
-            let iy = oy * s + ky;
-            if iy < p || iy - p >= g.h {
-                continue;
-            }
-            let xin = &x[(iy - p) * g.w..(iy - p + 1) * g.w];
-            for kx in 0..g.k {
-                let wv = wk[ky * g.k + kx];
-                let (lo, hi) = cols[kx];
-                if s == 1 {
-                    let base = lo + kx - p;
-                    let src = &xin[base..base + (hi - lo)];
-                    for (o, v) in row[lo..hi].iter_mut().zip(src) {
-                        *o += wv * v;
-                    }
-                } else {
-                    for (ox, o) in row.iter_mut().enumerate().take(hi).skip(lo) {
-                        *o += wv * xin[ox * s + kx - p];
-                    }
+    let (k, s, p) = (g.k, g.stride, g.k / 2);
+    let hp = g.h + 2 * p;
+    let wph = wo + (k - 1) / s;
+    pad.clear();
+    pad.resize(s * hp * wph, 0.0);
+    for y in 0..g.h {
+        let src = &x[y * g.w..(y + 1) * g.w];
+        for f in 0..s {
+            let dst = &mut pad[(f * hp + y + p) * wph..(f * hp + y + p + 1) * wph];
+            for (j, d) in dst.iter_mut().enumerate() {
+                let c = j * s + f;
+                if c >= p && c - p < g.w {
+                    *d = src[c - p];
                 }
             }
         }
-        if act != Act::None {
-            row.iter_mut().for_each(|v| *v = apply(act, *v));
-        }
     }
+    for oy in 0..ho {
+        let row = &mut out[oy * wo..(oy + 1) * wo];
+        row.fill(0.0);
+        for ky in 0..k {
+            let iy = oy * s + ky;
+            for kx in 0..k {
+                let wv = wk[ky * k + kx];
+                let start = ((kx % s) * hp + iy) * wph + kx / s;
+                let src = &pad[start..start + wo];
+                for (o, v) in row.iter_mut().zip(src) {
+                    *o += wv * v;
+                }
+            }
+        }
+        act_row_impl(row, bias, act);
+    }
+}
+
+thread_local! {
+    static PAD: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+fn dw_plane(x: &[f32], wk: &[f32], bias: f32, g: ConvGeom, out: &mut [f32], act: Act) {
+    PAD.with(|pad| {
+        let pad = &mut pad.borrow_mut();
+        dispatch!(dw_plane_impl(x, wk, bias, g, out, act, pad))
+    })
 }
 
 /// Depthwise k x k conv, stride s, padding k/2 on `x: [c, h, w]` with weights `[c, k, k]`.
 pub fn dwconv(x: &[f32], c: usize, g: ConvGeom, w: &[f32], bias: Option<&[f32]>, out: &mut [f32], act: Act, par: Par) {
     let (ho, wo) = g.out();
     let (hw_in, hw_out, kk) = (g.h * g.w, ho * wo, g.k * g.k);
-    assert!(g.k <= 16 && x.len() >= c * hw_in && out.len() >= c * hw_out && w.len() >= c * kk);
+    assert!(g.stride >= 1 && x.len() >= c * hw_in && out.len() >= c * hw_out && w.len() >= c * kk);
     let ml = par.min_len(c, hw_out * kk);
     out[..c * hw_out].par_chunks_mut(hw_out).with_min_len(ml).enumerate().for_each(|(ch, o)| {
         let b = bias.map_or(0.0, |b| b[ch]);
@@ -304,20 +374,20 @@ pub fn joint_layernorm(x: &[f32], c: usize, n: usize, gamma: &[f32], beta: &[f32
     }
 }
 
+#[inline(always)]
+fn softmax_row_impl(row: &mut [f32]) {
+    let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    row.iter_mut().for_each(|v| *v = exp_fast(*v - m));
+    let sum: f32 = row.iter().sum();
+    let inv = 1.0 / sum;
+    row.iter_mut().for_each(|v| *v *= inv);
+}
+
 /// Softmax over each row of `x: [rows, n]`, in place.
 pub fn softmax_rows(x: &mut [f32], n: usize, par: Par) {
     let rows = x.len() / n;
     let ml = par.min_len(rows, n * 4);
-    x.par_chunks_mut(n).with_min_len(ml).for_each(|row| {
-        let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0.0f32;
-        for v in row.iter_mut() {
-            *v = (*v - m).exp();
-            sum += *v;
-        }
-        let inv = 1.0 / sum;
-        row.iter_mut().for_each(|v| *v *= inv);
-    });
+    x.par_chunks_mut(n).with_min_len(ml).for_each(|row| dispatch!(softmax_row_impl(row)));
 }
 
 #[cfg(test)]
@@ -360,6 +430,19 @@ mod tests {
             dwconv(&x, c, g, &w, None, &mut out, Act::None, Par { threads: 2 });
             assert_eq!(out, naive_dw(&x, c, g, &w), "h {h} k {k} s {s}");
         }
+    }
+
+    #[test]
+    fn exp_fast_is_close() {
+        let mut worst = 0.0f32;
+        for i in -86_900..88_000 {
+            let x = i as f32 * 1e-3;
+            let (a, b) = (exp_fast(x), x.exp());
+            worst = worst.max(((a - b) / b).abs());
+        }
+        assert!(worst < 5e-7, "{worst}");
+        assert_eq!(exp_fast(-1000.0), exp_fast(-87.0));
+        assert!(swish(-200.0).abs() < 1e-30 && (swish(50.0) - 50.0).abs() < 1e-5);
     }
 
     #[test]
