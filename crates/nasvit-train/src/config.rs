@@ -39,7 +39,10 @@ pub enum ConfigError {
 }
 
 fn invalid(field: &str, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { field: field.to_string(), reason: reason.into() }
+    ConfigError::Invalid {
+        field: field.to_string(),
+        reason: reason.into(),
+    }
 }
 
 /// The whole training configuration.
@@ -206,13 +209,22 @@ pub struct KdConfig {
 impl Default for KdConfig {
     fn default() -> Self {
         let a = AlphaDivergence::default();
-        Self { alpha_min: a.alpha_min, alpha_max: a.alpha_max, iw_clip: a.iw_clip, teacher: None }
+        Self {
+            alpha_min: a.alpha_min,
+            alpha_max: a.alpha_max,
+            iw_clip: a.iw_clip,
+            teacher: None,
+        }
     }
 }
 
 impl KdConfig {
     pub fn loss(&self) -> AlphaDivergence {
-        AlphaDivergence { alpha_min: self.alpha_min, alpha_max: self.alpha_max, iw_clip: self.iw_clip }
+        AlphaDivergence {
+            alpha_min: self.alpha_min,
+            alpha_max: self.alpha_max,
+            iw_clip: self.iw_clip,
+        }
     }
 }
 
@@ -251,7 +263,12 @@ pub struct GradProjConfig {
 
 impl Default for GradProjConfig {
     fn default() -> Self {
-        Self { enabled: true, start_epoch: 0, max_sub_norm: 1.0, max_coef: 2.0 }
+        Self {
+            enabled: true,
+            start_epoch: 0,
+            max_sub_norm: 1.0,
+            max_coef: 2.0,
+        }
     }
 }
 
@@ -313,10 +330,15 @@ impl Default for AugmentConfig {
 impl TrainConfig {
     /// Reads a YAML config file (not yet resolved).
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::Io { path: path.display().to_string(), reason: e.to_string() })?;
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Io {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
         Self::from_yaml_str(&text).map_err(|e| match e {
-            ConfigError::Parse { reason, .. } => ConfigError::Parse { path: path.display().to_string(), reason },
+            ConfigError::Parse { reason, .. } => ConfigError::Parse {
+                path: path.display().to_string(),
+                reason,
+            },
             other => other,
         })
     }
@@ -326,7 +348,10 @@ impl TrainConfig {
         if text.trim().is_empty() {
             return Ok(Self::default());
         }
-        serde_yaml::from_str(text).map_err(|e| ConfigError::Parse { path: "<config>".into(), reason: e.to_string() })
+        serde_yaml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: "<config>".into(),
+            reason: e.to_string(),
+        })
     }
 
     pub fn to_yaml(&self) -> String {
@@ -347,7 +372,10 @@ impl TrainConfig {
         c.check_data()?;
         let in_channels = *c.data.in_channels.get_or_insert(space.in_channels);
         if in_channels != 1 && in_channels != 3 {
-            return Err(invalid("data.in_channels", format!("{in_channels}: only 1 or 3 are supported")));
+            return Err(invalid(
+                "data.in_channels",
+                format!("{in_channels}: only 1 or 3 are supported"),
+            ));
         }
         let classes = *c.data.num_classes.get_or_insert(space.num_classes);
         if classes < 2 {
@@ -410,7 +438,10 @@ impl TrainConfig {
             return Err(invalid("ema_decay", format!("{} is not in [0, 1)", self.ema_decay)));
         }
         if !(0.0..1.0).contains(&self.label_smoothing) {
-            return Err(invalid("label_smoothing", format!("{} is not in [0, 1)", self.label_smoothing)));
+            return Err(invalid(
+                "label_smoothing",
+                format!("{} is not in [0, 1)", self.label_smoothing),
+            ));
         }
         if self.log_every == 0 {
             return Err(invalid("log_every", "must be at least 1"));
@@ -425,13 +456,19 @@ impl TrainConfig {
         let d = &self.data;
         match d.kind {
             DataKind::Idx => {
-                for (name, value) in [("data.train_images", &d.train_images), ("data.train_labels", &d.train_labels)] {
+                for (name, value) in [
+                    ("data.train_images", &d.train_images),
+                    ("data.train_labels", &d.train_labels),
+                ] {
                     if value.is_none() {
                         return Err(invalid(name, "required when data.kind is idx"));
                     }
                 }
                 if d.val_images.is_some() != d.val_labels.is_some() {
-                    return Err(invalid("data.val_images", "data.val_images and data.val_labels go together"));
+                    return Err(invalid(
+                        "data.val_images",
+                        "data.val_images and data.val_labels go together",
+                    ));
                 }
             }
             DataKind::Folder => {
@@ -455,7 +492,10 @@ impl TrainConfig {
             return Err(invalid("augment.crop_size", "must be at least 1"));
         }
         if !(a.scale[0] > 0.0 && a.scale[0] <= a.scale[1] && a.scale[1] <= 1.0) {
-            return Err(invalid("augment.scale", format!("{:?}: need 0 < min <= max <= 1", a.scale)));
+            return Err(invalid(
+                "augment.scale",
+                format!("{:?}: need 0 < min <= max <= 1", a.scale),
+            ));
         }
         if !(a.ratio[0] > 0.0 && a.ratio[0] <= a.ratio[1]) {
             return Err(invalid("augment.ratio", format!("{:?}: need 0 < min <= max", a.ratio)));
@@ -466,10 +506,16 @@ impl TrainConfig {
             }
         }
         if !(0.0..=crate::data::transforms::MAX_MAGNITUDE).contains(&a.randaug_m) || a.randaug_mstd < 0.0 {
-            return Err(invalid("augment.randaug_m", "magnitude must be in [0, 10] and its std non-negative"));
+            return Err(invalid(
+                "augment.randaug_m",
+                "magnitude must be in [0, 10] and its std non-negative",
+            ));
         }
         if !(a.eval_crop_pct > 0.0 && a.eval_crop_pct <= 1.0) {
-            return Err(invalid("augment.eval_crop_pct", format!("{} is not in (0, 1]", a.eval_crop_pct)));
+            return Err(invalid(
+                "augment.eval_crop_pct",
+                format!("{} is not in (0, 1]", a.eval_crop_pct),
+            ));
         }
         for (name, v) in [("augment.mean", &a.mean), ("augment.std", &a.std)] {
             let len = v.as_ref().map_or(in_channels, Vec::len);
@@ -485,7 +531,11 @@ impl TrainConfig {
 
     fn check_optim(&self) -> Result<(), ConfigError> {
         let o = &self.optim;
-        for (name, v) in [("optim.lr", o.lr), ("optim.warmup_lr", o.warmup_lr), ("optim.min_lr", o.min_lr)] {
+        for (name, v) in [
+            ("optim.lr", o.lr),
+            ("optim.warmup_lr", o.warmup_lr),
+            ("optim.min_lr", o.min_lr),
+        ] {
             if v.is_some_and(|v| !(v.is_finite() && v >= 0.0)) {
                 return Err(invalid(name, "must be a finite non-negative number"));
             }
@@ -520,7 +570,10 @@ impl TrainConfig {
         }
         let g = &self.grad_proj;
         if !(g.max_sub_norm > 0.0) || !(g.max_coef >= 0.0) {
-            return Err(invalid("grad_proj.max_sub_norm", "the bound must be positive and max_coef non-negative"));
+            return Err(invalid(
+                "grad_proj.max_sub_norm",
+                "the bound must be positive and max_coef non-negative",
+            ));
         }
         Ok(())
     }

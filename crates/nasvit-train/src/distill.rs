@@ -32,7 +32,11 @@ pub struct AlphaDivergence {
 
 impl Default for AlphaDivergence {
     fn default() -> Self {
-        Self { alpha_min: -1.0, alpha_max: 1.0, iw_clip: 5.0 }
+        Self {
+            alpha_min: -1.0,
+            alpha_max: 1.0,
+            iw_clip: 5.0,
+        }
     }
 }
 

@@ -26,12 +26,20 @@ pub struct ModelEma<M: Module> {
 impl<M: Module> ModelEma<M> {
     /// Starts the average at the current weights of `model`.
     pub fn new(model: &M, decay: f64) -> Self {
-        Self { model: model.valid(), decay, updates: 0 }
+        Self {
+            model: model.valid(),
+            decay,
+            updates: 0,
+        }
     }
 
     /// Resumes from a stored average (e.g. loaded from a checkpoint) and its update count.
     pub fn from_parts(model: M, decay: f64, updates: u64) -> Self {
-        Self { model: model.valid(), decay, updates }
+        Self {
+            model: model.valid(),
+            decay,
+            updates,
+        }
     }
 
     /// Moves the average towards the current weights of `model`. Parameters of `model` that the average
@@ -39,7 +47,10 @@ impl<M: Module> ModelEma<M> {
     pub fn update(&mut self, model: &M) {
         let mut collect = CollectValues::default();
         model.visit(&mut collect);
-        let mut blend = Blend { values: collect.values, decay: self.decay };
+        let mut blend = Blend {
+            values: collect.values,
+            decay: self.decay,
+        };
         self.model = self.model.clone().map(&mut blend);
         self.updates += 1;
     }
@@ -84,7 +95,11 @@ struct Blend {
 
 impl ModuleMapper for Blend {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let Some(current) = self.values.remove(&param.id).and_then(|v| v.downcast::<Tensor<D>>().ok()) else {
+        let Some(current) = self
+            .values
+            .remove(&param.id)
+            .and_then(|v| v.downcast::<Tensor<D>>().ok())
+        else {
             return param;
         };
         let decay = self.decay;
@@ -118,8 +133,12 @@ mod tests {
     fn set(model: Toy, w: f32, b: f32) -> Toy {
         let device = model.w.val().device();
         Toy {
-            w: model.w.map(|_| Tensor::from_data(TensorData::new(vec![w; 4], [2, 2]), &device)),
-            b: model.b.map(|_| Tensor::from_data(TensorData::new(vec![b; 2], [2]), &device)),
+            w: model
+                .w
+                .map(|_| Tensor::from_data(TensorData::new(vec![w; 4], [2, 2]), &device)),
+            b: model
+                .b
+                .map(|_| Tensor::from_data(TensorData::new(vec![b; 2], [2]), &device)),
         }
     }
 
@@ -137,7 +156,10 @@ mod tests {
         // 0.75 * 2 + 0.25 * 5 = 2.75
         assert_eq!(vals(ema.model().w.val()), vec![2.75; 4]);
         assert_eq!(ema.updates(), 2);
-        assert!(!ema.model().w.val().is_autodiff(), "the average lives on the plain device");
+        assert!(
+            !ema.model().w.val().is_autodiff(),
+            "the average lives on the plain device"
+        );
         assert_eq!(ema.model().w.id, model.w.id);
     }
 
@@ -156,6 +178,10 @@ mod tests {
         let device = Device::flex();
         let mut ema = ModelEma::new(&toy(1.0, 1.0, &device), 0.5);
         ema.update(&toy(3.0, 3.0, &device));
-        assert_eq!(vals(ema.model().w.val()), vec![1.0; 4], "other ids leave the average as it is");
+        assert_eq!(
+            vals(ema.model().w.val()),
+            vec![1.0; 4],
+            "other ids leave the average as it is"
+        );
     }
 }

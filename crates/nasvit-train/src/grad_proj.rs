@@ -44,7 +44,11 @@ pub struct CombineOptions {
 
 impl Default for CombineOptions {
     fn default() -> Self {
-        Self { project: true, max_sub_norm: Some(1.0), max_coef: 2.0 }
+        Self {
+            project: true,
+            max_sub_norm: Some(1.0),
+            max_coef: 2.0,
+        }
     }
 }
 
@@ -245,13 +249,26 @@ pub fn gradient_cosines<M: Module>(module: &M, g_sup: &GradientsParams, g_sub: &
                 vec![(gs.clone() * gb.clone()).sum(), gs.square().sum(), gb.square().sum()],
                 0,
             );
-            let v = parts.into_data().convert::<f64>().try_into_vec::<f64>().unwrap_or_else(|_| vec![0.0; 3]);
+            let v = parts
+                .into_data()
+                .convert::<f64>()
+                .try_into_vec::<f64>()
+                .unwrap_or_else(|_| vec![0.0; 3]);
             let (dot, ns, nb) = (v[0], v[1].sqrt(), v[2].sqrt());
             let cosine = if ns > 0.0 && nb > 0.0 { dot / (ns * nb) } else { 0.0 };
-            self.out.push(TensorCosine { path: self.path.join("."), numel, cosine });
+            self.out.push(TensorCosine {
+                path: self.path.join("."),
+                numel,
+                cosine,
+            });
         }
     }
-    let mut visitor = Cosines { g_sup, g_sub, path: Vec::new(), out: Vec::new() };
+    let mut visitor = Cosines {
+        g_sup,
+        g_sub,
+        path: Vec::new(),
+        out: Vec::new(),
+    };
     module.visit(&mut visitor);
     visitor.out
 }

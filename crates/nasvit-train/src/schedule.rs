@@ -45,7 +45,13 @@ mod tests {
     use super::*;
 
     fn schedule() -> CosineSchedule {
-        CosineSchedule { base_lr: 1.0, warmup_lr: 0.1, min_lr: 0.01, warmup_steps: 10, total_steps: 100 }
+        CosineSchedule {
+            base_lr: 1.0,
+            warmup_lr: 0.1,
+            min_lr: 0.01,
+            warmup_steps: 10,
+            total_steps: 100,
+        }
     }
 
     fn close(a: f64, b: f64) {
@@ -76,7 +82,10 @@ mod tests {
 
     #[test]
     fn no_warmup_starts_at_base() {
-        let s = CosineSchedule { warmup_steps: 0, ..schedule() };
+        let s = CosineSchedule {
+            warmup_steps: 0,
+            ..schedule()
+        };
         close(s.lr(0), 1.0);
     }
 

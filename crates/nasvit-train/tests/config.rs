@@ -3,10 +3,14 @@
 use nasvit_space::SearchSpace;
 use nasvit_train::config::{ConfigError, DataKind, TrainConfig};
 
-const MINIMAL: &str = "data:\n  train_images: /data/train-images-idx3-ubyte.gz\n  train_labels: /data/train-labels-idx1-ubyte.gz\n";
+const MINIMAL: &str =
+    "data:\n  train_images: /data/train-images-idx3-ubyte.gz\n  train_labels: /data/train-labels-idx1-ubyte.gz\n";
 
 fn resolved(text: &str) -> TrainConfig {
-    TrainConfig::from_yaml_str(text).expect("parses").resolve().expect("resolves")
+    TrainConfig::from_yaml_str(text)
+        .expect("parses")
+        .resolve()
+        .expect("resolves")
 }
 
 fn invalid_field(text: &str) -> String {
@@ -27,7 +31,10 @@ fn defaults_follow_the_released_recipe() {
     assert!(c.grad_proj.enabled);
     assert_eq!(c.grad_proj.start_epoch, 0);
     assert_eq!(c.label_smoothing, 0.1);
-    assert_eq!((c.augment.randaug_n, c.augment.randaug_m, c.augment.randaug_mstd), (1, 1.0, 0.5));
+    assert_eq!(
+        (c.augment.randaug_n, c.augment.randaug_m, c.augment.randaug_mstd),
+        (1, 1.0, 0.5)
+    );
     assert_eq!(c.augment.erasing_p, 0.01);
     assert_eq!(c.optim.weight_decay, 0.0);
     assert_eq!(c.optim.warmup_epochs, 5.0);
@@ -84,10 +91,19 @@ fn bad_values_are_reported_by_field() {
     assert_eq!(invalid_field(&format!("{MINIMAL}batch_size: 0\n")), "batch_size");
     assert_eq!(invalid_field("data:\n  kind: idx\n"), "data.train_images");
     assert_eq!(invalid_field("data:\n  kind: folder\n"), "data.root");
-    assert_eq!(invalid_field(&format!("{MINIMAL}augment:\n  scale: [0.5, 0.2]\n")), "augment.scale");
-    assert_eq!(invalid_field(&format!("{MINIMAL}augment:\n  mean: [0.5, 0.5]\n")), "augment.mean");
+    assert_eq!(
+        invalid_field(&format!("{MINIMAL}augment:\n  scale: [0.5, 0.2]\n")),
+        "augment.scale"
+    );
+    assert_eq!(
+        invalid_field(&format!("{MINIMAL}augment:\n  mean: [0.5, 0.5]\n")),
+        "augment.mean"
+    );
     assert_eq!(invalid_field(&format!("{MINIMAL}ema_decay: 1.5\n")), "ema_decay");
-    assert_eq!(invalid_field(&format!("{MINIMAL}kd:\n  teacher:\n    logits: a\n    checkpoint: b\n")), "kd.teacher");
+    assert_eq!(
+        invalid_field(&format!("{MINIMAL}kd:\n  teacher:\n    logits: a\n    checkpoint: b\n")),
+        "kd.teacher"
+    );
     assert_eq!(invalid_field(&format!("{MINIMAL}kd:\n  iw_clip: .nan\n")), "kd.iw_clip");
 }
 
@@ -97,7 +113,9 @@ fn unknown_space_and_unreadable_file_are_errors() {
     assert!(matches!(c.resolve(), Err(ConfigError::Space(_))));
     let err = TrainConfig::from_file(std::path::Path::new("/no/such/config.yaml")).expect_err("missing");
     assert!(err.to_string().contains("/no/such/config.yaml"));
-    let err = TrainConfig::from_yaml_str("batch_size: [1, 2]\n").expect_err("wrong type").to_string();
+    let err = TrainConfig::from_yaml_str("batch_size: [1, 2]\n")
+        .expect_err("wrong type")
+        .to_string();
     assert!(err.contains("batch_size"), "{err}");
 }
 

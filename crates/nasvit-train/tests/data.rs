@@ -13,7 +13,9 @@ use nasvit_train::data::{
 
 /// A fresh, empty folder for one test.
 fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("nasvit-train-data").join(name);
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("nasvit-train-data")
+        .join(name);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("scratch dir");
     dir
@@ -51,7 +53,10 @@ fn write_idx(dir: &Path, n: usize, classes: usize, gz: bool) -> (PathBuf, PathBu
 }
 
 fn normalize(channels: usize) -> Normalize {
-    Normalize { mean: vec![0.5; channels], std: vec![0.25; channels] }
+    Normalize {
+        mean: vec![0.5; channels],
+        std: vec![0.25; channels],
+    }
 }
 
 #[test]
@@ -80,31 +85,62 @@ fn idx_errors_name_the_file_and_the_problem() {
 
     let floats = dir.join("floats.idx");
     std::fs::write(&floats, [0, 0, 0x0d, 1, 0, 0, 0, 1, 0, 0, 0, 0]).expect("write");
-    assert!(matches!(IdxDataset::open(&floats, &lp), Err(DataError::BadMagic { .. })));
+    assert!(matches!(
+        IdxDataset::open(&floats, &lp),
+        Err(DataError::BadMagic { .. })
+    ));
 
     let full = std::fs::read(&ip).expect("read");
     let cut = dir.join("cut.idx");
     std::fs::write(&cut, &full[..full.len() - 5]).expect("write");
     let err = IdxDataset::open(&cut, &lp).expect_err("truncated");
-    assert!(matches!(err, DataError::Truncated { expected: 48, got: 43, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            DataError::Truncated {
+                expected: 48,
+                got: 43,
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert!(err.to_string().contains("cut.idx"));
 
     let header_cut = dir.join("header.idx");
     std::fs::write(&header_cut, &full[..9]).expect("write");
-    assert!(matches!(IdxDataset::open(&header_cut, &lp), Err(DataError::Truncated { .. })));
+    assert!(matches!(
+        IdxDataset::open(&header_cut, &lp),
+        Err(DataError::Truncated { .. })
+    ));
 
     let (_, other_labels) = write_idx(&scratch("idx-bad-labels"), 5, 2, false);
-    assert!(matches!(IdxDataset::open(&ip, &other_labels), Err(DataError::CountMismatch { .. })));
-    assert!(matches!(IdxDataset::open(&lp, &lp), Err(DataError::Layout { .. })), "labels as images");
-    assert!(matches!(IdxDataset::open(&dir.join("missing"), &lp), Err(DataError::Io { .. })));
+    assert!(matches!(
+        IdxDataset::open(&ip, &other_labels),
+        Err(DataError::CountMismatch { .. })
+    ));
+    assert!(
+        matches!(IdxDataset::open(&lp, &lp), Err(DataError::Layout { .. })),
+        "labels as images"
+    );
+    assert!(matches!(
+        IdxDataset::open(&dir.join("missing"), &lp),
+        Err(DataError::Io { .. })
+    ));
     std::fs::write(dir.join("broken.gz"), [0x1f, 0x8b, 0, 1, 2]).expect("write");
-    assert!(matches!(IdxDataset::open(&dir.join("broken.gz"), &lp), Err(DataError::Io { .. })));
+    assert!(matches!(
+        IdxDataset::open(&dir.join("broken.gz"), &lp),
+        Err(DataError::Io { .. })
+    ));
 }
 
 #[test]
 fn fashion_mnist_when_installed() {
     let dir = Path::new("/usr/share/datasets/fashion-mnist");
-    let (images, labels) = (dir.join("t10k-images-idx3-ubyte.gz"), dir.join("t10k-labels-idx1-ubyte.gz"));
+    let (images, labels) = (
+        dir.join("t10k-images-idx3-ubyte.gz"),
+        dir.join("t10k-labels-idx1-ubyte.gz"),
+    );
     if !images.exists() {
         eprintln!("Fashion-MNIST is not installed; skipped");
         return;
@@ -139,9 +175,15 @@ fn folder_lists_sorted_classes_and_decodes() {
     let ds = FolderDataset::open(&root, "train").expect("opens");
     assert_eq!(ds.classes(), ["ant", "cat"]);
     assert_eq!(ds.len(), 3 + 4, "2 + grey in ant, 3 + corrupt in cat; .txt ignored");
-    assert_eq!((0..ds.len()).map(|i| ds.label(i)).collect::<Vec<_>>(), [0, 0, 0, 1, 1, 1, 1]);
+    assert_eq!(
+        (0..ds.len()).map(|i| ds.label(i)).collect::<Vec<_>>(),
+        [0, 0, 0, 1, 1, 1, 1]
+    );
     let s = ds.get(0).expect("png decodes");
-    assert_eq!((s.image.width, s.image.height, s.image.channels, s.label), (10, 8, 3, 0));
+    assert_eq!(
+        (s.image.width, s.image.height, s.image.channels, s.label),
+        (10, 8, 3, 0)
+    );
     assert_eq!(s.image.pixel(0, 0), [0, 100, 200]);
     let grey = ds.get(2).expect("grey decodes");
     assert_eq!((grey.image.channels, grey.image.pixel(1, 1)), (1, &[77u8][..]));
@@ -150,7 +192,10 @@ fn folder_lists_sorted_classes_and_decodes() {
     assert!(err.to_string().contains("zz-corrupt.jpg"), "{err}");
     assert!(matches!(FolderDataset::open(&root, "val"), Err(DataError::Io { .. })));
     std::fs::create_dir_all(root.join("empty/x")).expect("dir");
-    assert!(matches!(FolderDataset::open(&root, "empty"), Err(DataError::Layout { .. })));
+    assert!(matches!(
+        FolderDataset::open(&root, "empty"),
+        Err(DataError::Layout { .. })
+    ));
 }
 
 #[test]
@@ -169,7 +214,11 @@ fn holdout_takes_k_per_class_deterministically() {
     assert_eq!(holdout_per_class(&ds, 4, 7), (kept.clone(), held.clone()), "seeded");
     assert_ne!(holdout_per_class(&ds, 4, 8).1, held, "another seed, another split");
     let (kept_all, held_all) = holdout_per_class(&ds, 100, 7);
-    assert_eq!((kept_all.len(), held_all.len()), (3, 27), "one image per class stays in training");
+    assert_eq!(
+        (kept_all.len(), held_all.len()),
+        (3, 27),
+        "one image per class stays in training"
+    );
 
     let subset = Subset::new(Arc::new(ds), held.clone());
     assert_eq!(subset.len(), 12);
@@ -177,7 +226,14 @@ fn holdout_takes_k_per_class_deterministically() {
 }
 
 fn loader(ds: Arc<dyn Dataset>, workers: usize, batch: usize, transform: Arc<dyn Transform>) -> Loader {
-    let config = LoaderConfig { batch_size: batch, workers, prefetch: 2, seed: 11, shuffle: true, drop_last: true };
+    let config = LoaderConfig {
+        batch_size: batch,
+        workers,
+        prefetch: 2,
+        seed: 11,
+        shuffle: true,
+        drop_last: true,
+    };
     Loader::new(ds, transform, config)
 }
 
@@ -212,7 +268,11 @@ fn loader_is_deterministic_across_workers_and_resume() {
             }
         }
     }
-    assert_ne!(one.epoch_order(0), one.epoch_order(1), "epochs are shuffled differently");
+    assert_ne!(
+        one.epoch_order(0),
+        one.epoch_order(1),
+        "epochs are shuffled differently"
+    );
     let mut order = one.epoch_order(3);
     order.sort_unstable();
     assert_eq!(order, (0..50).collect::<Vec<_>>());
@@ -232,8 +292,19 @@ fn loader_skips_and_reports_unreadable_files_once() {
     let ds: Arc<dyn Dataset> = Arc::new(FolderDataset::open(&root, "train").expect("opens"));
     let lines = Arc::new(Mutex::new(Vec::<String>::new()));
     let sink = lines.clone();
-    let eval = Arc::new(EvalTransform { size: 6, crop_pct: 0.875, normalize: normalize(3) });
-    let config = LoaderConfig { batch_size: 4, workers: 2, prefetch: 1, seed: 0, shuffle: false, drop_last: false };
+    let eval = Arc::new(EvalTransform {
+        size: 6,
+        crop_pct: 0.875,
+        normalize: normalize(3),
+    });
+    let config = LoaderConfig {
+        batch_size: 4,
+        workers: 2,
+        prefetch: 1,
+        seed: 0,
+        shuffle: false,
+        drop_last: false,
+    };
     let loader = Loader::new(ds, eval, config).with_reporter(move |line| {
         sink.lock().expect("lock").push(line.to_string());
     });
@@ -255,7 +326,11 @@ fn loader_without_drop_last_keeps_the_tail() {
     let dir = scratch("loader-tail");
     let (ip, lp) = write_idx(&dir, 10, 2, false);
     let ds: Arc<dyn Dataset> = Arc::new(IdxDataset::open(&ip, &lp).expect("opens"));
-    let eval = Arc::new(EvalTransform { size: 3, crop_pct: 1.0, normalize: normalize(1) });
+    let eval = Arc::new(EvalTransform {
+        size: 3,
+        crop_pct: 1.0,
+        normalize: normalize(1),
+    });
     let loader = Loader::new(ds, eval, LoaderConfig::eval(4));
     let batches: Vec<_> = loader.epoch(0, 0).collect();
     assert_eq!(batches.iter().map(|b| b.len()).collect::<Vec<_>>(), [4, 4, 2]);

@@ -27,14 +27,24 @@ fn golden_files() -> Vec<PathBuf> {
         .filter(|p| p.is_file())
         .collect();
     files.sort();
-    assert!(!files.is_empty(), "no */tensors.safetensors under NASVIT_GOLDEN_DIR={}", dir.display());
+    assert!(
+        !files.is_empty(),
+        "no */tensors.safetensors under NASVIT_GOLDEN_DIR={}",
+        dir.display()
+    );
     files
 }
 
 fn read_f32(st: &SafeTensors, key: &str, file: &Path) -> (Vec<f32>, Vec<usize>) {
-    let view = st.tensor(key).unwrap_or_else(|e| panic!("{}: {key}: {e}", file.display()));
+    let view = st
+        .tensor(key)
+        .unwrap_or_else(|e| panic!("{}: {key}: {e}", file.display()));
     assert_eq!(view.dtype(), safetensors::Dtype::F32, "{key} must be f32");
-    let data = view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+    let data = view
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
     (data, view.shape().to_vec())
 }
 
@@ -74,7 +84,10 @@ fn alpha_divergence_matches_released_loss_and_gradient() {
         let name = file.display().to_string();
         assert_close(&format!("{name} kd.loss"), &to_vec(out.loss), &loss, 1e-4, 1e-6);
         assert_close(&format!("{name} kd.grad_student"), &to_vec(got_grad), &grad, 1e-4, 1e-6);
-        assert!(to_vec(out.divergence).iter().all(|d| *d >= -1e-6), "divergences are non-negative");
+        assert!(
+            to_vec(out.divergence).iter().all(|d| *d >= -1e-6),
+            "divergences are non-negative"
+        );
     }
 }
 
@@ -128,7 +141,13 @@ fn alpha_divergence_hand_computed_two_class_case() {
     // d/dz of -sum_c w_c log_softmax(z)_c = -(w - q * sum w)
     let grad = student.grad(&out.loss.backward()).expect("gradient");
     let sw = w[0] + w[1];
-    assert_close("grad", &to_vec(grad), &[-(w[0] - 0.5 * sw), -(w[1] - 0.5 * sw)], 1e-5, 1e-6);
+    assert_close(
+        "grad",
+        &to_vec(grad),
+        &[-(w[0] - 0.5 * sw), -(w[1] - 0.5 * sw)],
+        1e-5,
+        1e-6,
+    );
 }
 
 /// Logits (0, ln 3) over 2 classes: log q = (ln 1/4, ln 3/4). Label 1, eps 0.1:
@@ -136,7 +155,10 @@ fn alpha_divergence_hand_computed_two_class_case() {
 #[test]
 fn label_smoothing_hand_computed() {
     let device = Device::flex();
-    let logits = Tensor::<2>::from_data(TensorData::new(vec![0.0f32, 3f32.ln(), 3f32.ln(), 0.0], [2, 2]), &device);
+    let logits = Tensor::<2>::from_data(
+        TensorData::new(vec![0.0f32, 3f32.ln(), 3f32.ln(), 0.0], [2, 2]),
+        &device,
+    );
     let labels = Tensor::<1, Int>::from_data(TensorData::new(vec![1i64, 1], [2]), &device);
     let loss = label_smoothing_cross_entropy(logits, labels, 0.1);
     let first = -(0.05 * 0.25f32.ln() + 0.95 * 0.75f32.ln());
@@ -164,10 +186,22 @@ fn soft_target_cross_entropy_hand_computed() {
     assert_close("soft-ce", &to_vec(loss.clone()), &[want], 1e-6, 1e-6);
     let grads = loss.backward();
     // d/dz = q - p
-    assert_close("grad", &to_vec(logits.grad(&grads).expect("grad")), &[0.05, -0.05], 1e-5, 1e-6);
+    assert_close(
+        "grad",
+        &to_vec(logits.grad(&grads).expect("grad")),
+        &[0.05, -0.05],
+        1e-5,
+        1e-6,
+    );
     assert!(teacher.grad(&grads).is_none(), "the teacher must be detached");
 
     let probs = Tensor::<2>::from_data(TensorData::new(vec![0.2f32, 0.8], [1, 2]), &device);
     let logits = Tensor::<2>::from_data(TensorData::new(vec![0.0f32, 3f32.ln()], [1, 2]), &device);
-    assert_close("probs-ce", &to_vec(soft_probs_cross_entropy(logits, probs)), &[want], 1e-6, 1e-6);
+    assert_close(
+        "probs-ce",
+        &to_vec(soft_probs_cross_entropy(logits, probs)),
+        &[want],
+        1e-6,
+        1e-6,
+    );
 }

@@ -23,7 +23,9 @@ impl Toy {
     fn new(device: &Device) -> Self {
         Self {
             a: Param::from_tensor(Tensor::zeros([2], device)),
-            inner: Inner { w: Param::from_tensor(Tensor::zeros([1, 2], device)) },
+            inner: Inner {
+                w: Param::from_tensor(Tensor::zeros([1, 2], device)),
+            },
             c: Param::from_tensor(Tensor::zeros([2], device)),
         }
     }
@@ -44,12 +46,19 @@ fn vals<const D: usize>(t: Tensor<D>) -> Vec<f32> {
 fn close(name: &str, got: &[f32], want: &[f32]) {
     assert_eq!(got.len(), want.len(), "{name}");
     for (g, w) in got.iter().zip(want) {
-        assert!((g - w).abs() <= 1e-5 + 1e-5 * w.abs(), "{name}: got {got:?}, want {want:?}");
+        assert!(
+            (g - w).abs() <= 1e-5 + 1e-5 * w.abs(),
+            "{name}: got {got:?}, want {want:?}"
+        );
     }
 }
 
 fn no_clip(project: bool) -> CombineOptions {
-    CombineOptions { project, max_sub_norm: None, ..CombineOptions::default() }
+    CombineOptions {
+        project,
+        max_sub_norm: None,
+        ..CombineOptions::default()
+    }
 }
 
 /// Gradients for `a` only (the other parameters get none).
@@ -63,11 +72,19 @@ fn grads_a(toy: &Toy, v: [f32; 2]) -> GradientsParams {
 fn conflicting_gradients_are_projected() {
     let toy = Toy::new(&Device::flex());
     // <gb, gs> = -1, |gb|^2 = 1: c = 1 / (1 + 1e-6); g = (1 + c) gb + gs
-    let (g, stats) = combine_gradients(&toy, grads_a(&toy, [-1.0, 1.0]), grads_a(&toy, [1.0, 0.0]), &no_clip(true));
+    let (g, stats) = combine_gradients(
+        &toy,
+        grads_a(&toy, [-1.0, 1.0]),
+        grads_a(&toy, [1.0, 0.0]),
+        &no_clip(true),
+    );
     let c = 1.0 / (1.0 + 1e-6);
     close("a", &vals(g.get::<1>(toy.a.id).expect("a")), &[(1.0 + c) - 1.0, 1.0]);
     assert_eq!(vals(stats.conflicts.expect("counted")), vec![1.0]);
-    assert_eq!((stats.tensors_both, stats.tensors_sup_only, stats.tensors_sub_only), (1, 0, 0));
+    assert_eq!(
+        (stats.tensors_both, stats.tensors_sup_only, stats.tensors_sub_only),
+        (1, 0, 0)
+    );
     // After the projection the combined gradient no longer opposes gb.
     assert!(vals(g.get::<1>(toy.a.id).expect("a"))[0] > 0.0);
 }
@@ -75,7 +92,12 @@ fn conflicting_gradients_are_projected() {
 #[test]
 fn agreeing_gradients_are_summed() {
     let toy = Toy::new(&Device::flex());
-    let (g, stats) = combine_gradients(&toy, grads_a(&toy, [1.0, 2.0]), grads_a(&toy, [1.0, 0.0]), &no_clip(true));
+    let (g, stats) = combine_gradients(
+        &toy,
+        grads_a(&toy, [1.0, 2.0]),
+        grads_a(&toy, [1.0, 0.0]),
+        &no_clip(true),
+    );
     close("a", &vals(g.get::<1>(toy.a.id).expect("a")), &[2.0, 2.0]);
     assert_eq!(vals(stats.conflicts.expect("counted")), vec![0.0]);
 }
@@ -84,16 +106,30 @@ fn agreeing_gradients_are_summed() {
 fn projection_coefficient_is_capped_at_two() {
     let toy = Toy::new(&Device::flex());
     // <gb, gs> = -0.1, |gb|^2 = 0.01: c = 10 -> 2; g = 3 gb + gs = (-0.7, 0)
-    let (g, _) = combine_gradients(&toy, grads_a(&toy, [-1.0, 0.0]), grads_a(&toy, [0.1, 0.0]), &no_clip(true));
+    let (g, _) = combine_gradients(
+        &toy,
+        grads_a(&toy, [-1.0, 0.0]),
+        grads_a(&toy, [0.1, 0.0]),
+        &no_clip(true),
+    );
     close("a", &vals(g.get::<1>(toy.a.id).expect("a")), &[-0.7, 0.0]);
 }
 
 #[test]
 fn projection_off_is_the_plain_sum() {
     let toy = Toy::new(&Device::flex());
-    let (g, stats) = combine_gradients(&toy, grads_a(&toy, [-1.0, 0.0]), grads_a(&toy, [0.1, 0.0]), &no_clip(false));
+    let (g, stats) = combine_gradients(
+        &toy,
+        grads_a(&toy, [-1.0, 0.0]),
+        grads_a(&toy, [0.1, 0.0]),
+        &no_clip(false),
+    );
     close("a", &vals(g.get::<1>(toy.a.id).expect("a")), &[-0.9, 0.0]);
-    assert_eq!(vals(stats.conflicts.expect("counted")), vec![1.0], "conflicts are counted either way");
+    assert_eq!(
+        vals(stats.conflicts.expect("counted")),
+        vec![1.0],
+        "conflicts are counted either way"
+    );
 }
 
 #[test]
@@ -104,10 +140,17 @@ fn tensor_without_subnet_gradient_gets_the_supernet_gradient_once() {
     let mut sub = grads_a(&toy, [1.0, 0.0]);
     sub.register(toy.c.id, t1([0.5, 0.5]));
     let (g, stats) = combine_gradients(&toy, sup, sub, &no_clip(true));
-    close("w (sup only)", &vals(g.get::<2>(toy.inner.w.id).expect("w")), &[3.0, -2.0]);
+    close(
+        "w (sup only)",
+        &vals(g.get::<2>(toy.inner.w.id).expect("w")),
+        &[3.0, -2.0],
+    );
     close("c (sub only)", &vals(g.get::<1>(toy.c.id).expect("c")), &[0.5, 0.5]);
     close("a (both)", &vals(g.get::<1>(toy.a.id).expect("a")), &[2.0, 1.0]);
-    assert_eq!((stats.tensors_both, stats.tensors_sup_only, stats.tensors_sub_only), (1, 1, 1));
+    assert_eq!(
+        (stats.tensors_both, stats.tensors_sup_only, stats.tensors_sub_only),
+        (1, 1, 1)
+    );
     assert_eq!(g.len(), 3);
 }
 
@@ -122,7 +165,11 @@ fn subnet_gradient_is_clipped_to_global_norm_one() {
     let (g, stats) = combine_gradients(&toy, sup, sub, &CombineOptions::default());
     let s = 1.0 / (5.0 + 1e-6);
     close("a", &vals(g.get::<1>(toy.a.id).expect("a")), &[3.0 * s, 0.0]);
-    close("w", &vals(g.get::<2>(toy.inner.w.id).expect("w")), &[0.0, 4.0 * s + 10.0]);
+    close(
+        "w",
+        &vals(g.get::<2>(toy.inner.w.id).expect("w")),
+        &[0.0, 4.0 * s + 10.0],
+    );
     close("norm", &vals(stats.sub_norm.expect("norm")), &[5.0]);
     close("scale", &vals(stats.sub_scale.expect("scale")), &[s]);
 }
@@ -130,7 +177,12 @@ fn subnet_gradient_is_clipped_to_global_norm_one() {
 #[test]
 fn subnet_gradient_below_the_bound_is_kept() {
     let toy = Toy::new(&Device::flex());
-    let (g, _) = combine_gradients(&toy, GradientsParams::new(), grads_a(&toy, [0.3, 0.4]), &CombineOptions::default());
+    let (g, _) = combine_gradients(
+        &toy,
+        GradientsParams::new(),
+        grads_a(&toy, [0.3, 0.4]),
+        &CombineOptions::default(),
+    );
     close("a", &vals(g.get::<1>(toy.a.id).expect("a")), &[0.3, 0.4]);
 }
 
@@ -138,8 +190,12 @@ fn subnet_gradient_below_the_bound_is_kept() {
 fn clip_happens_before_projection() {
     let toy = Toy::new(&Device::flex());
     // gb = (10, 0) clipped to (1, 0) (up to 1e-6); gs = (-1.5, 1): <gb, gs> = -1.5 -> c = 1.5; g = 2.5 gb + gs
-    let (g, _) =
-        combine_gradients(&toy, grads_a(&toy, [-1.5, 1.0]), grads_a(&toy, [10.0, 0.0]), &CombineOptions::default());
+    let (g, _) = combine_gradients(
+        &toy,
+        grads_a(&toy, [-1.5, 1.0]),
+        grads_a(&toy, [10.0, 0.0]),
+        &CombineOptions::default(),
+    );
     close("a", &vals(g.get::<1>(toy.a.id).expect("a")), &[1.0, 1.0]);
 }
 
@@ -176,8 +232,14 @@ fn cosines_and_conflict_table() {
     table.add(&cos);
     table.add(&cos[1..]);
     let rows = table.by_tensor();
-    assert_eq!((rows[0].name.as_str(), rows[0].negative_share, rows[0].count), ("a", 1.0, 1));
-    assert_eq!((rows[1].name.as_str(), rows[1].negative_share, rows[1].count), ("inner.w", 0.0, 2));
+    assert_eq!(
+        (rows[0].name.as_str(), rows[0].negative_share, rows[0].count),
+        ("a", 1.0, 1)
+    );
+    assert_eq!(
+        (rows[1].name.as_str(), rows[1].negative_share, rows[1].count),
+        ("inner.w", 0.0, 2)
+    );
     let layers = table.by_layer(Some(1));
     assert_eq!(layers.len(), 2);
     assert_eq!(layers[1].name, "inner");

@@ -1,8 +1,8 @@
 //! Transforms and RandAugment ops on tiny images with hand-computed results.
 
 use nasvit_train::data::transforms::{
-    affine, auto_contrast, center_crop, equalize, hflip, posterize, random_erase, random_resized_crop, resize,
-    rotate, smooth, AugOp, Normalize, RandAugment, INCREASING_OPS, MAX_MAGNITUDE,
+    affine, auto_contrast, center_crop, equalize, hflip, posterize, random_erase, random_resized_crop, resize, rotate,
+    smooth, AugOp, Normalize, RandAugment, INCREASING_OPS, MAX_MAGNITUDE,
 };
 use nasvit_train::data::{EvalTransform, Image, TrainTransform, Transform};
 use rand::SeedableRng;
@@ -19,7 +19,11 @@ fn rng() -> ChaCha8Rng {
 #[test]
 fn channel_conversion_and_to_tensor() {
     let rgb = Image::new(1, 1, 3, vec![255, 0, 0]).expect("rgb");
-    assert_eq!(rgb.clone().to_channels(1).data, [76], "PIL L of pure red: 255 * 299/1000 = 76.2");
+    assert_eq!(
+        rgb.clone().to_channels(1).data,
+        [76],
+        "PIL L of pure red: 255 * 299/1000 = 76.2"
+    );
     let g = grey(2, 1, &[0, 255]);
     assert_eq!(g.clone().to_channels(3).data, [0, 0, 0, 255, 255, 255]);
     assert_eq!(g.to_chw_f32(), [0.0, 1.0]);
@@ -29,7 +33,10 @@ fn channel_conversion_and_to_tensor() {
 
 #[test]
 fn normalize_repeats_grey_and_scales() {
-    let n = Normalize { mean: vec![0.5, 0.25, 0.0], std: vec![0.5, 0.25, 1.0] };
+    let n = Normalize {
+        mean: vec![0.5, 0.25, 0.0],
+        std: vec![0.5, 0.25, 1.0],
+    };
     let out = n.apply(&grey(2, 1, &[255, 0]));
     assert_eq!(out, [1.0, -1.0, 3.0, -1.0, 1.0, 0.0]);
     assert_eq!(n.fill(3), [128, 64, 0]);
@@ -46,7 +53,10 @@ fn flips_crops_and_resizes() {
     let flat = Image::filled(9, 7, &[40, 80, 120]);
     let small = resize(&flat, 4, 3);
     assert_eq!((small.width, small.height), (4, 3));
-    assert!(small.data.chunks(3).all(|p| p == [40, 80, 120]), "a flat image stays flat");
+    assert!(
+        small.data.chunks(3).all(|p| p == [40, 80, 120]),
+        "a flat image stays flat"
+    );
     // 10 x 8: short side 8 -> crop 6 at offsets round(2) = 2, round(1) = 1
     let ramp = grey(10, 8, &(0..80).map(|v| v as u8).collect::<Vec<_>>());
     let c = center_crop(&ramp, 6);
@@ -77,8 +87,15 @@ fn pixel_ops_match_pil() {
     assert_eq!(posterize(&img, 4).data, [0, 96, 128, 240]);
     assert_eq!(posterize(&img, 0).data, [0, 0, 0, 0]);
     assert_eq!(posterize(&img, 8), img);
-    assert_eq!(AugOp::SolarizeIncreasing.apply(&img, 128.0, &[0]).data, [0, 100, 127, 0]);
-    assert_eq!(AugOp::SolarizeIncreasing.apply(&img, 256.0, &[0]), img, "threshold 256: nothing");
+    assert_eq!(
+        AugOp::SolarizeIncreasing.apply(&img, 128.0, &[0]).data,
+        [0, 100, 127, 0]
+    );
+    assert_eq!(
+        AugOp::SolarizeIncreasing.apply(&img, 256.0, &[0]),
+        img,
+        "threshold 256: nothing"
+    );
     assert_eq!(AugOp::SolarizeAdd.apply(&img, 30.0, &[0]).data, [30, 130, 128, 255]);
     // autocontrast: 50..100 -> 0..255 with PIL's `int(i * 5.1 - 255)`: 100 * 5.1 = 509.99999999999994 gives 254
     // in PIL too
@@ -98,7 +115,10 @@ fn pixel_ops_match_pil() {
 #[test]
 fn enhance_ops_blend_with_their_degenerate_image() {
     let img = Image::new(2, 1, 3, vec![200, 100, 0, 10, 20, 30]).expect("rgb");
-    assert_eq!(AugOp::BrightnessIncreasing.apply(&img, 0.5, &[0, 0, 0]).data, [100, 50, 0, 5, 10, 15]);
+    assert_eq!(
+        AugOp::BrightnessIncreasing.apply(&img, 0.5, &[0, 0, 0]).data,
+        [100, 50, 0, 5, 10, 15]
+    );
     assert_eq!(AugOp::BrightnessIncreasing.apply(&img, 1.0, &[0, 0, 0]), img);
     let grey_of = |r, g, b| nasvit_train::data::luminance(r, g, b);
     let g0 = grey_of(200, 100, 0);
@@ -106,7 +126,11 @@ fn enhance_ops_blend_with_their_degenerate_image() {
     assert_eq!(&color0.data[..3], [g0, g0, g0], "colour factor 0 is the grey image");
     // contrast factor 0: every pixel becomes the rounded mean of the grey image
     let mean = ((u32::from(g0) + u32::from(grey_of(10, 20, 30))) as f64 / 2.0 + 0.5) as u8;
-    assert!(AugOp::ContrastIncreasing.apply(&img, 0.0, &[0, 0, 0]).data.iter().all(|v| *v == mean));
+    assert!(AugOp::ContrastIncreasing
+        .apply(&img, 0.0, &[0, 0, 0])
+        .data
+        .iter()
+        .all(|v| *v == mean));
     // factor 1.9 pushes away from the mean and clips
     let high = AugOp::ContrastIncreasing.apply(&img, 1.9, &[0, 0, 0]);
     assert_eq!(high.data[0], 255);
@@ -171,7 +195,9 @@ fn randaugment_is_seeded_and_keeps_the_shape() {
     assert_eq!(a, b);
     assert_eq!((a.width, a.height, a.channels), (5, 4, 3));
     let mut r = rng();
-    let changed = (0..30).filter(|_| ra.apply(img.clone(), &[124, 116, 104], &mut r) != img).count();
+    let changed = (0..30)
+        .filter(|_| ra.apply(img.clone(), &[124, 116, 104], &mut r) != img)
+        .count();
     assert!(changed > 5, "ops apply with probability 0.5 each: {changed}/30 changed");
     let none = RandAugment { prob: 0.0, ..ra };
     assert_eq!(none.apply(img.clone(), &[0, 0, 0], &mut rng()), img);
@@ -182,7 +208,10 @@ fn random_erasing_fills_one_box_with_noise() {
     let mut values = vec![7.0f32; 2 * 10 * 10];
     random_erase(&mut values, [2, 10, 10], &mut rng());
     let changed = values.iter().filter(|v| **v != 7.0).count();
-    assert!(changed >= 2 && changed <= 2 * 50, "2%..33% of each plane, up to rounding: {changed}");
+    assert!(
+        (2..=2 * 50).contains(&changed),
+        "2%..33% of each plane, up to rounding: {changed}"
+    );
     let per_plane = |c: usize| values[c * 100..(c + 1) * 100].iter().filter(|v| **v != 7.0).count();
     assert_eq!(per_plane(0), per_plane(1), "the same box in every channel");
 }
@@ -190,19 +219,36 @@ fn random_erasing_fills_one_box_with_noise() {
 #[test]
 fn pipelines_produce_their_output_shape() {
     let rgb = Image::new(12, 9, 3, (0..324).map(|v| (v % 256) as u8).collect()).expect("rgb");
-    let norm3 = Normalize { mean: vec![0.485, 0.456, 0.406], std: vec![0.229, 0.224, 0.225] };
+    let norm3 = Normalize {
+        mean: vec![0.485, 0.456, 0.406],
+        std: vec![0.229, 0.224, 0.225],
+    };
     let train = TrainTransform::recipe(8, norm3.clone());
     assert_eq!(train.output_shape(), [3, 8, 8]);
     let a = train.apply(rgb.clone(), &mut rng());
     assert_eq!(a.len(), 3 * 64);
     assert_eq!(a, train.apply(rgb.clone(), &mut rng()), "same stream, same output");
-    let grey_train = TrainTransform::recipe(8, Normalize { mean: vec![0.5], std: vec![0.5] });
+    let grey_train = TrainTransform::recipe(
+        8,
+        Normalize {
+            mean: vec![0.5],
+            std: vec![0.5],
+        },
+    );
     assert_eq!(grey_train.apply(rgb.clone(), &mut rng()).len(), 64);
     let g = grey(28, 28, &[128; 784]);
     assert_eq!(train.apply(g, &mut rng()).len(), 3 * 64, "grey repeated to 3 channels");
 
-    let eval = EvalTransform { size: 8, crop_pct: 0.875, normalize: norm3 };
+    let eval = EvalTransform {
+        size: 8,
+        crop_pct: 0.875,
+        normalize: norm3,
+    };
     let e = eval.apply(rgb.clone(), &mut rng());
     assert_eq!(e.len(), 3 * 64);
-    assert_eq!(e, eval.apply(rgb, &mut ChaCha8Rng::seed_from_u64(99)), "evaluation is not random");
+    assert_eq!(
+        e,
+        eval.apply(rgb, &mut ChaCha8Rng::seed_from_u64(99)),
+        "evaluation is not random"
+    );
 }

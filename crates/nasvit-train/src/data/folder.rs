@@ -17,7 +17,10 @@ pub struct FolderDataset {
 }
 
 fn io_err(path: &Path, e: std::io::Error) -> DataError {
-    DataError::Io { path: path.display().to_string(), reason: e.to_string() }
+    DataError::Io {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    }
 }
 
 fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
@@ -51,8 +54,16 @@ impl FolderDataset {
         let mut files = Vec::new();
         let mut labels = Vec::new();
         for (label, class_dir) in class_dirs.iter().enumerate() {
-            classes.push(class_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
-            for file in sorted_entries(class_dir)?.into_iter().filter(|p| p.is_file() && is_image(p)) {
+            classes.push(
+                class_dir
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+            );
+            for file in sorted_entries(class_dir)?
+                .into_iter()
+                .filter(|p| p.is_file() && is_image(p))
+            {
                 files.push(file);
                 labels.push(label);
             }
@@ -84,17 +95,35 @@ pub fn decode_file(path: &Path) -> Result<Image, DataError> {
 
 /// Decodes image bytes (format guessed from the content); `name` is used in errors.
 pub fn decode_bytes(bytes: &[u8], name: &str) -> Result<Image, DataError> {
-    let decoded = image::load_from_memory(bytes)
-        .map_err(|e| DataError::Decode { path: name.to_string(), reason: e.to_string() })?;
+    let decoded = image::load_from_memory(bytes).map_err(|e| DataError::Decode {
+        path: name.to_string(),
+        reason: e.to_string(),
+    })?;
     let (width, height) = (decoded.width() as usize, decoded.height() as usize);
     if width == 0 || height == 0 {
-        return Err(DataError::Decode { path: name.to_string(), reason: "empty image".into() });
+        return Err(DataError::Decode {
+            path: name.to_string(),
+            reason: "empty image".into(),
+        });
     }
-    let grey = matches!(decoded.color(), image::ColorType::L8 | image::ColorType::L16 | image::ColorType::La8);
+    let grey = matches!(
+        decoded.color(),
+        image::ColorType::L8 | image::ColorType::L16 | image::ColorType::La8
+    );
     Ok(if grey {
-        Image { width, height, channels: 1, data: decoded.into_luma8().into_raw() }
+        Image {
+            width,
+            height,
+            channels: 1,
+            data: decoded.into_luma8().into_raw(),
+        }
     } else {
-        Image { width, height, channels: 3, data: decoded.into_rgb8().into_raw() }
+        Image {
+            width,
+            height,
+            channels: 3,
+            data: decoded.into_rgb8().into_raw(),
+        }
     })
 }
 
@@ -115,10 +144,15 @@ impl Dataset for FolderDataset {
         if index >= self.len() {
             return Err(DataError::OutOfRange { index, len: self.len() });
         }
-        Ok(Sample { image: decode_file(&self.files[index])?, label: self.labels[index] })
+        Ok(Sample {
+            image: decode_file(&self.files[index])?,
+            label: self.labels[index],
+        })
     }
 
     fn source(&self, index: usize) -> String {
-        self.files.get(index).map_or_else(|| format!("<index {index}>"), |p| p.display().to_string())
+        self.files
+            .get(index)
+            .map_or_else(|| format!("<index {index}>"), |p| p.display().to_string())
     }
 }

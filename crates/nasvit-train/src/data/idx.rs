@@ -22,12 +22,18 @@ pub struct IdxArray {
 /// Reads an IDX file of unsigned bytes, gzipped or not.
 pub fn read_idx(path: &Path) -> Result<IdxArray, DataError> {
     let name = path.display().to_string();
-    let raw = std::fs::read(path).map_err(|e| DataError::Io { path: name.clone(), reason: e.to_string() })?;
+    let raw = std::fs::read(path).map_err(|e| DataError::Io {
+        path: name.clone(),
+        reason: e.to_string(),
+    })?;
     let bytes = if raw.starts_with(&[0x1f, 0x8b]) {
         let mut out = Vec::new();
         GzDecoder::new(raw.as_slice())
             .read_to_end(&mut out)
-            .map_err(|e| DataError::Io { path: name.clone(), reason: format!("gzip: {e}") })?;
+            .map_err(|e| DataError::Io {
+                path: name.clone(),
+                reason: format!("gzip: {e}"),
+            })?;
         out
     } else {
         raw
@@ -37,15 +43,24 @@ pub fn read_idx(path: &Path) -> Result<IdxArray, DataError> {
 
 /// Parses IDX bytes; `name` is used in errors.
 pub fn parse_idx(bytes: &[u8], name: &str) -> Result<IdxArray, DataError> {
-    let bad = |reason: String| DataError::BadMagic { path: name.to_string(), reason };
+    let bad = |reason: String| DataError::BadMagic {
+        path: name.to_string(),
+        reason,
+    };
     if bytes.len() < 4 {
         return Err(bad(format!("{} bytes, shorter than the 4-byte magic", bytes.len())));
     }
     if bytes[0] != 0 || bytes[1] != 0 {
-        return Err(bad(format!("magic starts {:02x} {:02x}, expected 00 00", bytes[0], bytes[1])));
+        return Err(bad(format!(
+            "magic starts {:02x} {:02x}, expected 00 00",
+            bytes[0], bytes[1]
+        )));
     }
     if bytes[2] != IDX_U8 {
-        return Err(bad(format!("type code {:#04x}, expected 0x08 (unsigned byte)", bytes[2])));
+        return Err(bad(format!(
+            "type code {:#04x}, expected 0x08 (unsigned byte)",
+            bytes[2]
+        )));
     }
     let ndims = usize::from(bytes[3]);
     if ndims == 0 {
@@ -53,20 +68,35 @@ pub fn parse_idx(bytes: &[u8], name: &str) -> Result<IdxArray, DataError> {
     }
     let header = 4 + 4 * ndims;
     if bytes.len() < header {
-        return Err(DataError::Truncated { path: name.to_string(), expected: header, got: bytes.len() });
+        return Err(DataError::Truncated {
+            path: name.to_string(),
+            expected: header,
+            got: bytes.len(),
+        });
     }
     let dims: Vec<usize> = bytes[4..header]
         .chunks_exact(4)
         .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
         .collect();
-    let expected = dims.iter().try_fold(1usize, |acc, d| acc.checked_mul(*d)).ok_or_else(|| {
-        DataError::Layout { path: name.to_string(), reason: format!("dimensions {dims:?} overflow") }
-    })?;
+    let expected = dims
+        .iter()
+        .try_fold(1usize, |acc, d| acc.checked_mul(*d))
+        .ok_or_else(|| DataError::Layout {
+            path: name.to_string(),
+            reason: format!("dimensions {dims:?} overflow"),
+        })?;
     let got = bytes.len() - header;
     if got < expected {
-        return Err(DataError::Truncated { path: name.to_string(), expected, got });
+        return Err(DataError::Truncated {
+            path: name.to_string(),
+            expected,
+            got,
+        });
     }
-    Ok(IdxArray { dims, data: bytes[header..header + expected].to_vec() })
+    Ok(IdxArray {
+        dims,
+        data: bytes[header..header + expected].to_vec(),
+    })
 }
 
 /// Greyscale images and labels from a pair of IDX files.
@@ -146,8 +176,16 @@ impl Dataset for IdxDataset {
         }
         let plane = self.height * self.width;
         let data = self.pixels[index * plane..(index + 1) * plane].to_vec();
-        let image = Image { width: self.width, height: self.height, channels: 1, data };
-        Ok(Sample { image, label: self.label(index) })
+        let image = Image {
+            width: self.width,
+            height: self.height,
+            channels: 1,
+            data,
+        };
+        Ok(Sample {
+            image,
+            label: self.label(index),
+        })
     }
 
     fn source(&self, index: usize) -> String {

@@ -41,11 +41,25 @@ pub struct LoaderConfig {
 
 impl LoaderConfig {
     pub fn train(batch_size: usize, seed: u64) -> Self {
-        Self { batch_size, workers: 2, prefetch: 4, seed, shuffle: true, drop_last: true }
+        Self {
+            batch_size,
+            workers: 2,
+            prefetch: 4,
+            seed,
+            shuffle: true,
+            drop_last: true,
+        }
     }
 
     pub fn eval(batch_size: usize) -> Self {
-        Self { batch_size, workers: 2, prefetch: 4, seed: 0, shuffle: false, drop_last: false }
+        Self {
+            batch_size,
+            workers: 2,
+            prefetch: 4,
+            seed: 0,
+            shuffle: false,
+            drop_last: false,
+        }
     }
 }
 
@@ -98,7 +112,10 @@ impl SkipLog {
     }
 
     fn count(&self) -> usize {
-        self.failed.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).len()
+        self.failed
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .len()
     }
 }
 
@@ -128,12 +145,23 @@ impl Loader {
     /// Failures are reported to stderr; see [`with_reporter`](Self::with_reporter).
     pub fn new(dataset: Arc<dyn Dataset>, transform: Arc<dyn Transform>, config: LoaderConfig) -> Self {
         let reporter: Reporter = Arc::new(|line: &str| eprintln!("{line}"));
-        Self { dataset, transform, config, skips: Arc::new(SkipLog { failed: Mutex::new(HashSet::new()), reporter }) }
+        Self {
+            dataset,
+            transform,
+            config,
+            skips: Arc::new(SkipLog {
+                failed: Mutex::new(HashSet::new()),
+                reporter,
+            }),
+        }
     }
 
     /// Sends failure reports to `reporter` instead of stderr (e.g. the run's log).
     pub fn with_reporter(mut self, reporter: impl Fn(&str) + Send + Sync + 'static) -> Self {
-        self.skips = Arc::new(SkipLog { failed: Mutex::new(HashSet::new()), reporter: Arc::new(reporter) });
+        self.skips = Arc::new(SkipLog {
+            failed: Mutex::new(HashSet::new()),
+            reporter: Arc::new(reporter),
+        });
         self
     }
 
@@ -172,7 +200,15 @@ impl Loader {
     /// Loads batch `step` of `epoch` in the calling thread.
     pub fn load_batch(&self, epoch: u64, step: usize) -> Batch {
         let order = self.epoch_order(epoch);
-        build_batch(&self.dataset, &*self.transform, &self.skips, &self.config, &order, epoch, step)
+        build_batch(
+            &self.dataset,
+            &*self.transform,
+            &self.skips,
+            &self.config,
+            &order,
+            epoch,
+            step,
+        )
     }
 
     /// The batches of `epoch` from `start_step` on, prepared by worker threads while the caller works.
@@ -186,8 +222,12 @@ impl Loader {
         let handles = (0..self.config.workers.max(1))
             .map(|_| {
                 let (tx, order, next, stop) = (tx.clone(), order.clone(), next.clone(), stop.clone());
-                let (dataset, transform, skips, config) =
-                    (self.dataset.clone(), self.transform.clone(), self.skips.clone(), self.config.clone());
+                let (dataset, transform, skips, config) = (
+                    self.dataset.clone(),
+                    self.transform.clone(),
+                    self.skips.clone(),
+                    self.config.clone(),
+                );
                 std::thread::spawn(move || loop {
                     if stop.load(Ordering::Relaxed) {
                         return;
@@ -203,7 +243,14 @@ impl Loader {
                 })
             })
             .collect();
-        EpochIter { rx: Some(rx), pending: BTreeMap::new(), next: start_step, end, stop, handles }
+        EpochIter {
+            rx: Some(rx),
+            pending: BTreeMap::new(),
+            next: start_step,
+            end,
+            stop,
+            handles,
+        }
     }
 }
 
@@ -220,7 +267,14 @@ fn build_batch(
     let bs = config.batch_size.max(1);
     let start = (step * bs).min(order.len());
     let end = (start + bs).min(order.len());
-    let mut batch = Batch { epoch, step, indices: Vec::new(), images: Vec::new(), labels: Vec::new(), shape: [0, c, h, w] };
+    let mut batch = Batch {
+        epoch,
+        step,
+        indices: Vec::new(),
+        images: Vec::new(),
+        labels: Vec::new(),
+        shape: [0, c, h, w],
+    };
     batch.images.reserve((end - start) * c * h * w);
     for &index in &order[start..end] {
         match dataset.get(index) {

@@ -29,7 +29,12 @@ pub enum DataError {
     #[error("{path}: truncated: the header announces {expected} bytes of data, the file holds {got}")]
     Truncated { path: String, expected: usize, got: usize },
     #[error("{images} holds {n_images} images but {labels} holds {n_labels} labels")]
-    CountMismatch { images: String, n_images: usize, labels: String, n_labels: usize },
+    CountMismatch {
+        images: String,
+        n_images: usize,
+        labels: String,
+        n_labels: usize,
+    },
     #[error("{path}: {reason}")]
     Layout { path: String, reason: String },
     #[error("{path}: cannot decode image: {reason}")]
@@ -50,14 +55,28 @@ pub struct Image {
 impl Image {
     /// A `channels` x `height` x `width` image from HWC bytes; `None` if the length does not match.
     pub fn new(width: usize, height: usize, channels: usize, data: Vec<u8>) -> Option<Self> {
-        (data.len() == width * height * channels && (channels == 1 || channels == 3))
-            .then_some(Self { width, height, channels, data })
+        (data.len() == width * height * channels && (channels == 1 || channels == 3)).then_some(Self {
+            width,
+            height,
+            channels,
+            data,
+        })
     }
 
     /// A single-colour image.
     pub fn filled(width: usize, height: usize, colour: &[u8]) -> Self {
-        let data = colour.iter().copied().cycle().take(width * height * colour.len()).collect();
-        Self { width, height, channels: colour.len(), data }
+        let data = colour
+            .iter()
+            .copied()
+            .cycle()
+            .take(width * height * colour.len())
+            .collect();
+        Self {
+            width,
+            height,
+            channels: colour.len(),
+            data,
+        }
     }
 
     pub fn pixel(&self, x: usize, y: usize) -> &[u8] {
@@ -71,11 +90,19 @@ impl Image {
         match (self.channels, channels) {
             (1, 3) => {
                 let data = self.data.iter().flat_map(|v| [*v, *v, *v]).collect();
-                Self { channels: 3, data, ..self }
+                Self {
+                    channels: 3,
+                    data,
+                    ..self
+                }
             }
             (3, 1) => {
                 let data = self.data.chunks_exact(3).map(|p| luminance(p[0], p[1], p[2])).collect();
-                Self { channels: 1, data, ..self }
+                Self {
+                    channels: 1,
+                    data,
+                    ..self
+                }
             }
             _ => self,
         }

@@ -67,11 +67,16 @@ impl<D: Dataset> Dataset for Subset<D> {
     }
 
     fn get(&self, index: usize) -> Result<Sample, DataError> {
-        let inner = *self.indices.get(index).ok_or(DataError::OutOfRange { index, len: self.len() })?;
+        let inner = *self
+            .indices
+            .get(index)
+            .ok_or(DataError::OutOfRange { index, len: self.len() })?;
         self.inner.get(inner)
     }
 
     fn source(&self, index: usize) -> String {
-        self.indices.get(index).map_or_else(|| format!("<index {index}>"), |i| self.inner.source(*i))
+        self.indices
+            .get(index)
+            .map_or_else(|| format!("<index {index}>"), |i| self.inner.source(*i))
     }
 }

@@ -49,7 +49,11 @@ impl Normalize {
         let plane = image.width * image.height;
         let mut out = vec![0.0f32; plane * channels];
         for c in 0..channels {
-            let src = if image.channels == 1 { 0 } else { c.min(image.channels - 1) };
+            let src = if image.channels == 1 {
+                0
+            } else {
+                c.min(image.channels - 1)
+            };
             let (m, s) = (self.mean[c], self.std[c]);
             for (i, o) in out[c * plane..(c + 1) * plane].iter_mut().enumerate() {
                 let v = f32::from(image.data[i * image.channels + src]) / 255.0;
@@ -61,7 +65,11 @@ impl Normalize {
 
     /// The 8-bit colour of the mean (timm's `img_mean`), as `channels` values.
     pub fn fill(&self, channels: usize) -> Vec<u8> {
-        let rgb: Vec<u8> = self.mean.iter().map(|m| (m * 255.0).round().clamp(0.0, 255.0) as u8).collect();
+        let rgb: Vec<u8> = self
+            .mean
+            .iter()
+            .map(|m| (m * 255.0).round().clamp(0.0, 255.0) as u8)
+            .collect();
         match (channels, rgb.len()) {
             (1, 3) => vec![luminance(rgb[0], rgb[1], rgb[2])],
             (3, 1) => vec![rgb[0]; 3],
@@ -109,7 +117,11 @@ impl Transform for TrainTransform {
         let channels = self.normalize.mean.len();
         let image = if channels == 1 { image.to_channels(1) } else { image };
         let image = random_resized_crop(&image, self.size, self.scale, self.ratio, rng);
-        let image = if rng.random::<f64>() < self.hflip { hflip(&image) } else { image };
+        let image = if rng.random::<f64>() < self.hflip {
+            hflip(&image)
+        } else {
+            image
+        };
         let image = match &self.randaug {
             Some(ra) => ra.apply(image, &self.normalize.fill(channels), rng),
             None => image,
@@ -197,7 +209,12 @@ pub fn crop(image: &Image, left: usize, top: usize, w: usize, h: usize) -> Image
         let start = (y * image.width + left) * c;
         data.extend_from_slice(&image.data[start..start + w * c]);
     }
-    Image { width: w, height: h, channels: c, data }
+    Image {
+        width: w,
+        height: h,
+        channels: c,
+        data,
+    }
 }
 
 /// Bicubic (Catmull-Rom) resize to `w` x `h`.
@@ -214,21 +231,33 @@ pub fn resize(image: &Image, w: usize, h: usize) -> Image {
     };
     // `Image` keeps data and size consistent, so `from_raw` cannot fail; fall back to a blank image.
     let data = data.unwrap_or_else(|| vec![0; w * h * image.channels]);
-    Image { width: w, height: h, channels: image.channels, data }
+    Image {
+        width: w,
+        height: h,
+        channels: image.channels,
+        data,
+    }
 }
 
 /// torchvision `Resize(int)`: the short side becomes `short`, the long side keeps the aspect (truncated).
 pub fn resize_short_side(image: &Image, short: usize) -> Image {
     let (w, h) = (image.width, image.height);
-    let (nw, nh) = if w <= h { (short, (short * h / w).max(1)) } else { ((short * w / h).max(1), short) };
+    let (nw, nh) = if w <= h {
+        (short, (short * h / w).max(1))
+    } else {
+        ((short * w / h).max(1), short)
+    };
     resize(image, nw, nh)
 }
 
 /// torchvision `CenterCrop`: offsets `round((side - size) / 2)`; an image smaller than `size` is first
 /// resized so that its short side is `size`.
 pub fn center_crop(image: &Image, size: usize) -> Image {
-    let image =
-        if image.width < size || image.height < size { resize_short_side(image, size) } else { image.clone() };
+    let image = if image.width < size || image.height < size {
+        resize_short_side(image, size)
+    } else {
+        image.clone()
+    };
     let left = ((image.width - size) as f64 / 2.0).round() as usize;
     let top = ((image.height - size) as f64 / 2.0).round() as usize;
     crop(&image, left, top, size, size)
@@ -356,18 +385,30 @@ impl AugOp {
             }
             AugOp::SolarizeAdd => {
                 let add = arg as i32;
-                map_lut(image, |v| if v < 128 { (i32::from(v) + add).clamp(0, 255) as u8 } else { v })
+                map_lut(image, |v| {
+                    if v < 128 {
+                        (i32::from(v) + add).clamp(0, 255) as u8
+                    } else {
+                        v
+                    }
+                })
             }
             AugOp::ColorIncreasing => blend(&grey_degenerate(image), image, arg),
             AugOp::ContrastIncreasing => {
                 let grey = image.clone().to_channels(1);
                 let sum: u64 = grey.data.iter().map(|v| u64::from(*v)).sum();
                 let mean = (sum as f64 / grey.data.len().max(1) as f64 + 0.5) as u8;
-                blend(&Image::filled(image.width, image.height, &vec![mean; image.channels]), image, arg)
+                blend(
+                    &Image::filled(image.width, image.height, &vec![mean; image.channels]),
+                    image,
+                    arg,
+                )
             }
-            AugOp::BrightnessIncreasing => {
-                blend(&Image::filled(image.width, image.height, &vec![0; image.channels]), image, arg)
-            }
+            AugOp::BrightnessIncreasing => blend(
+                &Image::filled(image.width, image.height, &vec![0; image.channels]),
+                image,
+                arg,
+            ),
             AugOp::SharpnessIncreasing => blend(&smooth(image), image, arg),
             AugOp::ShearX => affine(image, [1.0, arg, 0.0, 0.0, 1.0, 0.0], fill),
             AugOp::ShearY => affine(image, [1.0, 0.0, 0.0, arg, 1.0, 0.0], fill),
@@ -391,7 +432,13 @@ pub struct RandAugment {
 impl RandAugment {
     /// `rand-n{n}-m{magnitude}-mstd{magnitude_std}-inc1`.
     pub fn increasing(n: usize, magnitude: f64, magnitude_std: f64) -> Self {
-        Self { n, magnitude, magnitude_std, prob: 0.5, ops: INCREASING_OPS.to_vec() }
+        Self {
+            n,
+            magnitude,
+            magnitude_std,
+            prob: 0.5,
+            ops: INCREASING_OPS.to_vec(),
+        }
     }
 
     /// Augments `image`; `fill` is the mean colour (3 values, or 1 for grey; adapted to the image).
@@ -428,13 +475,21 @@ fn adapt_fill(fill: &[u8], channels: usize) -> Vec<u8> {
 
 fn map_lut(image: &Image, f: impl Fn(u8) -> u8) -> Image {
     let lut: Vec<u8> = (0..=255u8).map(f).collect();
-    Image { data: image.data.iter().map(|v| lut[usize::from(*v)]).collect(), ..image.clone() }
+    Image {
+        data: image.data.iter().map(|v| lut[usize::from(*v)]).collect(),
+        ..image.clone()
+    }
 }
 
 /// Applies one lookup table per channel.
 fn map_luts(image: &Image, luts: &[[u8; 256]]) -> Image {
     let c = image.channels;
-    let data = image.data.iter().enumerate().map(|(i, v)| luts[i % c][usize::from(*v)]).collect();
+    let data = image
+        .data
+        .iter()
+        .enumerate()
+        .map(|(i, v)| luts[i % c][usize::from(*v)])
+        .collect();
     Image { data, ..image.clone() }
 }
 
@@ -502,7 +557,11 @@ pub fn posterize(image: &Image, bits: i32) -> Image {
     if bits >= 8 {
         return image.clone();
     }
-    let mask = if bits <= 0 { 0u8 } else { !((1u16 << (8 - bits)) - 1) as u8 };
+    let mask = if bits <= 0 {
+        0u8
+    } else {
+        !((1u16 << (8 - bits)) - 1) as u8
+    };
     map_lut(image, |v| v & mask)
 }
 
@@ -593,5 +652,10 @@ pub fn affine(image: &Image, m: [f64; 6], fill: &[u8]) -> Image {
             }
         }
     }
-    Image { width: w, height: h, channels: ch, data }
+    Image {
+        width: w,
+        height: h,
+        channels: ch,
+        data,
+    }
 }
