@@ -12,7 +12,7 @@ use rayon::prelude::*;
 
 use crate::error::{InferError, Result};
 use crate::export::{ExportedModel, Preprocess};
-use crate::kernels::{self, Act, ConvGeom, Mat, Par};
+use crate::kernels::{self, Act, Arena, ConvGeom, Mat, Par};
 use crate::resize::bicubic;
 use crate::state::Tensor;
 
@@ -32,10 +32,14 @@ struct Linear {
 }
 
 impl Linear {
-    fn run(&self, x: &[f32], n: usize, act: Act, par: Par) -> Vec<f32> {
-        let mut out = vec![0.0f32; self.cout * n];
+    fn run(&self, x: &[f32], n: usize, act: Act, par: Par, ar: &Arena) -> Vec<f32> {
+        let mut out = ar.take(self.cout * n);
         kernels::conv1x1(&self.w, self.b.as_deref(), self.cout, self.cin, x, n, &mut out, act, par);
         out
+    }
+
+    fn run_into(&self, x: &[f32], n: usize, out: &mut [f32], par: Par) {
+        kernels::conv1x1(&self.w, self.b.as_deref(), self.cout, self.cin, x, n, out, Act::None, par);
     }
 
     /// `acc += W x + b` (the residual branches).
@@ -48,13 +52,7 @@ impl Linear {
 
     /// Matrix-vector product for the tiny SE / head layers.
     fn matvec(&self, x: &[f32], act: Act) -> Vec<f32> {
-        (0..self.cout)
-            .map(|o| {
-                let row = &self.w[o * self.cin..(o + 1) * self.cin];
-                let s: f32 = row.iter().zip(x).map(|(a, b)| a * b).sum();
-                kernels::apply(act, s + self.b.as_ref().map_or(0.0, |b| b[o]))
-            })
-            .collect()
+        kernels::matvec(&self.w, self.b.as_deref(), self.cout, self.cin, x, act)
     }
 }
 
@@ -118,6 +116,7 @@ pub struct Engine {
     classifier: Linear,
     threads: usize,
     pool: rayon::ThreadPool,
+    arena: Arena,
 }
 
 /// Output of `Engine::run_with_taps`: logits `[B, K]` and each stage's output `[B, C, H, W]` by name
@@ -296,6 +295,7 @@ impl Engine {
             classifier: linear(model, "classifier", true)?,
             threads,
             pool,
+            arena: Arena::default(),
         })
     }
 
@@ -379,6 +379,7 @@ impl Engine {
     /// One sample; runs inside the pool.
     fn forward(&self, x: &[f32], h: usize, w: usize, taps: &mut Option<Vec<(String, Vec<usize>, Vec<f32>)>>) -> Vec<f32> {
         let par = Par { threads: self.threads };
+        let ar = &self.arena;
         let r = self.arch.resolution;
         let resized;
         let x = if h != r || w != r {
@@ -389,8 +390,9 @@ impl Engine {
         };
         let g = self.stem_geom;
         let (ho, _) = g.out();
-        let mut cur = vec![0.0f32; self.stem.cout * ho * ho];
-        kernels::conv_dense(x, self.in_channels, g, &self.stem.w, self.stem.cout, self.stem.b.as_deref().unwrap_or(&[]), &mut cur, Act::Swish, par);
+        let mut cur = ar.take(self.stem.cout * ho * ho);
+        let bias = self.stem.b.as_deref().unwrap_or(&[]);
+        kernels::conv_dense(x, self.in_channels, g, &self.stem.w, self.stem.cout, bias, &mut cur, Act::Swish, par, ar);
         let mut side = ho;
         let mut ch = self.stem.cout;
         if let Some(t) = taps {
@@ -400,12 +402,12 @@ impl Engine {
             for b in blocks {
                 match b {
                     Block::Mb(m) => {
-                        let (out, s) = m.forward(&cur, par);
-                        cur = out;
+                        let (out, s) = m.forward(&cur, par, ar);
+                        ar.put(std::mem::replace(&mut cur, out));
                         side = s;
                         ch = m.cout;
                     }
-                    Block::Tf(t) => t.forward(&mut cur, par),
+                    Block::Tf(t) => t.forward(&mut cur, par, ar),
                 }
             }
             if let Some(t) = taps {
@@ -413,8 +415,10 @@ impl Engine {
             }
         }
         let hw = side * side;
-        let e = self.head_expand.run(&cur, hw, Act::Swish, par);
+        let e = self.head_expand.run(&cur, hw, Act::Swish, par, ar);
         let pooled = kernels::row_means(&e, hw);
+        ar.put(e);
+        ar.put(cur);
         let mixed = self.head_mix.matvec(&pooled, Act::Swish);
         self.classifier.matvec(&mixed, Act::None)
     }
@@ -422,41 +426,39 @@ impl Engine {
 
 impl MbConv {
     /// `x: [cin, hin*hin]` -> (`[cout, hout*hout]`, hout).
-    fn forward(&self, x: &[f32], par: Par) -> (Vec<f32>, usize) {
+    fn forward(&self, x: &[f32], par: Par, ar: &Arena) -> (Vec<f32>, usize) {
         let g = self.geom;
         let hw_in = g.h * g.w;
         let (ho, wo) = g.out();
         let hw = ho * wo;
-        let expanded;
-        let e = match &self.expand {
-            Some(l) => {
-                expanded = l.run(x, hw_in, Act::Swish, par);
-                &expanded[..]
-            }
-            None => x,
-        };
-        let mut d = vec![0.0f32; self.cmid * hw];
-        kernels::dwconv(e, self.cmid, g, &self.dw_w, Some(&self.dw_b), &mut d, Act::Swish, par);
+        let expanded = self.expand.as_ref().map(|l| l.run(x, hw_in, Act::Swish, par, ar));
+        let mut d = ar.take(self.cmid * hw);
+        kernels::dwconv(expanded.as_deref().unwrap_or(x), self.cmid, g, &self.dw_w, Some(&self.dw_b), &mut d, Act::Swish, par);
+        if let Some(e) = expanded {
+            ar.put(e);
+        }
         if let Some((reduce, expand)) = &self.se {
             let m = kernels::row_means(&d, hw);
             let r = reduce.matvec(&m, Act::Relu);
             let s = expand.matvec(&r, Act::HardSigmoid);
-            d.par_chunks_mut(hw).zip(s.par_iter()).for_each(|(row, &sv)| row.iter_mut().for_each(|v| *v *= sv));
+            let ml = (self.cmid / par.threads.max(1)).max(1);
+            d.par_chunks_mut(hw).with_min_len(ml).zip(s.par_iter()).for_each(|(row, &sv)| row.iter_mut().for_each(|v| *v *= sv));
         }
-        let mut out = self.project.run(&d, hw, Act::None, par);
+        let mut out = self.project.run(&d, hw, Act::None, par, ar);
+        ar.put(d);
         // Shortcut (always present): avg-pool when strided, 1x1 conv when the width changes.
-        let pooled;
-        let sc_in = if g.stride > 1 {
-            let (p, ph, pw) = kernels::avgpool_shortcut(x, self.cin, g.h, g.w, g.stride);
+        let pooled = (g.stride > 1).then(|| {
+            let (p, ph, pw) = kernels::avgpool_shortcut(x, self.cin, g.h, g.w, g.stride, ar);
             debug_assert_eq!((ph, pw), (ho, wo));
-            pooled = p;
-            &pooled[..]
-        } else {
-            x
-        };
+            p
+        });
+        let sc_in = pooled.as_deref().unwrap_or(x);
         match &self.shortcut {
             Some(l) => l.run_add(sc_in, hw, &mut out, par),
             None => out.iter_mut().zip(sc_in).for_each(|(o, s)| *o += s),
+        }
+        if let Some(p) = pooled {
+            ar.put(p);
         }
         (out, ho)
     }
@@ -464,12 +466,12 @@ impl MbConv {
 
 impl Mlp {
     /// `t += fc2(act(fc1(u)))` with the layer scale already in fc2.
-    fn forward_add(&self, u: &[f32], n: usize, grid: usize, t: &mut [f32], par: Par) {
+    fn forward_add(&self, u: &[f32], n: usize, grid: usize, t: &mut [f32], par: Par, ar: &Arena) {
         let hdn = match &self.dw {
-            None => self.fc1.run(u, n, Act::Swish, par),
+            None => self.fc1.run(u, n, Act::Swish, par, ar),
             Some(w) => {
-                let pre = self.fc1.run(u, n, Act::None, par);
-                let mut out = vec![0.0f32; self.hidden * n];
+                let pre = self.fc1.run(u, n, Act::None, par, ar);
+                let mut out = ar.take(self.hidden * n);
                 let g = ConvGeom {
                     h: grid,
                     w: grid,
@@ -477,22 +479,24 @@ impl Mlp {
                     stride: 1,
                 };
                 kernels::dwconv(&pre, self.hidden, g, w, None, &mut out, Act::Swish, par);
+                ar.put(pre);
                 out
             }
         };
         self.fc2.run_add(&hdn, n, t, par);
+        ar.put(hdn);
     }
 }
 
 impl TfLayer {
     /// One NASViT transformer layer on `t: [C, N]` in place.
-    fn forward(&self, t: &mut [f32], par: Par) {
+    fn forward(&self, t: &mut [f32], par: Par, ar: &Arena) {
         let (c, n) = (self.c, self.grid * self.grid);
-        let mut u = vec![0.0f32; c * n];
+        let mut u = ar.take(c * n);
         kernels::joint_layernorm(t, c, n, &self.norms[0].0, &self.norms[0].1, &mut u);
-        let mut qkv = self.qkv.run(&u, n, Act::None, par);
+        let mut qkv = self.qkv.run(&u, n, Act::None, par, ar);
         let (qk, v) = qkv.split_at_mut(2 * c * n);
-        let mut vc = vec![0.0f32; V_EXPAND * c * n];
+        let mut vc = ar.take(V_EXPAND * c * n);
         let g = ConvGeom {
             h: self.grid,
             w: self.grid,
@@ -501,15 +505,15 @@ impl TfLayer {
         };
         kernels::dwconv(v, V_EXPAND * c, g, &self.vconv, None, &mut vc, Act::None, par);
         let (q, k) = qk.split_at(c * n);
-        let mut o = vec![0.0f32; V_EXPAND * c * n];
+        let mut o = ar.take(V_EXPAND * c * n);
         if self.windows == 1 {
-            self.attend(q, k, &vc, n, &mut o, par);
+            self.attend(q, k, &vc, n, &mut o, par, ar);
         } else {
             // 2x2 windows: gather each window's tokens, attend inside it, scatter back.
             let side = self.grid / 2;
             let tw = side * side;
             let gather = |src: &[f32], rows: usize, wy: usize, wx: usize| -> Vec<f32> {
-                let mut out = vec![0.0f32; rows * tw];
+                let mut out = ar.take(rows * tw);
                 for r in 0..rows {
                     for y in 0..side {
                         let s = r * n + (wy * side + y) * self.grid + wx * side;
@@ -521,46 +525,57 @@ impl TfLayer {
             for wy in 0..2 {
                 for wx in 0..2 {
                     let (qw, kw, vw) = (gather(q, c, wy, wx), gather(k, c, wy, wx), gather(&vc, V_EXPAND * c, wy, wx));
-                    let mut ow = vec![0.0f32; V_EXPAND * c * tw];
-                    self.attend(&qw, &kw, &vw, tw, &mut ow, par);
+                    let mut ow = ar.take(V_EXPAND * c * tw);
+                    self.attend(&qw, &kw, &vw, tw, &mut ow, par, ar);
                     for r in 0..V_EXPAND * c {
                         for y in 0..side {
                             let d = r * n + (wy * side + y) * self.grid + wx * side;
                             o[d..d + side].copy_from_slice(&ow[r * tw + y * side..r * tw + (y + 1) * side]);
                         }
                     }
+                    for b in [qw, kw, vw, ow] {
+                        ar.put(b);
+                    }
                 }
             }
         }
+        ar.put(qkv);
+        ar.put(vc);
         kernels::act_row(&mut o, 0.0, Act::Swish);
         self.proj.run_add(&o, n, t, par);
+        ar.put(o);
         // MLP2 (norm3) first, then MLP1 (norm2), as the released layer does.
         kernels::joint_layernorm(t, c, n, &self.norms[2].0, &self.norms[2].1, &mut u);
-        self.mlp2.forward_add(&u, n, self.grid, t, par);
+        self.mlp2.forward_add(&u, n, self.grid, t, par, ar);
         kernels::joint_layernorm(t, c, n, &self.norms[1].0, &self.norms[1].1, &mut u);
-        self.mlp1.forward_add(&u, n, self.grid, t, par);
+        self.mlp1.forward_add(&u, n, self.grid, t, par, ar);
+        ar.put(u);
     }
 
     /// Talking-heads attention over `tn` tokens: q, k `[C, T]`, v `[4C, T]` -> o `[4C, T]`.
-    fn attend(&self, q: &[f32], k: &[f32], v: &[f32], tn: usize, o: &mut [f32], par: Par) {
+    #[allow(clippy::too_many_arguments)]
+    fn attend(&self, q: &[f32], k: &[f32], v: &[f32], tn: usize, o: &mut [f32], par: Par, ar: &Arena) {
         let h = self.heads;
         let tt = tn * tn;
         let dv = V_EXPAND * HEAD_DIM;
         let serial = Par { threads: 1 };
         // Scores per head, starting from the relative position bias.
-        let mut a = self.rpb.clone();
+        let mut a = ar.take(h * tt);
+        a.copy_from_slice(&self.rpb);
         a.par_chunks_mut(tt).enumerate().for_each(|(j, aj)| {
             let qj = Mat::cols(&q[j * HEAD_DIM * tn..], tn);
             let kj = Mat::rows(&k[j * HEAD_DIM * tn..], tn);
             kernels::matmul(tn, tn, HEAD_DIM, qj, kj, aj, tn, true, serial);
         });
-        let mut mixed = self.proj_l.run(&a, tt, Act::None, par);
+        let mut mixed = self.proj_l.run(&a, tt, Act::None, par, ar);
         kernels::softmax_rows(&mut mixed, tn, par);
-        let post = self.proj_w.run(&mixed, tt, Act::None, par);
+        self.proj_w.run_into(&mixed, tt, &mut a, par);
         o[..h * dv * tn].par_chunks_mut(dv * tn).enumerate().for_each(|(j, oj)| {
             let vj = Mat::rows(&v[j * dv * tn..], tn);
-            let aj = Mat::cols(&post[j * tt..], tn);
+            let aj = Mat::cols(&a[j * tt..], tn);
             kernels::matmul(dv, tn, tn, vj, aj, oj, tn, false, serial);
         });
+        ar.put(a);
+        ar.put(mixed);
     }
 }
