@@ -279,6 +279,18 @@ fn loader_is_deterministic_across_workers_and_resume() {
 
     let (images, labels) = one.load_batch(0, 0).to_tensors(&Device::flex());
     assert_eq!((images.dims(), labels.dims()), ([8, 3, 4, 4], [8]));
+    let batch = one.load_batch(0, 1);
+    let want: Vec<i64> = batch.labels.clone();
+    let (images, labels) = batch.into_tensors(&Device::flex());
+    assert_eq!(images.dims(), [8, 3, 4, 4]);
+    assert_eq!(
+        labels
+            .into_data()
+            .convert::<i64>()
+            .try_to_vec::<i64>()
+            .expect("integer labels"),
+        want
+    );
 
     // Stopping early (dropping the iterator) ends the workers without hanging.
     let mut it = three.epoch(0, 0);
@@ -335,4 +347,44 @@ fn loader_without_drop_last_keeps_the_tail() {
     let batches: Vec<_> = loader.epoch(0, 0).collect();
     assert_eq!(batches.iter().map(|b| b.len()).collect::<Vec<_>>(), [4, 4, 2]);
     assert_eq!(batches[0].indices, [0, 1, 2, 3], "no shuffling for evaluation");
+}
+
+#[test]
+fn datasets_and_loaders_from_a_config() {
+    use nasvit_train::config::TrainConfig;
+    use nasvit_train::data::{eval_loader, open_datasets, train_loader};
+    let dir = scratch("from-config");
+    let (ip, lp) = write_idx(&dir, 40, 4, true);
+    let yaml = format!(
+        "data:\n  train_images: {}\n  train_labels: {}\n  val_images: {}\n  val_labels: {}\n  holdout_per_class: 2\n  \
+         num_classes: 4\n  in_channels: 3\nbatch_size: 6\naugment:\n  crop_size: 5\n",
+        ip.display(),
+        lp.display(),
+        ip.display(),
+        lp.display()
+    );
+    let config = TrainConfig::from_yaml_str(&yaml)
+        .expect("parses")
+        .resolve()
+        .expect("resolves");
+    let sets = open_datasets(&config).expect("opens");
+    assert_eq!(sets.train.len(), 32);
+    assert_eq!(sets.holdout.as_ref().map(|h| h.len()), Some(8));
+    assert_eq!(sets.val.as_ref().map(|v| v.len()), Some(40));
+    let train = train_loader(&config, sets.train.clone());
+    assert_eq!(train.steps_per_epoch(), 5);
+    let batch = train.epoch(0, 0).next().expect("a batch");
+    assert_eq!(batch.shape, [6, 3, 5, 5]);
+    let holdout = sets.holdout.expect("holdout");
+    let eval = eval_loader(&config, holdout.clone(), 3, false);
+    assert_eq!(eval.epoch(0, 0).map(|b| b.len()).sum::<usize>(), 8);
+
+    let too_few = TrainConfig::from_yaml_str(&yaml.replace("num_classes: 4", "num_classes: 3"))
+        .expect("parses")
+        .resolve()
+        .expect("resolves");
+    let err = open_datasets(&too_few)
+        .err()
+        .expect("4 classes in the data, 3 in the model");
+    assert!(err.to_string().contains("num_classes"), "{err}");
 }

@@ -126,6 +126,12 @@ impl IdxDataset {
                 reason: format!("images need 3 dimensions [N, H, W], found {:?}", img.dims),
             });
         }
+        if img.dims[1] == 0 || img.dims[2] == 0 {
+            return Err(DataError::Layout {
+                path: images.to_string(),
+                reason: format!("images of size {}x{} are empty", img.dims[1], img.dims[2]),
+            });
+        }
         if lab.dims.len() != 1 {
             return Err(DataError::Layout {
                 path: labels.to_string(),

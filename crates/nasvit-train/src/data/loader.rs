@@ -86,6 +86,14 @@ impl Batch {
         self.shape[0] == 0
     }
 
+    /// Images `[B, C, H, W]` and labels `[B]` on `device`, consuming the batch (no copy of the buffers).
+    pub fn into_tensors(self, device: &Device) -> (Tensor<4>, Tensor<1, Int>) {
+        let n = self.labels.len();
+        let images = Tensor::from_data(TensorData::new(self.images, self.shape), device);
+        let labels = Tensor::from_data(TensorData::new(self.labels, [n]), device);
+        (images, labels)
+    }
+
     /// Images `[B, C, H, W]` and labels `[B]` on `device`.
     pub fn to_tensors(&self, device: &Device) -> (Tensor<4>, Tensor<1, Int>) {
         let images = Tensor::from_data(TensorData::new(self.images.clone(), self.shape), device);

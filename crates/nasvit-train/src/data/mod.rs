@@ -5,6 +5,7 @@
 //! Transforms turn an [`Image`] into normalised `f32` CHW values; the [`loader::Loader`] batches them into
 //! `[B, C, H, W]` tensors in worker threads.
 
+pub mod build;
 pub mod folder;
 pub mod idx;
 pub mod loader;
@@ -13,6 +14,7 @@ pub mod transforms;
 
 use std::sync::Arc;
 
+pub use build::{eval_loader, eval_transform, open_datasets, train_loader, train_transform, Datasets};
 pub use folder::FolderDataset;
 pub use idx::IdxDataset;
 pub use loader::{Batch, Loader, LoaderConfig};
@@ -39,6 +41,8 @@ pub enum DataError {
     Layout { path: String, reason: String },
     #[error("{path}: cannot decode image: {reason}")]
     Decode { path: String, reason: String },
+    #[error("data config: {0}")]
+    Config(String),
     #[error("index {index} is out of range for a dataset of {len} samples")]
     OutOfRange { index: usize, len: usize },
 }

@@ -36,13 +36,21 @@ pub fn holdout_per_class(dataset: &dyn Dataset, per_class: usize, seed: u64) -> 
 }
 
 /// A view of some samples of another dataset, in the given order.
-#[derive(Clone)]
-pub struct Subset<D: Dataset> {
+pub struct Subset<D: Dataset + ?Sized> {
     inner: Arc<D>,
     indices: Vec<usize>,
 }
 
-impl<D: Dataset> Subset<D> {
+impl<D: Dataset + ?Sized> Clone for Subset<D> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            indices: self.indices.clone(),
+        }
+    }
+}
+
+impl<D: Dataset + ?Sized> Subset<D> {
     /// `indices` must be valid indices of `inner`; out-of-range ones fail on access.
     pub fn new(inner: Arc<D>, indices: Vec<usize>) -> Self {
         Self { inner, indices }
@@ -53,7 +61,7 @@ impl<D: Dataset> Subset<D> {
     }
 }
 
-impl<D: Dataset> Dataset for Subset<D> {
+impl<D: Dataset + ?Sized> Dataset for Subset<D> {
     fn len(&self) -> usize {
         self.indices.len()
     }
