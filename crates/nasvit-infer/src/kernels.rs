@@ -267,23 +267,31 @@ impl ConvGeom {
 /// stride. Outputs are computed 16 at a time in registers across all k*k taps.
 #[inline(always)]
 fn dw_plane_impl(x: &[f32], wk: &[f32], bias: f32, g: ConvGeom, out: &mut [f32], act: Act, pad: &mut Vec<f32>) {
-    const L: usize = 16;
     let (ho, wo) = g.out();
     let (k, s, p) = (g.k, g.stride, g.k / 2);
     let hp = g.h + 2 * p;
-    let wph = wo + (k - 1) / s;
+    // Rows are padded on the right so that outputs can be computed in whole chunks of 8.
+    let wo8 = wo.div_ceil(8) * 8;
+    let wph = wo8 + (k - 1) / s;
     let phase = hp * wph;
     pad.clear();
     pad.resize(s * phase, 0.0);
     for y in 0..g.h {
         let src = &x[y * g.w..(y + 1) * g.w];
         let row0 = (y + p) * wph;
-        if s == 1 {
-            pad[row0 + p..row0 + p + g.w].copy_from_slice(src);
-        } else {
-            for (ci, &v) in src.iter().enumerate() {
-                let c = ci + p;
-                pad[(c % s) * phase + row0 + c / s] = v;
+        match s {
+            1 => pad[row0 + p..row0 + p + g.w].copy_from_slice(src),
+            2 => {
+                for (ci, &v) in src.iter().enumerate() {
+                    let c = ci + p;
+                    pad[(c & 1) * phase + row0 + (c >> 1)] = v;
+                }
+            }
+            _ => {
+                for (ci, &v) in src.iter().enumerate() {
+                    let c = ci + p;
+                    pad[(c % s) * phase + row0 + c / s] = v;
+                }
             }
         }
     }
@@ -296,33 +304,33 @@ fn dw_plane_impl(x: &[f32], wk: &[f32], bias: f32, g: ConvGeom, out: &mut [f32],
             taps[ky * k + kx] = (kx % s) * phase + ky * wph + kx / s;
         }
     }
+    let taps = &taps[..kk];
     let wk = &wk[..kk];
+    let pad = &pad[..];
+    #[inline(always)]
+    fn chunk<const L: usize>(pad: &[f32], taps: &[usize], wk: &[f32], at: usize, bias: f32) -> [f32; L] {
+        let mut acc = [bias; L];
+        for (&t, &wv) in taps.iter().zip(wk) {
+            let src = &pad[at + t..at + t + L];
+            for i in 0..L {
+                acc[i] += wv * src[i];
+            }
+        }
+        acc
+    }
     for oy in 0..ho {
         let row = &mut out[oy * wo..(oy + 1) * wo];
         let base = oy * s * wph;
         let mut ox = 0;
-        while ox + L <= wo {
-            let mut acc = [bias; L];
-            for t in 0..kk {
-                let src = &pad[base + taps[t] + ox..base + taps[t] + ox + L];
-                let wv = wk[t];
-                for i in 0..L {
-                    acc[i] += wv * src[i];
-                }
-            }
-            row[ox..ox + L].copy_from_slice(&acc);
-            ox += L;
+        while ox + 16 <= wo {
+            row[ox..ox + 16].copy_from_slice(&chunk::<16>(pad, taps, wk, base + ox, bias));
+            ox += 16;
         }
-        if ox < wo {
-            let rest = &mut row[ox..];
-            rest.fill(bias);
-            for t in 0..kk {
-                let src = &pad[base + taps[t] + ox..base + taps[t] + wo];
-                let wv = wk[t];
-                for (o, v) in rest.iter_mut().zip(src) {
-                    *o += wv * v;
-                }
-            }
+        while ox < wo {
+            let acc = chunk::<8>(pad, taps, wk, base + ox, bias);
+            let n = (wo - ox).min(8);
+            row[ox..ox + n].copy_from_slice(&acc[..n]);
+            ox += 8;
         }
         if act != Act::None {
             act_row_impl(row, 0.0, act);
