@@ -20,13 +20,8 @@ impl Path {
             self.0.pop();
         }
     }
-    fn key(&self, leaf: Option<&str>) -> String {
-        let mut k = self.0.join(".");
-        if let Some(l) = leaf {
-            k.push('.');
-            k.push_str(l);
-        }
-        k
+    fn key(&self) -> String {
+        self.0.join(".")
     }
 }
 
@@ -51,7 +46,7 @@ impl<F: FnMut(String, TensorRef)> ModuleVisitor for Collect<F> {
         self.path.exit(container_type);
     }
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        let key = self.path.key(None);
+        let key = self.path.key();
         // Every parameter of this crate has rank 1 to 4; the casts below only re-label `D`.
         let any: &dyn std::any::Any = param;
         let r = if let Some(p) = any.downcast_ref::<Param<Tensor<1>>>() {
@@ -144,7 +139,7 @@ impl ModuleMapper for Replace<'_> {
         self.path.exit(container_type);
     }
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let key = self.path.key(None);
+        let key = self.path.key();
         match self.tensors.get(&key) {
             Some(data) if data.shape().to_vec() == param.dims().to_vec() => {
                 let device = param.lazy_device();
