@@ -76,6 +76,33 @@ macro_rules! dispatch {
     }};
 }
 
+/// Like `dispatch!`, with `$fma` bound to `true` in the AVX2 + FMA build (where `mul_add` is one instruction) and
+/// to `false` in the fallback (where `mul_add` would be a slow libm call).
+macro_rules! dispatch_fma {
+    (|$fma:ident| $body:expr) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
+                f()
+            }
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                let $fma = true;
+                // SAFETY: the CPU supports the features the wrapper is compiled for.
+                unsafe { avx2(|| $body) }
+            } else {
+                let $fma = false;
+                $body
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let $fma = cfg!(target_arch = "aarch64");
+            $body
+        }
+    }};
+}
+
 /// `row[i] = act(row[i] + bias)`.
 #[inline(always)]
 fn act_row_impl(row: &mut [f32], bias: f32, act: Act) {
@@ -100,7 +127,7 @@ pub fn act_row(row: &mut [f32], bias: f32, act: Act) {
 pub struct Arena(std::sync::Mutex<Vec<Vec<f32>>>);
 
 impl Arena {
-    /// A zeroed buffer of `n` values.
+    /// A buffer of `n` values with unspecified (stale) contents: every caller overwrites all of it.
     pub fn take(&self, n: usize) -> Vec<f32> {
         let mut free = self.0.lock().unwrap_or_else(|e| e.into_inner());
         // The smallest free buffer that fits, else the largest (it grows once).
@@ -116,8 +143,11 @@ impl Arena {
             None => Vec::new(),
         };
         drop(free);
-        v.clear();
-        v.resize(n, 0.0);
+        if v.len() >= n {
+            v.truncate(n);
+        } else {
+            v.resize(n, 0.0);
+        }
         v
     }
 
@@ -266,7 +296,8 @@ impl ConvGeom {
 /// that every tap reads a contiguous run of output-many values: no bounds checks in the inner loop, for any
 /// stride. Outputs are computed 16 at a time in registers across all k*k taps.
 #[inline(always)]
-fn dw_plane_impl(x: &[f32], wk: &[f32], bias: f32, g: ConvGeom, out: &mut [f32], act: Act, pad: &mut Vec<f32>) {
+#[allow(clippy::too_many_arguments)]
+fn dw_plane_impl(x: &[f32], wk: &[f32], bias: f32, g: ConvGeom, out: &mut [f32], act: Act, pad: &mut Vec<f32>, fma: bool) {
     let (ho, wo) = g.out();
     let (k, s, p) = (g.k, g.stride, g.k / 2);
     let hp = g.h + 2 * p;
@@ -308,12 +339,18 @@ fn dw_plane_impl(x: &[f32], wk: &[f32], bias: f32, g: ConvGeom, out: &mut [f32],
     let wk = &wk[..kk];
     let pad = &pad[..];
     #[inline(always)]
-    fn chunk<const L: usize>(pad: &[f32], taps: &[usize], wk: &[f32], at: usize, bias: f32) -> [f32; L] {
+    fn chunk<const L: usize>(pad: &[f32], taps: &[usize], wk: &[f32], at: usize, bias: f32, fma: bool) -> [f32; L] {
         let mut acc = [bias; L];
         for (&t, &wv) in taps.iter().zip(wk) {
             let src = &pad[at + t..at + t + L];
-            for i in 0..L {
-                acc[i] += wv * src[i];
+            if fma {
+                for i in 0..L {
+                    acc[i] = wv.mul_add(src[i], acc[i]);
+                }
+            } else {
+                for i in 0..L {
+                    acc[i] += wv * src[i];
+                }
             }
         }
         acc
@@ -323,11 +360,11 @@ fn dw_plane_impl(x: &[f32], wk: &[f32], bias: f32, g: ConvGeom, out: &mut [f32],
         let base = oy * s * wph;
         let mut ox = 0;
         while ox + 16 <= wo {
-            row[ox..ox + 16].copy_from_slice(&chunk::<16>(pad, taps, wk, base + ox, bias));
+            row[ox..ox + 16].copy_from_slice(&chunk::<16>(pad, taps, wk, base + ox, bias, fma));
             ox += 16;
         }
         while ox < wo {
-            let acc = chunk::<8>(pad, taps, wk, base + ox, bias);
+            let acc = chunk::<8>(pad, taps, wk, base + ox, bias, fma);
             let n = (wo - ox).min(8);
             row[ox..ox + n].copy_from_slice(&acc[..n]);
             ox += 8;
@@ -345,7 +382,7 @@ thread_local! {
 fn dw_plane(x: &[f32], wk: &[f32], bias: f32, g: ConvGeom, out: &mut [f32], act: Act) {
     PAD.with(|pad| {
         let pad = &mut pad.borrow_mut();
-        dispatch!(dw_plane_impl(x, wk, bias, g, out, act, pad))
+        dispatch_fma!(|fma| dw_plane_impl(x, wk, bias, g, out, act, pad, fma))
     })
 }
 
