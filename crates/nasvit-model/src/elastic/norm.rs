@@ -93,6 +93,8 @@ fn update_slice(state: &RunningState<Tensor<1>>, batch: Tensor<1>, factor: f64) 
     let batch = batch.to_device(&full.device());
     let old = lead(full.clone(), [c]);
     let new = old.mul_scalar(1.0 - BN_MOMENTUM) + batch.mul_scalar(BN_MOMENTUM * factor);
+    // One range per dimension of a 1-D tensor, not a vec of indices.
+    #[allow(clippy::single_range_in_vec_init)]
     let updated = if c == cmax { new } else { full.slice_assign([0..c], new) };
     state.update(updated.detach());
     // Flush the per-thread update so that later reads and overrides see it.

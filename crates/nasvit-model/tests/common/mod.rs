@@ -51,7 +51,7 @@ pub fn compare(got: &[f32], want: &[f32], atol: f32, rtol: f32) -> (f32, bool) {
     let mut ok = true;
     for (a, b) in got.iter().zip(want) {
         let e = (a - b).abs();
-        if !(e <= atol + rtol * b.abs()) {
+        if e.is_nan() || e > atol + rtol * b.abs() {
             ok = false;
         }
         if e > max_err || e.is_nan() {
