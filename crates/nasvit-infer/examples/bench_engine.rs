@@ -6,7 +6,10 @@
 use nasvit_infer::{bench, random_state_dict, BenchOptions, Engine, EngineOptions, ExportedModel, SearchSpace};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let mut threads: usize = std::env::var("RAYON_NUM_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
+    let mut threads: usize = std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
     let mut iters = 30;
     let mut res = 224;
     let args: Vec<String> = std::env::args().skip(1).collect();

@@ -43,7 +43,14 @@ impl std::fmt::Display for BenchReport {
         write!(
             f,
             "{} px, {} threads, {} runs: median {:.2} ms, p90 {:.2} ms, mean {:.2} ms, min {:.2} ms, {:.1} images/s",
-            self.resolution, self.threads, self.iters, self.median_ms, self.p90_ms, self.mean_ms, self.min_ms, self.images_per_s
+            self.resolution,
+            self.threads,
+            self.iters,
+            self.median_ms,
+            self.p90_ms,
+            self.mean_ms,
+            self.min_ms,
+            self.images_per_s
         )?;
         if let Some(k) = self.peak_rss_kib {
             write!(f, ", peak RSS {:.1} MiB", k as f64 / 1024.0)?;

@@ -34,17 +34,47 @@ struct Linear {
 impl Linear {
     fn run(&self, x: &[f32], n: usize, act: Act, par: Par, ar: &Arena) -> Vec<f32> {
         let mut out = ar.take(self.cout * n);
-        kernels::conv1x1(&self.w, self.b.as_deref(), self.cout, self.cin, x, n, &mut out, act, par);
+        kernels::conv1x1(
+            &self.w,
+            self.b.as_deref(),
+            self.cout,
+            self.cin,
+            x,
+            n,
+            &mut out,
+            act,
+            par,
+        );
         out
     }
 
     fn run_into(&self, x: &[f32], n: usize, out: &mut [f32], par: Par) {
-        kernels::conv1x1(&self.w, self.b.as_deref(), self.cout, self.cin, x, n, out, Act::None, par);
+        kernels::conv1x1(
+            &self.w,
+            self.b.as_deref(),
+            self.cout,
+            self.cin,
+            x,
+            n,
+            out,
+            Act::None,
+            par,
+        );
     }
 
     /// `acc += W x + b` (the residual branches).
     fn run_add(&self, x: &[f32], n: usize, acc: &mut [f32], par: Par) {
-        kernels::matmul(self.cout, n, self.cin, Mat::rows(&self.w, self.cin), Mat::rows(x, n), acc, n, true, par);
+        kernels::matmul(
+            self.cout,
+            n,
+            self.cin,
+            Mat::rows(&self.w, self.cin),
+            Mat::rows(x, n),
+            acc,
+            n,
+            true,
+            par,
+        );
         if let Some(b) = &self.b {
             kernels::bias_act(&mut acc[..self.cout * n], n, Some(b), Act::None, par);
         }
@@ -97,9 +127,12 @@ struct TfLayer {
 }
 
 enum Block {
-    Mb(MbConv),
-    Tf(TfLayer),
+    Mb(Box<MbConv>),
+    Tf(Box<TfLayer>),
 }
+
+/// One stage output of one sample: name, `[C, H, W]`, data.
+type Tap = (String, Vec<usize>, Vec<f32>);
 
 /// A loaded subnet, ready to run.
 pub struct Engine {
@@ -147,7 +180,11 @@ fn linear(model: &ExportedModel, prefix: &str, bias: bool) -> Result<Linear> {
     let cin = t.numel() / cout.max(1);
     Ok(Linear {
         w: t.data.clone(),
-        b: if bias { Some(take(model, &format!("{prefix}.bias"))?) } else { None },
+        b: if bias {
+            Some(take(model, &format!("{prefix}.bias"))?)
+        } else {
+            None
+        },
         cout,
         cin,
     })
@@ -195,7 +232,7 @@ impl Engine {
                         se_mid,
                         hin,
                         ..
-                    } => Block::Mb(MbConv {
+                    } => Block::Mb(Box::new(MbConv {
                         cin,
                         cmid,
                         cout,
@@ -205,7 +242,11 @@ impl Engine {
                             k: kernel,
                             stride,
                         },
-                        expand: if no_expand { None } else { Some(linear(model, &format!("{p}.expand"), true)?) },
+                        expand: if no_expand {
+                            None
+                        } else {
+                            Some(linear(model, &format!("{p}.expand"), true)?)
+                        },
                         dw_w: take(model, &format!("{p}.dw.weight"))?,
                         dw_b: take(model, &format!("{p}.dw.bias"))?,
                         se: match se_mid {
@@ -216,8 +257,12 @@ impl Engine {
                             None => None,
                         },
                         project: linear(model, &format!("{p}.project"), true)?,
-                        shortcut: if cin != cout { Some(linear(model, &format!("{p}.shortcut"), false)?) } else { None },
-                    }),
+                        shortcut: if cin != cout {
+                            Some(linear(model, &format!("{p}.shortcut"), false)?)
+                        } else {
+                            None
+                        },
+                    })),
                     BlockShape::Transformer {
                         c,
                         heads,
@@ -245,13 +290,20 @@ impl Engine {
                                 hidden: mlp_ratio * c,
                                 fc1: linear(model, &format!("{p}.{m}.fc1"), true)?,
                                 fc2: scale_rows(linear(model, &format!("{p}.{m}.fc2"), true)?, &gm),
-                                dw: if mlp_dwconv { Some(take(model, &format!("{p}.{m}.dw.weight"))?) } else { None },
+                                dw: if mlp_dwconv {
+                                    Some(take(model, &format!("{p}.{m}.dw.weight"))?)
+                                } else {
+                                    None
+                                },
                             })
                         };
                         let norm = |n: usize| -> Result<(Vec<f32>, Vec<f32>)> {
-                            Ok((take(model, &format!("{p}.norm{n}.weight"))?, take(model, &format!("{p}.norm{n}.bias"))?))
+                            Ok((
+                                take(model, &format!("{p}.norm{n}.weight"))?,
+                                take(model, &format!("{p}.norm{n}.bias"))?,
+                            ))
                         };
-                        Block::Tf(TfLayer {
+                        Block::Tf(Box::new(TfLayer {
                             c,
                             heads,
                             grid,
@@ -270,7 +322,7 @@ impl Engine {
                             proj: scale_rows(linear(model, &format!("{p}.attn.proj"), true)?, &ga),
                             mlp1: mlp("mlp1")?,
                             mlp2: mlp("mlp2")?,
-                        })
+                        }))
                     }
                 });
             }
@@ -348,7 +400,7 @@ impl Engine {
         let (b, c, h, w) = (s[0], s[1], s[2], s[3]);
         let per = c * h * w;
         let mut logits = Vec::with_capacity(b * self.num_classes());
-        let mut taps: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+        let mut taps: Vec<Tap> = Vec::new();
         self.pool.install(|| {
             for i in 0..b {
                 let mut sample_taps = if want_taps { Some(Vec::new()) } else { None };
@@ -377,7 +429,7 @@ impl Engine {
     }
 
     /// One sample; runs inside the pool.
-    fn forward(&self, x: &[f32], h: usize, w: usize, taps: &mut Option<Vec<(String, Vec<usize>, Vec<f32>)>>) -> Vec<f32> {
+    fn forward(&self, x: &[f32], h: usize, w: usize, taps: &mut Option<Vec<Tap>>) -> Vec<f32> {
         let par = Par { threads: self.threads };
         let ar = &self.arena;
         let r = self.arch.resolution;
@@ -392,7 +444,18 @@ impl Engine {
         let (ho, _) = g.out();
         let mut cur = ar.take(self.stem.cout * ho * ho);
         let bias = self.stem.b.as_deref().unwrap_or(&[]);
-        kernels::conv_dense(x, self.in_channels, g, &self.stem.w, self.stem.cout, bias, &mut cur, Act::Swish, par, ar);
+        kernels::conv_dense(
+            x,
+            self.in_channels,
+            g,
+            &self.stem.w,
+            self.stem.cout,
+            bias,
+            &mut cur,
+            Act::Swish,
+            par,
+            ar,
+        );
         let mut side = ho;
         let mut ch = self.stem.cout;
         if let Some(t) = taps {
@@ -433,7 +496,16 @@ impl MbConv {
         let hw = ho * wo;
         let expanded = self.expand.as_ref().map(|l| l.run(x, hw_in, Act::Swish, par, ar));
         let mut d = ar.take(self.cmid * hw);
-        kernels::dwconv(expanded.as_deref().unwrap_or(x), self.cmid, g, &self.dw_w, Some(&self.dw_b), &mut d, Act::Swish, par);
+        kernels::dwconv(
+            expanded.as_deref().unwrap_or(x),
+            self.cmid,
+            g,
+            &self.dw_w,
+            Some(&self.dw_b),
+            &mut d,
+            Act::Swish,
+            par,
+        );
         if let Some(e) = expanded {
             ar.put(e);
         }
@@ -442,7 +514,10 @@ impl MbConv {
             let r = reduce.matvec(&m, Act::Relu);
             let s = expand.matvec(&r, Act::HardSigmoid);
             let ml = (self.cmid / par.threads.max(1)).max(1);
-            d.par_chunks_mut(hw).with_min_len(ml).zip(s.par_iter()).for_each(|(row, &sv)| row.iter_mut().for_each(|v| *v *= sv));
+            d.par_chunks_mut(hw)
+                .with_min_len(ml)
+                .zip(s.par_iter())
+                .for_each(|(row, &sv)| row.iter_mut().for_each(|v| *v *= sv));
         }
         let mut out = self.project.run(&d, hw, Act::None, par, ar);
         ar.put(d);
@@ -524,7 +599,11 @@ impl TfLayer {
             };
             for wy in 0..2 {
                 for wx in 0..2 {
-                    let (qw, kw, vw) = (gather(q, c, wy, wx), gather(k, c, wy, wx), gather(&vc, V_EXPAND * c, wy, wx));
+                    let (qw, kw, vw) = (
+                        gather(q, c, wy, wx),
+                        gather(k, c, wy, wx),
+                        gather(&vc, V_EXPAND * c, wy, wx),
+                    );
                     let mut ow = ar.take(V_EXPAND * c * tw);
                     self.attend(&qw, &kw, &vw, tw, &mut ow, par, ar);
                     for r in 0..V_EXPAND * c {
@@ -570,11 +649,14 @@ impl TfLayer {
         let mut mixed = self.proj_l.run(&a, tt, Act::None, par, ar);
         kernels::softmax_rows(&mut mixed, tn, par);
         self.proj_w.run_into(&mixed, tt, &mut a, par);
-        o[..h * dv * tn].par_chunks_mut(dv * tn).enumerate().for_each(|(j, oj)| {
-            let vj = Mat::rows(&v[j * dv * tn..], tn);
-            let aj = Mat::cols(&a[j * tt..], tn);
-            kernels::matmul(dv, tn, tn, vj, aj, oj, tn, false, serial);
-        });
+        o[..h * dv * tn]
+            .par_chunks_mut(dv * tn)
+            .enumerate()
+            .for_each(|(j, oj)| {
+                let vj = Mat::rows(&v[j * dv * tn..], tn);
+                let aj = Mat::cols(&a[j * tt..], tn);
+                kernels::matmul(dv, tn, tn, vj, aj, oj, tn, false, serial);
+            });
         ar.put(a);
         ar.put(mixed);
     }

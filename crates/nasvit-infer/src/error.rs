@@ -44,9 +44,7 @@ impl InferError {
         let ctx = format!(" in {}", path.display());
         match self {
             InferError::MissingKey { key, .. } => InferError::MissingKey { key, context: ctx },
-            InferError::Shape {
-                key, got, expected, ..
-            } => InferError::Shape {
+            InferError::Shape { key, got, expected, .. } => InferError::Shape {
                 key,
                 got,
                 expected,

@@ -197,7 +197,12 @@ fn slice(sd: &StateDict, key: &str, ranges: &[Range<usize>]) -> Result<Tensor> {
     let mut data = Vec::with_capacity(n);
     let mut idx = vec![0usize; out_shape.len()];
     for _ in 0..n {
-        let off: usize = idx.iter().zip(ranges).zip(&strides).map(|((i, r), s)| (r.start + i) * s).sum();
+        let off: usize = idx
+            .iter()
+            .zip(ranges)
+            .zip(&strides)
+            .map(|((i, r), s)| (r.start + i) * s)
+            .sum();
         data.push(t.data[off]);
         for d in (0..idx.len()).rev() {
             idx[d] += 1;
@@ -261,7 +266,11 @@ impl ExportedModel {
         let offsets = stage_offsets(space);
         let g = space.max_grid();
         let mut out = StateDict::new();
-        let (w, b) = fold_bn(sd, lead(sd, "first_conv.conv.conv.weight", &[sh.stem_out, sh.in_channels, 3, 3])?, "first_conv")?;
+        let (w, b) = fold_bn(
+            sd,
+            lead(sd, "first_conv.conv.conv.weight", &[sh.stem_out, sh.in_channels, 3, 3])?,
+            "first_conv",
+        )?;
         out.insert("stem.weight".into(), w);
         out.insert("stem.bias".into(), b);
         for (i, st) in sh.stages.iter().enumerate() {
@@ -282,7 +291,11 @@ impl ExportedModel {
                         let s = format!("blocks.{gi}.mobile_inverted_conv");
                         if !no_expand {
                             let key = format!("{s}.inverted_bottleneck.conv.conv.weight");
-                            let (w, b) = fold_bn(sd, lead(sd, &key, &[cmid, cin, 1, 1])?, &format!("{s}.inverted_bottleneck"))?;
+                            let (w, b) = fold_bn(
+                                sd,
+                                lead(sd, &key, &[cmid, cin, 1, 1])?,
+                                &format!("{s}.inverted_bottleneck"),
+                            )?;
                             out.insert(format!("{p}.expand.weight"), w);
                             out.insert(format!("{p}.expand.bias"), b);
                         }
@@ -304,10 +317,22 @@ impl ExportedModel {
                         out.insert(format!("{p}.dw.bias"), b);
                         if let Some(mid) = se_mid {
                             let f = format!("{s}.depth_conv.se.fc");
-                            out.insert(format!("{p}.se.reduce.weight"), lead(sd, &format!("{f}.reduce.weight"), &[mid, cmid, 1, 1])?);
-                            out.insert(format!("{p}.se.reduce.bias"), lead(sd, &format!("{f}.reduce.bias"), &[mid])?);
-                            out.insert(format!("{p}.se.expand.weight"), lead(sd, &format!("{f}.expand.weight"), &[cmid, mid, 1, 1])?);
-                            out.insert(format!("{p}.se.expand.bias"), lead(sd, &format!("{f}.expand.bias"), &[cmid])?);
+                            out.insert(
+                                format!("{p}.se.reduce.weight"),
+                                lead(sd, &format!("{f}.reduce.weight"), &[mid, cmid, 1, 1])?,
+                            );
+                            out.insert(
+                                format!("{p}.se.reduce.bias"),
+                                lead(sd, &format!("{f}.reduce.bias"), &[mid])?,
+                            );
+                            out.insert(
+                                format!("{p}.se.expand.weight"),
+                                lead(sd, &format!("{f}.expand.weight"), &[cmid, mid, 1, 1])?,
+                            );
+                            out.insert(
+                                format!("{p}.se.expand.bias"),
+                                lead(sd, &format!("{f}.expand.bias"), &[cmid])?,
+                            );
                         }
                         let key = format!("{s}.point_linear.conv.conv.weight");
                         let (w, b) = fold_bn(sd, lead(sd, &key, &[cout, cmid, 1, 1])?, &format!("{s}.point_linear"))?;
@@ -333,11 +358,27 @@ impl ExportedModel {
                             }
                         }
                         let v = V_EXPAND * c;
-                        for (name, o, i) in [("q", c, c), ("k", c, c), ("v", v, c), ("proj", c, v), ("proj_l", heads, heads), ("proj_w", heads, heads)] {
-                            out.insert(format!("{p}.attn.{name}.weight"), lead(sd, &format!("{s}.attn.{name}.linear.weight"), &[o, i])?);
-                            out.insert(format!("{p}.attn.{name}.bias"), lead(sd, &format!("{s}.attn.{name}.linear.bias"), &[o])?);
+                        for (name, o, i) in [
+                            ("q", c, c),
+                            ("k", c, c),
+                            ("v", v, c),
+                            ("proj", c, v),
+                            ("proj_l", heads, heads),
+                            ("proj_w", heads, heads),
+                        ] {
+                            out.insert(
+                                format!("{p}.attn.{name}.weight"),
+                                lead(sd, &format!("{s}.attn.{name}.linear.weight"), &[o, i])?,
+                            );
+                            out.insert(
+                                format!("{p}.attn.{name}.bias"),
+                                lead(sd, &format!("{s}.attn.{name}.linear.bias"), &[o])?,
+                            );
                         }
-                        out.insert(format!("{p}.attn.vconv.weight"), lead(sd, &format!("{s}.attn.vconv.weight"), &[v, 1, 3, 3])?);
+                        out.insert(
+                            format!("{p}.attn.vconv.weight"),
+                            lead(sd, &format!("{s}.attn.vconv.weight"), &[v, 1, 3, 3])?,
+                        );
                         let key = format!("{s}.attn.relative_position_bias_table");
                         let table = lead(sd, &key, &[(2 * g - 1) * (2 * g - 1), heads])?;
                         // 2x2 windows: the bias is that of a (grid/2)-sided map, shared by the four windows.
@@ -349,15 +390,30 @@ impl ExportedModel {
                             let key = format!("{s}.{src}");
                             let t = slice(sd, &key, &[depth..depth + 1, n_tok % 8..n_tok % 8 + 1, 0..c])?;
                             let f = 8.0 / c as f32;
-                            out.insert(format!("{p}.{dst}"), Tensor::new(vec![c], t.data.iter().map(|x| x * f).collect()));
+                            out.insert(
+                                format!("{p}.{dst}"),
+                                Tensor::new(vec![c], t.data.iter().map(|x| x * f).collect()),
+                            );
                         }
                         let hidden = mlp_ratio * c;
                         for m in ["mlp1", "mlp2"] {
                             let l = |n: &str| format!("{s}.{m}.{n}.linear");
-                            out.insert(format!("{p}.{m}.fc1.weight"), lead(sd, &format!("{}.weight", l("linear1")), &[hidden, c])?);
-                            out.insert(format!("{p}.{m}.fc1.bias"), lead(sd, &format!("{}.bias", l("linear1")), &[hidden])?);
-                            out.insert(format!("{p}.{m}.fc2.weight"), lead(sd, &format!("{}.weight", l("linear2")), &[c, hidden])?);
-                            out.insert(format!("{p}.{m}.fc2.bias"), lead(sd, &format!("{}.bias", l("linear2")), &[c])?);
+                            out.insert(
+                                format!("{p}.{m}.fc1.weight"),
+                                lead(sd, &format!("{}.weight", l("linear1")), &[hidden, c])?,
+                            );
+                            out.insert(
+                                format!("{p}.{m}.fc1.bias"),
+                                lead(sd, &format!("{}.bias", l("linear1")), &[hidden])?,
+                            );
+                            out.insert(
+                                format!("{p}.{m}.fc2.weight"),
+                                lead(sd, &format!("{}.weight", l("linear2")), &[c, hidden])?,
+                            );
+                            out.insert(
+                                format!("{p}.{m}.fc2.bias"),
+                                lead(sd, &format!("{}.bias", l("linear2")), &[c])?,
+                            );
                             if mlp_dwconv {
                                 let key = format!("{s}.{m}.dwconv.weight");
                                 out.insert(format!("{p}.{m}.dw.weight"), lead(sd, &key, &[hidden, 1, 3, 3])?);
@@ -368,13 +424,26 @@ impl ExportedModel {
             }
         }
         let key = "last_conv.final_expand_layer.conv.conv.weight";
-        let (w, b) = fold_bn(sd, lead(sd, key, &[sh.head_expand, sh.head_in, 1, 1])?, "last_conv.final_expand_layer")?;
+        let (w, b) = fold_bn(
+            sd,
+            lead(sd, key, &[sh.head_expand, sh.head_in, 1, 1])?,
+            "last_conv.final_expand_layer",
+        )?;
         out.insert("head.expand.weight".into(), w);
         out.insert("head.expand.bias".into(), b);
         let key = "last_conv.feature_mix_layer.conv.conv.weight";
-        out.insert("head.mix.weight".into(), lead(sd, key, &[sh.head_out, sh.head_expand, 1, 1])?);
-        out.insert("classifier.weight".into(), lead(sd, "classifier.linear.linear.weight", &[sh.num_classes, sh.head_out])?);
-        out.insert("classifier.bias".into(), lead(sd, "classifier.linear.linear.bias", &[sh.num_classes])?);
+        out.insert(
+            "head.mix.weight".into(),
+            lead(sd, key, &[sh.head_out, sh.head_expand, 1, 1])?,
+        );
+        out.insert(
+            "classifier.weight".into(),
+            lead(sd, "classifier.linear.linear.weight", &[sh.num_classes, sh.head_out])?,
+        );
+        out.insert(
+            "classifier.bias".into(),
+            lead(sd, "classifier.linear.linear.bias", &[sh.num_classes])?,
+        );
         Ok(ExportedModel {
             space: space.clone(),
             arch: arch.clone(),
@@ -465,7 +534,11 @@ impl ExportedModel {
         let space = SearchSpace::from_yaml_str(&space_text, "export").map_err(|e| meta_err(e.to_string()))?;
         meta.arch.validate(&space).map_err(|e| meta_err(e.to_string()))?;
         if meta.labels.len() != space.num_classes {
-            return Err(meta_err(format!("{} labels for {} classes", meta.labels.len(), space.num_classes)));
+            return Err(meta_err(format!(
+                "{} labels for {} classes",
+                meta.labels.len(),
+                space.num_classes
+            )));
         }
         let p = &meta.preprocess;
         if p.mean.len() != p.in_channels || p.std.len() != p.in_channels || p.in_channels != space.in_channels {

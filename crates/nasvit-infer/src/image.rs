@@ -61,11 +61,16 @@ pub fn preprocess(img: &DynamicImage, pre: &Preprocess) -> Vec<f32> {
     let (w, h) = img.dimensions();
     let short = w.min(h).max(1) as f32;
     let scale = pre.resize as f32 / short;
-    let (nw, nh) = (((w as f32 * scale).round() as u32).max(1), ((h as f32 * scale).round() as u32).max(1));
+    let (nw, nh) = (
+        ((w as f32 * scale).round() as u32).max(1),
+        ((h as f32 * scale).round() as u32).max(1),
+    );
     let c = pre.in_channels;
     let planes: Vec<Vec<f32>> = if c == 3 {
         let rgb = image::imageops::resize(&img.to_rgb8(), nw, nh, FilterType::Triangle);
-        (0..3).map(|k| rgb.pixels().map(|p| p.0[k] as f32 / 255.0).collect()).collect()
+        (0..3)
+            .map(|k| rgb.pixels().map(|p| p.0[k] as f32 / 255.0).collect())
+            .collect()
     } else {
         let grey = image::imageops::resize(&img.to_luma8(), nw, nh, FilterType::Triangle);
         let plane: Vec<f32> = grey.pixels().map(|p| p.0[0] as f32 / 255.0).collect();

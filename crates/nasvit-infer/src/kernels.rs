@@ -5,6 +5,9 @@
 //! depthwise convs (MBConv, V, MLP) read contiguous planes, and no transposes happen between CNN and transformer
 //! stages. The GEMM is the `gemm` crate; parallel loops use rayon inside the engine's own pool.
 
+// Kernels take shapes, buffers and options as plain arguments on purpose: no per-call structs in hot paths.
+#![allow(clippy::too_many_arguments)]
+
 use rayon::prelude::*;
 
 /// Activation fused after a conv / linear.
@@ -21,7 +24,7 @@ pub enum Act {
 /// clamped to [-87, 88], where the result stays a normal float.
 #[inline(always)]
 pub fn exp_fast(x: f32) -> f32 {
-    let x = x.max(-87.0).min(88.0);
+    let x = x.clamp(-87.0, 88.0);
     // Round x * log2(e) to the nearest integer n with the 1.5 * 2^23 trick: n sits in t's low mantissa bits.
     let t = x * std::f32::consts::LOG2_E + 12_582_912.0;
     let n = t - 12_582_912.0;
@@ -31,7 +34,7 @@ pub fn exp_fast(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
     let pow2 = f32::from_bits(((t.to_bits() as i32 - 0x4B40_0000 + 127) << 23) as u32);
     y * pow2
@@ -113,7 +116,9 @@ fn act_row_impl(row: &mut [f32], bias: f32, act: Act) {
             *v = z / (1.0 + exp_fast(-z));
         }),
         Act::Relu => row.iter_mut().for_each(|v| *v = (*v + bias).max(0.0)),
-        Act::HardSigmoid => row.iter_mut().for_each(|v| *v = ((*v + bias + 3.0).max(0.0).min(6.0)) * (1.0 / 6.0)),
+        Act::HardSigmoid => row
+            .iter_mut()
+            .for_each(|v| *v = (*v + bias + 3.0).clamp(0.0, 6.0) * (1.0 / 6.0)),
     }
 }
 
@@ -256,7 +261,17 @@ pub fn bias_act(x: &mut [f32], n: usize, bias: Option<&[f32]>, act: Act, par: Pa
 }
 
 /// A 1x1 conv / linear on `[cin, n]`: `out[cout, n] = w[cout, cin] x x + bias`, then `act`.
-pub fn conv1x1(w: &[f32], bias: Option<&[f32]>, cout: usize, cin: usize, x: &[f32], n: usize, out: &mut [f32], act: Act, par: Par) {
+pub fn conv1x1(
+    w: &[f32],
+    bias: Option<&[f32]>,
+    cout: usize,
+    cin: usize,
+    x: &[f32],
+    n: usize,
+    out: &mut [f32],
+    act: Act,
+    par: Par,
+) {
     matmul(cout, n, cin, Mat::rows(w, cin), Mat::rows(x, n), out, n, false, par);
     if bias.is_some() || act != Act::None {
         bias_act(&mut out[..cout * n], n, bias, act, par);
@@ -275,7 +290,10 @@ pub struct ConvGeom {
 impl ConvGeom {
     pub fn out(&self) -> (usize, usize) {
         let p = self.k / 2;
-        ((self.h + 2 * p - self.k) / self.stride + 1, (self.w + 2 * p - self.k) / self.stride + 1)
+        (
+            (self.h + 2 * p - self.k) / self.stride + 1,
+            (self.w + 2 * p - self.k) / self.stride + 1,
+        )
     }
 
     /// Output columns `ox` whose input column `ox * s + kx - p` lies inside `[0, w)`.
@@ -285,7 +303,11 @@ impl ConvGeom {
         let s = self.stride;
         // ox * s + kx >= p  and  ox * s + kx - p <= w - 1
         let lo = if kx >= p { 0 } else { (p - kx).div_ceil(s) };
-        let hi = if self.w + p > kx { ((self.w + p - kx - 1) / s + 1).min(wo) } else { 0 };
+        let hi = if self.w + p > kx {
+            ((self.w + p - kx - 1) / s + 1).min(wo)
+        } else {
+            0
+        };
         (lo, hi.max(lo))
     }
 }
@@ -296,8 +318,16 @@ impl ConvGeom {
 /// that every tap reads a contiguous run of output-many values: no bounds checks in the inner loop, for any
 /// stride. Outputs are computed 16 at a time in registers across all k*k taps.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn dw_plane_impl(x: &[f32], wk: &[f32], bias: f32, g: ConvGeom, out: &mut [f32], act: Act, pad: &mut Vec<f32>, fma: bool) {
+fn dw_plane_impl(
+    x: &[f32],
+    wk: &[f32],
+    bias: f32,
+    g: ConvGeom,
+    out: &mut [f32],
+    act: Act,
+    pad: &mut Vec<f32>,
+    fma: bool,
+) {
     let (ho, wo) = g.out();
     let (k, s, p) = (g.k, g.stride, g.k / 2);
     let hp = g.h + 2 * p;
@@ -392,40 +422,64 @@ pub fn dwconv(x: &[f32], c: usize, g: ConvGeom, w: &[f32], bias: Option<&[f32]>,
     let (hw_in, hw_out, kk) = (g.h * g.w, ho * wo, g.k * g.k);
     assert!(g.stride >= 1 && x.len() >= c * hw_in && out.len() >= c * hw_out && w.len() >= c * kk);
     let ml = par.min_len(c, hw_out * kk);
-    out[..c * hw_out].par_chunks_mut(hw_out).with_min_len(ml).enumerate().for_each(|(ch, o)| {
-        let b = bias.map_or(0.0, |b| b[ch]);
-        dw_plane(&x[ch * hw_in..(ch + 1) * hw_in], &w[ch * kk..(ch + 1) * kk], b, g, o, act);
-    });
+    out[..c * hw_out]
+        .par_chunks_mut(hw_out)
+        .with_min_len(ml)
+        .enumerate()
+        .for_each(|(ch, o)| {
+            let b = bias.map_or(0.0, |b| b[ch]);
+            dw_plane(
+                &x[ch * hw_in..(ch + 1) * hw_in],
+                &w[ch * kk..(ch + 1) * kk],
+                b,
+                g,
+                o,
+                act,
+            );
+        });
 }
 
 /// Full 3x3 (or k x k) conv with padding k/2 as im2col + GEMM: the stem (few input channels).
-#[allow(clippy::too_many_arguments)]
-pub fn conv_dense(x: &[f32], cin: usize, g: ConvGeom, w: &[f32], cout: usize, bias: &[f32], out: &mut [f32], act: Act, par: Par, ar: &Arena) {
+pub fn conv_dense(
+    x: &[f32],
+    cin: usize,
+    g: ConvGeom,
+    w: &[f32],
+    cout: usize,
+    bias: &[f32],
+    out: &mut [f32],
+    act: Act,
+    par: Par,
+    ar: &Arena,
+) {
     let (ho, wo) = g.out();
     let n = ho * wo;
     let kk = g.k * g.k;
     let mut cols = ar.take(cin * kk * n);
     let p = g.k / 2;
     let ml = par.min_len(cin * kk, n);
-    cols.par_chunks_mut(n).with_min_len(ml).enumerate().for_each(|(r, col)| {
-        let (ci, ky, kx) = (r / kk, (r % kk) / g.k, r % g.k);
-        let plane = &x[ci * g.h * g.w..(ci + 1) * g.h * g.w];
-        let (lo, hi) = g.valid_cols(kx, wo);
-        for oy in 0..ho {
-            let dst = &mut col[oy * wo..(oy + 1) * wo];
-            let iy = oy * g.stride + ky;
-            if iy < p || iy - p >= g.h {
-                dst.fill(0.0);
-                continue;
+    cols.par_chunks_mut(n)
+        .with_min_len(ml)
+        .enumerate()
+        .for_each(|(r, col)| {
+            let (ci, ky, kx) = (r / kk, (r % kk) / g.k, r % g.k);
+            let plane = &x[ci * g.h * g.w..(ci + 1) * g.h * g.w];
+            let (lo, hi) = g.valid_cols(kx, wo);
+            for oy in 0..ho {
+                let dst = &mut col[oy * wo..(oy + 1) * wo];
+                let iy = oy * g.stride + ky;
+                if iy < p || iy - p >= g.h {
+                    dst.fill(0.0);
+                    continue;
+                }
+                let src = &plane[(iy - p) * g.w..(iy - p + 1) * g.w];
+                dst[..lo].fill(0.0);
+                dst[hi..].fill(0.0);
+                for ox in lo..hi {
+                    dst[ox] = src[ox * g.stride + kx - p];
+                }
             }
-            let src = &plane[(iy - p) * g.w..(iy - p + 1) * g.w];
-            dst[..lo].fill(0.0);
-            dst[hi..].fill(0.0);
-            for ox in lo..hi {
-                dst[ox] = src[ox * g.stride + kx - p];
-            }
-        }
-    });
+        });
     conv1x1(w, Some(bias), cout, cin * kk, &cols, n, out, act, par);
     ar.put(cols);
 }
@@ -510,7 +564,11 @@ pub fn row_means(x: &[f32], n: usize) -> Vec<f32> {
 pub fn joint_layernorm(x: &[f32], c: usize, n: usize, gamma: &[f32], beta: &[f32], out: &mut [f32]) {
     let len = (c * n) as f64;
     let mean = x[..c * n].iter().map(|&v| v as f64).sum::<f64>() / len;
-    let var = x[..c * n].iter().map(|&v| (v as f64 - mean) * (v as f64 - mean)).sum::<f64>() / len;
+    let var = x[..c * n]
+        .iter()
+        .map(|&v| (v as f64 - mean) * (v as f64 - mean))
+        .sum::<f64>()
+        / len;
     let inv = 1.0 / (var + 1e-5).sqrt();
     for ch in 0..c {
         let s = (inv * gamma[ch] as f64) as f32;
@@ -534,7 +592,9 @@ fn softmax_row_impl(row: &mut [f32]) {
 pub fn softmax_rows(x: &mut [f32], n: usize, par: Par) {
     let rows = x.len() / n;
     let ml = par.min_len(rows, n * 4);
-    x.par_chunks_mut(n).with_min_len(ml).for_each(|row| dispatch!(softmax_row_impl(row)));
+    x.par_chunks_mut(n)
+        .with_min_len(ml)
+        .for_each(|row| dispatch!(softmax_row_impl(row)));
 }
 
 #[cfg(test)]
@@ -554,7 +614,8 @@ mod tests {
                             let iy = (oy * g.stride + ky) as isize - p;
                             let ix = (ox * g.stride + kx) as isize - p;
                             if iy >= 0 && ix >= 0 && (iy as usize) < g.h && (ix as usize) < g.w {
-                                s += w[ch * g.k * g.k + ky * g.k + kx] * x[(ch * g.h + iy as usize) * g.w + ix as usize];
+                                s +=
+                                    w[ch * g.k * g.k + ky * g.k + kx] * x[(ch * g.h + iy as usize) * g.w + ix as usize];
                             }
                         }
                     }
@@ -567,7 +628,19 @@ mod tests {
 
     #[test]
     fn dwconv_matches_naive() {
-        for (h, k, s) in [(7, 3, 1), (7, 3, 2), (8, 5, 2), (9, 5, 1), (1, 3, 1), (2, 5, 2), (5, 3, 2), (37, 3, 1), (37, 5, 2), (40, 3, 2), (33, 5, 1)] {
+        for (h, k, s) in [
+            (7, 3, 1),
+            (7, 3, 2),
+            (8, 5, 2),
+            (9, 5, 1),
+            (1, 3, 1),
+            (2, 5, 2),
+            (5, 3, 2),
+            (37, 3, 1),
+            (37, 5, 2),
+            (40, 3, 2),
+            (33, 5, 1),
+        ] {
             let g = ConvGeom { h, w: h, k, stride: s };
             let c = 3;
             let x: Vec<f32> = (0..c * h * h).map(|i| ((i * 37) % 11) as f32 - 5.0).collect();
@@ -598,6 +671,14 @@ mod tests {
         let x: Vec<f32> = (1..=9).map(|v| v as f32).collect();
         let (out, ho, wo) = avgpool_shortcut(&x, 1, 3, 3, 2, &Arena::default());
         assert_eq!((ho, wo), (2, 2));
-        assert_eq!(out, vec![0.25, (2.0 + 3.0) / 4.0, (4.0 + 7.0) / 4.0, (5.0 + 6.0 + 8.0 + 9.0) / 4.0]);
+        assert_eq!(
+            out,
+            vec![
+                0.25,
+                (2.0 + 3.0) / 4.0,
+                (4.0 + 7.0) / 4.0,
+                (5.0 + 6.0 + 8.0 + 9.0) / 4.0
+            ]
+        );
     }
 }

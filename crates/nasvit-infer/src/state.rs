@@ -21,7 +21,11 @@ pub struct Tensor {
 
 impl Tensor {
     pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Self {
-        assert_eq!(shape.iter().product::<usize>(), data.len(), "tensor data does not fill its shape");
+        assert_eq!(
+            shape.iter().product::<usize>(),
+            data.len(),
+            "tensor data does not fill its shape"
+        );
         Tensor { shape, data }
     }
 
@@ -122,7 +126,13 @@ fn f16_to_f32(h: u16) -> f32 {
 pub fn save_safetensors(path: &Path, tensors: &StateDict, metadata: Option<HashMap<String, String>>) -> Result<()> {
     let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
         .iter()
-        .map(|(k, t)| (k.clone(), t.data.iter().flat_map(|v| v.to_le_bytes()).collect(), t.shape.clone()))
+        .map(|(k, t)| {
+            (
+                k.clone(),
+                t.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                t.shape.clone(),
+            )
+        })
         .collect();
     let views = bytes
         .iter()
@@ -243,7 +253,10 @@ pub fn released_layout(space: &SearchSpace) -> Vec<(String, Vec<usize>)> {
     };
     let max = |v: &[usize]| *v.iter().max().expect("non-empty choice list");
     let stem = max(&space.stem.widths);
-    push("first_conv.conv.conv.weight".into(), vec![stem, space.in_channels, 3, 3]);
+    push(
+        "first_conv.conv.conv.weight".into(),
+        vec![stem, space.in_channels, 3, 3],
+    );
     bn(&mut push, "first_conv", stem);
     let g = space.max_grid();
     let rpb_rows = (2 * g - 1) * (2 * g - 1);
@@ -261,7 +274,10 @@ pub fn released_layout(space: &SearchSpace) -> Vec<(String, Vec<usize>)> {
             } => {
                 let p = format!("blocks.{index}.mobile_inverted_conv");
                 if !no_expand {
-                    push(format!("{p}.inverted_bottleneck.conv.conv.weight"), vec![cmid, cin, 1, 1]);
+                    push(
+                        format!("{p}.inverted_bottleneck.conv.conv.weight"),
+                        vec![cmid, cin, 1, 1],
+                    );
                     bn(&mut push, &format!("{p}.inverted_bottleneck"), cmid);
                 }
                 push(format!("{p}.depth_conv.conv.conv.weight"), vec![cmid, 1, kmax, kmax]);
@@ -275,7 +291,10 @@ pub fn released_layout(space: &SearchSpace) -> Vec<(String, Vec<usize>)> {
                 push(format!("{p}.point_linear.conv.conv.weight"), vec![cout, cmid, 1, 1]);
                 bn(&mut push, &format!("{p}.point_linear"), cout);
                 push(format!("{p}.rescale"), vec![cout]);
-                push(format!("blocks.{index}.shortcut.conv.conv.weight"), vec![cout, cin, 1, 1]);
+                push(
+                    format!("blocks.{index}.shortcut.conv.conv.weight"),
+                    vec![cout, cin, 1, 1],
+                );
             }
             SupernetBlock::Transformer {
                 index,
@@ -319,9 +338,15 @@ pub fn released_layout(space: &SearchSpace) -> Vec<(String, Vec<usize>)> {
     let c7 = max(&space.stages.last().expect("a space has stages").widths);
     let ce = c7 * HEAD_EXPAND;
     let head = max(&space.head.widths);
-    push("last_conv.final_expand_layer.conv.conv.weight".into(), vec![ce, c7, 1, 1]);
+    push(
+        "last_conv.final_expand_layer.conv.conv.weight".into(),
+        vec![ce, c7, 1, 1],
+    );
     bn(&mut push, "last_conv.final_expand_layer", ce);
-    push("last_conv.feature_mix_layer.conv.conv.weight".into(), vec![head, ce, 1, 1]);
+    push(
+        "last_conv.feature_mix_layer.conv.conv.weight".into(),
+        vec![head, ce, 1, 1],
+    );
     push("classifier.linear.linear.weight".into(), vec![space.num_classes, head]);
     push("classifier.linear.linear.bias".into(), vec![space.num_classes]);
     keys

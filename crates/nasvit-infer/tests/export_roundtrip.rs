@@ -27,8 +27,14 @@ fn write_read_gives_the_same_logits() {
     assert_eq!(back.labels, (0..10).map(|k| k.to_string()).collect::<Vec<_>>());
     assert_eq!(back.tensors, model.tensors);
     let x = input(3, arch.resolution, 1);
-    let a = Engine::new(&model, EngineOptions { threads: 1 }).unwrap().run(&x).unwrap();
-    let b = Engine::load(&dir, EngineOptions { threads: 2 }).unwrap().run(&x).unwrap();
+    let a = Engine::new(&model, EngineOptions { threads: 1 })
+        .unwrap()
+        .run(&x)
+        .unwrap();
+    let b = Engine::load(&dir, EngineOptions { threads: 2 })
+        .unwrap()
+        .run(&x)
+        .unwrap();
     assert_eq!(a.shape, vec![2, 10]);
     for (u, v) in a.data.iter().zip(&b.data) {
         assert!((u - v).abs() <= 1e-5 * (1.0 + u.abs()), "{u} vs {v}");
@@ -48,7 +54,10 @@ fn missing_or_misshaped_key_is_named() {
     let err = ExportedModel::load(&dir).unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, InferError::MissingKey { .. }), "{msg}");
-    assert!(msg.contains("stages.4.1.attn.rpb") && msg.contains("model.safetensors"), "{msg}");
+    assert!(
+        msg.contains("stages.4.1.attn.rpb") && msg.contains("model.safetensors"),
+        "{msg}"
+    );
 
     let dir = common::scratch("bad_shape");
     let mut tensors = model.tensors.clone();
@@ -58,7 +67,10 @@ fn missing_or_misshaped_key_is_named() {
     let err = ExportedModel::load(&dir).unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, InferError::Shape { .. }), "{msg}");
-    assert!(msg.contains("stages.1.0.dw.weight") && msg.contains("[3, 1, 3, 3]"), "{msg}");
+    assert!(
+        msg.contains("stages.1.0.dw.weight") && msg.contains("[3, 1, 3, 3]"),
+        "{msg}"
+    );
 
     let dir = common::scratch("no_json");
     model.save(&dir).unwrap();
@@ -72,8 +84,13 @@ fn supernet_missing_key_is_named() {
     let space = common::golden_space();
     let mut sd = common::golden_weights();
     sd.remove("blocks.13.mobile_inverted_conv.depth_conv.se.fc.reduce.bias");
-    let msg = ExportedModel::from_state_dict(&sd, &space, &space.max_arch()).unwrap_err().to_string();
-    assert!(msg.contains("blocks.13.mobile_inverted_conv.depth_conv.se.fc.reduce.bias"), "{msg}");
+    let msg = ExportedModel::from_state_dict(&sd, &space, &space.max_arch())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("blocks.13.mobile_inverted_conv.depth_conv.se.fc.reduce.bias"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -83,7 +100,10 @@ fn checkpoint_with_space_metadata_exports() {
     let dir = common::scratch("ckpt");
     let path = dir.join("ckpt.safetensors");
     let mut md = std::collections::HashMap::new();
-    md.insert("nasvit.space".to_string(), serde_json::to_string(&space.to_json()).unwrap());
+    md.insert(
+        "nasvit.space".to_string(),
+        serde_json::to_string(&space.to_json()).unwrap(),
+    );
     save_safetensors(&path, &sd, Some(md)).unwrap();
     let arch = space.max_arch();
     let model = ExportedModel::from_checkpoint(&path, None, &arch).unwrap();
@@ -92,7 +112,9 @@ fn checkpoint_with_space_metadata_exports() {
     assert!(y.data.iter().all(|v| v.is_finite()));
     // A checkpoint without the metadata needs the space.
     save_safetensors(&path, &sd, None).unwrap();
-    let msg = ExportedModel::from_checkpoint(&path, None, &arch).unwrap_err().to_string();
+    let msg = ExportedModel::from_checkpoint(&path, None, &arch)
+        .unwrap_err()
+        .to_string();
     assert!(msg.contains("nasvit.space"), "{msg}");
 }
 
@@ -107,7 +129,10 @@ fn paper_genes_run() {
         arch.mlp_ratio = Some(vec![ratio; 4]);
         arch.mlp_dwconv = Some(vec![dw; 4]);
         let model = ExportedModel::from_state_dict(&sd, &space, &arch).unwrap();
-        assert_eq!(model.tensors["stages.3.1.attn.rpb"].shape, vec![8, 196 / windows, 196 / windows]);
+        assert_eq!(
+            model.tensors["stages.3.1.attn.rpb"].shape,
+            vec![8, 196 / windows, 196 / windows]
+        );
         assert_eq!(model.tensors["stages.3.1.mlp1.fc1.weight"].shape, vec![64 * ratio, 64]);
         assert_eq!(model.tensors.contains_key("stages.3.1.mlp2.dw.weight"), dw);
         let e = Engine::new(&model, EngineOptions { threads: 2 }).unwrap();

@@ -95,7 +95,12 @@ fn engine_matches_every_eval_case() {
         }
         for tap in &case.taps {
             let want = &tensors[&format!("{}.tap.{tap}", case.name)];
-            let got = &out.taps.iter().find(|(n, _)| n == tap).unwrap_or_else(|| panic!("no tap {tap}")).1;
+            let got = &out
+                .taps
+                .iter()
+                .find(|(n, _)| n == tap)
+                .unwrap_or_else(|| panic!("no tap {tap}"))
+                .1;
             let (err, ok) = compare(got, want);
             println!("{:<24}   tap {tap:<5} max abs err {err:.3e}", case.name);
             if !ok {

@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use nasvit_infer::{classify, Engine, EngineOptions, ExportedModel};
 
 fn write_images(dir: &std::path::Path) -> (Vec<PathBuf>, Vec<PathBuf>) {
-    let img = image::RgbImage::from_fn(80, 60, |x, y| image::Rgb([(x * 3) as u8, (y * 4) as u8, ((x + y) * 2) as u8]));
+    let img = image::RgbImage::from_fn(80, 60, |x, y| {
+        image::Rgb([(x * 3) as u8, (y * 4) as u8, ((x + y) * 2) as u8])
+    });
     let png = dir.join("good.png");
     let jpg = dir.join("good.jpg");
     let grey = dir.join("grey.png");
@@ -52,9 +54,15 @@ fn bad_files_fail_alone_and_are_named() {
             let top = r.as_ref().unwrap_or_else(|e| panic!("{name}: {e}"));
             assert_eq!(top.len(), 3);
             assert!(top[0].prob >= top[1].prob && top[1].prob >= top[2].prob);
-            assert!(top.iter().all(|t| t.prob.is_finite() && t.index < 10 && t.label == t.index.to_string()));
+            assert!(top
+                .iter()
+                .all(|t| t.prob.is_finite() && t.index < 10 && t.label == t.index.to_string()));
         } else {
-            let e = r.as_ref().err().unwrap_or_else(|| panic!("{name} should fail")).to_string();
+            let e = r
+                .as_ref()
+                .err()
+                .unwrap_or_else(|| panic!("{name} should fail"))
+                .to_string();
             assert!(e.contains(name), "{e}");
         }
     }
@@ -70,8 +78,15 @@ fn preprocess_normalises_a_constant_image() {
     let img = image::DynamicImage::ImageRgb8(image::RgbImage::from_pixel(50, 100, image::Rgb([255, 0, 128])));
     let x = nasvit_infer::image::preprocess(&img, &pre);
     assert_eq!(x.len(), 3 * 32 * 32);
-    let want = [(1.0 - 0.485) / 0.229, (0.0 - 0.456) / 0.224, (128.0 / 255.0 - 0.406) / 0.225];
+    let want = [
+        (1.0 - 0.485) / 0.229,
+        (0.0 - 0.456) / 0.224,
+        (128.0 / 255.0 - 0.406) / 0.225,
+    ];
     for (c, w) in want.iter().enumerate() {
-        assert!(x[c * 1024..(c + 1) * 1024].iter().all(|v| (v - w).abs() < 1e-4), "channel {c}");
+        assert!(
+            x[c * 1024..(c + 1) * 1024].iter().all(|v| (v - w).abs() < 1e-4),
+            "channel {c}"
+        );
     }
 }

@@ -1,6 +1,9 @@
 //! The bicubic input resize against values worked out by hand from PyTorch's definition (a = -0.75,
 //! align_corners = false, clamped border).
 
+// The expected values are exact binary fractions (k / 256), written out in full.
+#![allow(clippy::excessive_precision)]
+
 use nasvit_infer::resize::bicubic;
 
 #[test]

@@ -23,7 +23,9 @@ pub fn golden_weights() -> StateDict {
 
 /// An empty folder under cargo's per-target scratch dir.
 pub fn scratch(name: &str) -> PathBuf {
-    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("nasvit-infer").join(name);
+    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join("nasvit-infer")
+        .join(name);
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
