@@ -309,7 +309,7 @@ impl SearchSpace {
                 for &r in &self.resolutions {
                     if let Some(i) = first {
                         let g = self.stage_sizes(r)[i + 1];
-                        if g % 2 != 0 {
+                        if !g.is_multiple_of(2) {
                             return invalid(
                                 "paper.windows".into(),
                                 format!("2x2 windows need an even token grid; resolution {r} gives {g}x{g}"),
