@@ -620,7 +620,7 @@ impl TfLayer {
         }
         ar.put(qkv);
         ar.put(vc);
-        kernels::act_row(&mut o, 0.0, Act::Swish);
+        kernels::bias_act(&mut o, n, None, Act::Swish, par);
         self.proj.run_add(&o, n, t, par);
         ar.put(o);
         // MLP2 (norm3) first, then MLP1 (norm2), as the released layer does.
