@@ -11,8 +11,9 @@
 //!
 //! The engine runs whole exported subnets only (it has no public per-block entry point), so the table is solved
 //! from end-to-end timings: [`build_lut`] times the min and max subnets and `samples` random subnets of the space
-//! (random weights from [`random_state_dict`]; batch-1 median of `reps` runs after `warmup` runs), then fits
-//! the per-key latencies by least squares, `latency(subnet) = sum over its keys`:
+//! (random weights from [`random_state_dict`]; batch-1, the fastest of `reps` runs in each of `passes` passes
+//! over the list, which keeps bursts of load from other processes out), then fits the per-key latencies by
+//! least squares, `latency(subnet) = sum over its keys`, on relative errors with Huber re-weighting:
 //!
 //! 1. a prior from 7 numbers fitted on the same timings: per-inference overhead, ms per MMAC of the stem, of the
 //!    MBConv blocks, of the transformer layers and of the head, and a fixed cost per MBConv block and per
@@ -406,8 +407,11 @@ pub struct LutOptions {
     pub samples: usize,
     /// Untimed runs per subnet.
     pub warmup: usize,
-    /// Timed runs per subnet (the median counts).
+    /// Timed runs per subnet per pass.
     pub reps: usize,
+    /// Passes over all subnets; a subnet's latency is its fastest run over all passes, so a burst of load from
+    /// other processes during one pass does not count.
+    pub passes: usize,
     /// Engine worker threads; 0 = one per core.
     pub threads: usize,
     pub seed: u64,
@@ -418,17 +422,27 @@ pub struct LutOptions {
 impl Default for LutOptions {
     fn default() -> Self {
         Self {
-            samples: 400,
-            warmup: 2,
-            reps: 7,
+            samples: 300,
+            warmup: 1,
+            reps: 5,
+            passes: 2,
             threads: 2,
             seed: 0,
-            ridge: 2.0,
+            ridge: 10.0,
         }
     }
 }
 
-/// Batch-1 latency (median of `reps` runs, ms) of `arch` exported from the state dict `sd`.
+/// Which statistic of the timed runs counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Statistic {
+    /// The fastest run: the least disturbed by other processes on a shared machine.
+    Min,
+    Median,
+}
+
+/// Batch-1 latency (ms, `stat` of `reps` runs) of `arch` exported from the state dict `sd`.
 pub fn measure_latency(
     sd: &StateDict,
     space: &SearchSpace,
@@ -436,6 +450,19 @@ pub fn measure_latency(
     threads: usize,
     warmup: usize,
     reps: usize,
+) -> Result<f64> {
+    measure_latency_stat(sd, space, arch, threads, warmup, reps, Statistic::Median)
+}
+
+/// [`measure_latency`] with a choice of statistic.
+pub fn measure_latency_stat(
+    sd: &StateDict,
+    space: &SearchSpace,
+    arch: &Arch,
+    threads: usize,
+    warmup: usize,
+    reps: usize,
+    stat: Statistic,
 ) -> Result<f64> {
     let model = ExportedModel::from_state_dict(sd, space, arch)?;
     let engine = Engine::new(&model, EngineOptions { threads })?;
@@ -452,7 +479,10 @@ pub fn measure_latency(
         times.push(t0.elapsed().as_secs_f64() * 1e3);
     }
     times.sort_by(f64::total_cmp);
-    Ok(times[times.len() / 2])
+    Ok(match stat {
+        Statistic::Min => times[0],
+        Statistic::Median => times[times.len() / 2],
+    })
 }
 
 /// Subnets to time: min, max, then random ones.
@@ -463,15 +493,31 @@ fn timing_archs(space: &SearchSpace, samples: usize, seed: u64) -> Vec<Arch> {
     archs
 }
 
+/// Latency of each arch: the fastest of `reps` runs over `passes` passes through the list.
+fn time_archs(
+    sd: &StateDict,
+    space: &SearchSpace,
+    archs: &[Arch],
+    opts: &LutOptions,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<f64>> {
+    let passes = opts.passes.max(1);
+    let mut ys = vec![f64::INFINITY; archs.len()];
+    for pass in 0..passes {
+        for (i, a) in archs.iter().enumerate() {
+            let t = measure_latency_stat(sd, space, a, opts.threads, opts.warmup, opts.reps, Statistic::Min)?;
+            ys[i] = ys[i].min(t);
+            progress(pass * archs.len() + i + 1, passes * archs.len());
+        }
+    }
+    Ok(ys)
+}
+
 /// Builds the table of `space` (see the module docs). `progress(done, total)` after each timed subnet.
 pub fn build_lut(space: &SearchSpace, opts: &LutOptions, progress: &mut dyn FnMut(usize, usize)) -> Result<LatencyLut> {
     let sd = random_state_dict(space, opts.seed);
     let archs = timing_archs(space, opts.samples, opts.seed);
-    let mut ys = Vec::with_capacity(archs.len());
-    for (i, a) in archs.iter().enumerate() {
-        ys.push(measure_latency(&sd, space, a, opts.threads, opts.warmup, opts.reps)?);
-        progress(i + 1, archs.len());
-    }
+    let ys = time_archs(&sd, space, &archs, opts, progress)?;
     let threads = if opts.threads == 0 {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     } else {
@@ -484,6 +530,9 @@ pub fn build_lut(space: &SearchSpace, opts: &LutOptions, progress: &mut dyn FnMu
 }
 
 /// Solves per-key latencies from end-to-end timings `ys` (ms) of `archs` (see the module docs).
+///
+/// The fit minimises relative errors (rows weighted by `1 / y^2`) and is robust to timings disturbed by other
+/// processes: three rounds of iteratively re-weighted least squares with Huber weights on the relative residuals.
 pub fn fit_lut(space: &SearchSpace, archs: &[Arch], ys: &[f64], ridge: f64) -> LatencyLut {
     let keys: Vec<LutKey> = space_keys(space).into_iter().collect();
     let pos: BTreeMap<&LutKey, usize> = keys.iter().enumerate().map(|(i, k)| (k, i)).collect();
@@ -501,7 +550,8 @@ pub fn fit_lut(space: &SearchSpace, archs: &[Arch], ys: &[f64], ridge: f64) -> L
             counts.into_iter().collect()
         })
         .collect();
-    // Prior: [overhead, rate stem, rate mb, fixed mb, rate tf, fixed tf, rate head].
+    let n = keys.len();
+    // Prior features: [overhead, rate stem, rate mb, fixed mb, rate tf, fixed tf, rate head].
     let feature = |i: usize| -> [f64; 7] {
         let m = macs[i];
         match keys[i].kind() {
@@ -512,54 +562,81 @@ pub fn fit_lut(space: &SearchSpace, archs: &[Arch], ys: &[f64], ridge: f64) -> L
             _ => [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, m],
         }
     };
-    let mut ata = [[0.0f64; 7]; 7];
-    let mut aty = [0.0f64; 7];
-    for (row, &y) in rows.iter().zip(ys) {
-        let mut f = [0.0f64; 7];
-        for &(i, c) in row {
-            for (fj, v) in f.iter_mut().zip(feature(i)) {
-                *fj += c * v;
-            }
-        }
-        for a in 0..7 {
-            aty[a] += f[a] * y;
-            for b in 0..7 {
-                ata[a][b] += f[a] * f[b];
-            }
-        }
-    }
-    let trace: f64 = (0..7).map(|i| ata[i][i]).sum::<f64>().max(1e-12);
-    for (i, r) in ata.iter_mut().enumerate() {
-        r[i] += 1e-9 * trace;
-    }
-    let coef = solve_dense(ata, aty);
-    let prior: Vec<f64> = (0..keys.len())
-        .map(|i| feature(i).iter().zip(&coef).map(|(f, c)| f * c).sum::<f64>().max(0.0))
-        .collect();
-    // Corrections: (A^T A + ridge I) d = A^T (y - A prior).
-    let resid: Vec<f64> = rows
+    let row_features: Vec<[f64; 7]> = rows
         .iter()
-        .zip(ys)
-        .map(|(row, &y)| y - row.iter().map(|&(i, c)| c * prior[i]).sum::<f64>())
-        .collect();
-    let n = keys.len();
-    let apply = |x: &[f64]| -> Vec<f64> {
-        let mut out: Vec<f64> = x.iter().map(|v| ridge * v).collect();
-        for row in &rows {
-            let s: f64 = row.iter().map(|&(i, c)| c * x[i]).sum();
+        .map(|row| {
+            let mut f = [0.0f64; 7];
             for &(i, c) in row {
-                out[i] += c * s;
+                for (fj, v) in f.iter_mut().zip(feature(i)) {
+                    *fj += c * v;
+                }
+            }
+            f
+        })
+        .collect();
+    let base_w: Vec<f64> = ys.iter().map(|y| 1.0 / y.max(1e-9).powi(2)).collect();
+    let mut w = base_w.clone();
+    let mut prior = vec![0.0; n];
+    let mut delta = vec![0.0; n];
+    for _round in 0..3 {
+        // Prior: weighted least squares on 7 numbers.
+        let mut ata = [[0.0f64; 7]; 7];
+        let mut aty = [0.0f64; 7];
+        for ((f, &y), &wi) in row_features.iter().zip(ys).zip(&w) {
+            for a in 0..7 {
+                aty[a] += wi * f[a] * y;
+                for b in 0..7 {
+                    ata[a][b] += wi * f[a] * f[b];
+                }
             }
         }
-        out
-    };
-    let mut b = vec![0.0; n];
-    for (row, r) in rows.iter().zip(&resid) {
-        for &(i, c) in row {
-            b[i] += c * r;
+        let trace: f64 = (0..7).map(|i| ata[i][i]).sum::<f64>().max(1e-300);
+        for (i, r) in ata.iter_mut().enumerate() {
+            r[i] += 1e-9 * trace;
         }
+        let coef = solve_dense(ata, aty);
+        prior = (0..n)
+            .map(|i| feature(i).iter().zip(&coef).map(|(f, c)| f * c).sum::<f64>().max(0.0))
+            .collect();
+        // Corrections: (A^T W A + ridge * mean(W) I) d = A^T W (y - A prior).
+        let lambda = ridge * w.iter().sum::<f64>() / w.len().max(1) as f64;
+        let apply = |x: &[f64]| -> Vec<f64> {
+            let mut out: Vec<f64> = x.iter().map(|v| lambda * v).collect();
+            for (row, &wi) in rows.iter().zip(&w) {
+                let s: f64 = row.iter().map(|&(i, c)| c * x[i]).sum();
+                for &(i, c) in row {
+                    out[i] += wi * c * s;
+                }
+            }
+            out
+        };
+        let mut b = vec![0.0; n];
+        for ((row, &y), &wi) in rows.iter().zip(ys).zip(&w) {
+            let r = y - row.iter().map(|&(i, c)| c * prior[i]).sum::<f64>();
+            for &(i, c) in row {
+                b[i] += wi * c * r;
+            }
+        }
+        delta = conjugate_gradient(apply, &b, 500, 1e-14);
+        // Huber weights on the relative residuals of the full model.
+        let rel: Vec<f64> = rows
+            .iter()
+            .zip(ys)
+            .map(|(row, &y)| {
+                let p: f64 = row.iter().map(|&(i, c)| c * (prior[i] + delta[i]).max(0.0)).sum();
+                (p - y) / y.max(1e-9)
+            })
+            .collect();
+        let mut abs: Vec<f64> = rel.iter().map(|r| r.abs()).collect();
+        abs.sort_by(f64::total_cmp);
+        let mad = abs.get(abs.len() / 2).copied().unwrap_or(0.0);
+        let k = (1.5 * 1.4826 * mad).max(1e-6);
+        w = rel
+            .iter()
+            .zip(&base_w)
+            .map(|(r, bw)| bw * if r.abs() <= k { 1.0 } else { k / r.abs() })
+            .collect();
     }
-    let delta = conjugate_gradient(apply, &b, 500, 1e-12);
     let mut seen = vec![0usize; n];
     for row in &rows {
         for &(i, _) in row {
@@ -578,7 +655,7 @@ pub fn fit_lut(space: &SearchSpace, archs: &[Arch], ys: &[f64], ridge: f64) -> L
     let mut lut = LatencyLut::new(
         &space.name,
         0,
-        "least squares over end-to-end timings of random subnets (prior: MACs rate + fixed cost per kind)",
+        "robust least squares over end-to-end timings of random subnets (prior: MACs rate + fixed cost per kind)",
         entries,
     );
     lut.samples = archs.len();
@@ -657,18 +734,18 @@ pub struct MapeReport {
     pub points: Vec<MapePoint>,
 }
 
-/// Times `k` random subnets (a seed other than the build's) end to end and compares with the table.
+/// Times `k` random subnets (a seed other than the build's) end to end, the same way as the build (fastest run
+/// over `reps` x `passes`), and compares with the table.
 pub fn latency_mape(space: &SearchSpace, lut: &LatencyLut, k: usize, opts: &LutOptions) -> Result<MapeReport> {
     let sd = random_state_dict(space, opts.seed);
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed ^ 0x5EED_0F_4A9E);
+    let archs: Vec<Arch> = (0..k).map(|_| space.sample_random(&mut rng)).collect();
+    let measured = time_archs(&sd, space, &archs, opts, &mut |_, _| {})?;
     let mut points = Vec::with_capacity(k);
-    for _ in 0..k {
-        let arch = space.sample_random(&mut rng);
-        let predicted_ms = lut.predict(space, &arch)?;
-        let measured_ms = measure_latency(&sd, space, &arch, opts.threads, opts.warmup, opts.reps)?;
+    for (arch, measured_ms) in archs.into_iter().zip(measured) {
         points.push(MapePoint {
+            predicted_ms: lut.predict(space, &arch)?,
             arch,
-            predicted_ms,
             measured_ms,
         });
     }

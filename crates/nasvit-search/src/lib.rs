@@ -29,7 +29,7 @@ pub use evolution::{
     SearchState, SupernetEvaluator,
 };
 pub use latency::{
-    arch_keys, build_lut, fit_lut, latency_mape, measure_latency, space_keys, LatencyLut, LutEntry, LutKey,
+    arch_keys, build_lut, fit_lut, latency_mape, measure_latency, measure_latency_stat, space_keys, Statistic, LatencyLut, LutEntry, LutKey,
     LutOptions, MapeReport,
 };
 pub use output::{pareto_svg, write_outputs, FrontPoint, ParetoFile};

@@ -130,7 +130,7 @@ fn a_small_build_on_the_engine_predicts_positive_latencies() {
         assert!(done <= total);
     })
     .expect("build");
-    assert_eq!(calls, 14);
+    assert_eq!(calls, 14 * opts.passes);
     assert_eq!(lut.samples, 14);
     assert_eq!(lut.threads, 1);
     assert_eq!(lut.entries.len(), space_keys(&space).len());
@@ -154,6 +154,11 @@ fn tiny_lut_build_time_and_mape() {
     let build_s = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     let report = latency_mape(&space, &lut, 50, &opts).expect("mape");
+    if std::env::var("NASVIT_LUT_DEBUG").is_ok() {
+        for p in &report.points {
+            println!("{:.3} {:.3} {:.2}", p.predicted_ms, p.measured_ms, space.cost(&p.arch).mmacs);
+        }
+    }
     println!(
         "tiny LUT: {} keys, {} subnets timed in {build_s:.1} s on {} threads; MAPE over {} fresh subnets {:.1}% \
          (max {:.1}%, measured in {:.1} s); min {:.3} ms, max {:.3} ms",
