@@ -278,3 +278,45 @@ fn an_impossible_range_fails_with_a_clear_message() {
     let err = evo.init().unwrap_err().to_string();
     assert!(err.contains("MMACs") && err.contains("50 tries"), "{err}");
 }
+
+#[test]
+fn a_latency_budget_keeps_every_candidate_within_it() {
+    use nasvit_search::{space_keys, LatencyLut, LutEntry, LutKey};
+    let space = tiny();
+    // Hand-made: 1 ms per MBConv block, 2 ms per transformer layer, nothing else.
+    let entries = space_keys(&space)
+        .into_iter()
+        .map(|key| {
+            let ms = match key {
+                LutKey::MbConv { .. } => 1.0,
+                LutKey::Transformer { .. } => 2.0,
+                _ => 0.0,
+            };
+            LutEntry { key, ms, seen: 0 }
+        })
+        .collect();
+    let lut = LatencyLut::new("tiny", 1, "hand-made", entries);
+    let min_ms = lut.predict(&space, &space.min_arch()).expect("min");
+    let max_ms = lut.predict(&space, &space.max_arch()).expect("max");
+    let budget = (min_ms + max_ms) / 2.0;
+    let config = SearchConfig {
+        latency_max: Some(budget),
+        ..small_config(4)
+    };
+    let state = search(&space, config, Some(&lut), &mut FnEvaluator(synthetic(&space)), None, &mut |_| {})
+        .expect("search");
+    assert!(!state.records.is_empty());
+    for r in &state.records {
+        let ms = r.latency_ms.expect("latency recorded");
+        assert_eq!(ms, lut.predict(&space, &r.arch).expect("predict"));
+        assert!(ms <= budget, "{ms} ms over the budget {budget}");
+    }
+    // With a budget below the min subnet nothing is admissible.
+    let config = SearchConfig {
+        latency_max: Some(min_ms - 0.5),
+        max_tries: 20,
+        ..small_config(4)
+    };
+    let err = search(&space, config, Some(&lut), &mut FnEvaluator(synthetic(&space)), None, &mut |_| {}).unwrap_err();
+    assert!(err.to_string().contains("latency"), "{err}");
+}
