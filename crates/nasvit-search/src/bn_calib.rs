@@ -124,7 +124,9 @@ impl Calibrate for Supernet {
         I: IntoIterator<Item = Batch>,
     {
         if max_batches == 0 {
-            return Err(SearchError::Calibration("the number of calibration batches must be positive".into()));
+            return Err(SearchError::Calibration(
+                "the number of calibration batches must be positive".into(),
+            ));
         }
         self.set_active(arch)?;
         let mut iter = batches.into_iter().take(max_batches);
@@ -190,7 +192,10 @@ impl Calibrate for Supernet {
         for s in &unused {
             for key in [&s.mean_key, &s.var_key] {
                 let v = original.get(key).cloned().unwrap_or_default();
-                update.push((key.clone(), Tensor::<1>::from_data(TensorData::new(v, [s.channels]), &device)));
+                update.push((
+                    key.clone(),
+                    Tensor::<1>::from_data(TensorData::new(v, [s.channels]), &device),
+                ));
             }
         }
         for (s, a) in slots.iter().zip(&acc) {

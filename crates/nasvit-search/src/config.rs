@@ -116,15 +116,25 @@ impl SearchConfig {
         if self.generations == 0 {
             return Err(bad("generations", "must be at least 1"));
         }
-        for (name, p) in [("mutate_prob", self.mutate_prob), ("crossover_prob", self.crossover_prob)] {
+        for (name, p) in [
+            ("mutate_prob", self.mutate_prob),
+            ("crossover_prob", self.crossover_prob),
+        ] {
             if !(0.0..=1.0).contains(&p) {
                 return Err(bad(name, format!("{p} is not a probability in [0, 1]")));
             }
         }
         if !(self.bucket_step.is_finite() && self.bucket_step > 0.0) {
-            return Err(bad("bucket_step", format!("{} must be a positive number of MMACs", self.bucket_step)));
+            return Err(bad(
+                "bucket_step",
+                format!("{} must be a positive number of MMACs", self.bucket_step),
+            ));
         }
-        for (name, v) in [("macs_min", self.macs_min), ("macs_max", self.macs_max), ("latency_max", self.latency_max)] {
+        for (name, v) in [
+            ("macs_min", self.macs_min),
+            ("macs_max", self.macs_max),
+            ("latency_max", self.latency_max),
+        ] {
             if let Some(v) = v {
                 if !(v.is_finite() && v >= 0.0) {
                     return Err(bad(name, format!("{v} must be a non-negative number")));

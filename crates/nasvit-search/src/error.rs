@@ -18,9 +18,17 @@ pub enum SearchError {
     #[error("invalid arch: {0}")]
     Arch(#[from] nasvit_space::ArchError),
     #[error("cannot {action} {path}: {reason}")]
-    Io { action: &'static str, path: String, reason: String },
+    Io {
+        action: &'static str,
+        path: String,
+        reason: String,
+    },
     #[error("malformed {what} {path}: {reason}")]
-    Parse { what: &'static str, path: String, reason: String },
+    Parse {
+        what: &'static str,
+        path: String,
+        reason: String,
+    },
     #[error("invalid search config: `{field}`: {reason}")]
     Config { field: String, reason: String },
     #[error("{0}")]
@@ -30,7 +38,11 @@ pub enum SearchError {
     #[error("the latency table has no entry for {key} (built for space `{lut_space}`); rebuild it for this space")]
     MissingLatency { key: String, lut_space: String },
     #[error("search state {path} was written for space `{state_space}`, not `{space}`")]
-    StateSpace { path: String, state_space: String, space: String },
+    StateSpace {
+        path: String,
+        state_space: String,
+        space: String,
+    },
     #[error("evaluator: {0}")]
     Evaluator(String),
 }

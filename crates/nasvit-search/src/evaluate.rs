@@ -105,7 +105,10 @@ where
     for (images, labels) in batches {
         let b = images.dims()[0];
         if b != labels.len() {
-            return Err(SearchError::Data(format!("a batch of {b} images has {} labels", labels.len())));
+            return Err(SearchError::Data(format!(
+                "a batch of {b} images has {} labels",
+                labels.len()
+            )));
         }
         let logits = forward(images)?;
         let [rows, classes] = logits.dims();

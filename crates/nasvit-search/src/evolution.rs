@@ -133,7 +133,10 @@ impl SearchState {
         };
         let state: Self = serde_json::from_str(&text).map_err(|e| parse_err(e.to_string()))?;
         if state.format != STATE_FORMAT {
-            return Err(parse_err(format!("format `{}`, expected `{STATE_FORMAT}`", state.format)));
+            return Err(parse_err(format!(
+                "format `{}`, expected `{STATE_FORMAT}`",
+                state.format
+            )));
         }
         state.config.check().map_err(|e| parse_err(e.to_string()))?;
         Ok(state)
@@ -247,7 +250,10 @@ impl<'a> Evolution<'a> {
                 return Ok(a);
             }
         }
-        let (lo, hi) = (self.space.cost(&self.space.min_arch()).mmacs, self.space.cost(&self.space.max_arch()).mmacs);
+        let (lo, hi) = (
+            self.space.cost(&self.space.min_arch()).mmacs,
+            self.space.cost(&self.space.max_arch()).mmacs,
+        );
         let latency = match self.config.latency_max {
             Some(ms) => format!(" and a predicted latency <= {ms} ms"),
             None => String::new(),
@@ -297,7 +303,9 @@ impl<'a> Evolution<'a> {
         let table = state.table();
         let winners = table.winners();
         if winners.is_empty() {
-            return Err(SearchError::Evaluator("no subnet was evaluated, so there are no parents".into()));
+            return Err(SearchError::Evaluator(
+                "no subnet was evaluated, so there are no parents".into(),
+            ));
         }
         let c = &self.config;
         let mut population = Vec::with_capacity(c.mutate + c.crossover);

@@ -25,12 +25,12 @@ pub use config::SearchConfig;
 pub use error::{Result, SearchError};
 pub use evaluate::{evaluate_batches, select_per_class, Batch, Score, ScoreAccumulator};
 pub use evolution::{
-    evaluate_subnet, generation_seed, resume, search, Evaluator, Event, Evolution, FnEvaluator, Progress,
-    SearchState, SupernetEvaluator,
+    evaluate_subnet, generation_seed, resume, search, Evaluator, Event, Evolution, FnEvaluator, Progress, SearchState,
+    SupernetEvaluator,
 };
 pub use latency::{
-    arch_keys, build_lut, fit_lut, latency_mape, measure_latency, measure_latency_stat, space_keys, Statistic, LatencyLut, LutEntry, LutKey,
-    LutOptions, MapeReport,
+    arch_keys, build_lut, fit_lut, latency_mape, measure_latency, measure_latency_stat, space_keys, LatencyLut,
+    LutEntry, LutKey, LutOptions, MapeReport, Statistic,
 };
 pub use output::{pareto_svg, write_outputs, FrontPoint, ParetoFile};
 pub use pareto::{front, ParetoTable, Record};

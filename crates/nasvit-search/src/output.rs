@@ -83,7 +83,10 @@ pub fn write_outputs(dir: &Path, state: &SearchState) -> Result<()> {
         state.records.len(),
         state.generation
     );
-    write_atomic(&dir.join("pareto.svg"), pareto_svg(&state.records, &front, &title).as_bytes())
+    write_atomic(
+        &dir.join("pareto.svg"),
+        pareto_svg(&state.records, &front, &title).as_bytes(),
+    )
 }
 
 /// "Nice" tick values covering `[lo, hi]` (about `n` of them).
@@ -115,7 +118,10 @@ fn fmt_tick(v: f64) -> String {
 }
 
 fn escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 /// The plot: `all` as grey circles, `front` as a polyline with square markers, axes with ticks and labels.
@@ -197,7 +203,10 @@ pub fn pareto_svg(all: &[Record], front: &[Record], title: &str) -> String {
         let _ = writeln!(s, r#"<circle cx="{:.2}" cy="{:.2}" r="2.5"/>"#, px(r.mmacs), py(r.top1));
     }
     let _ = writeln!(s, "</g>");
-    let line: Vec<String> = front.iter().map(|r| format!("{:.2},{:.2}", px(r.mmacs), py(r.top1))).collect();
+    let line: Vec<String> = front
+        .iter()
+        .map(|r| format!("{:.2},{:.2}", px(r.mmacs), py(r.top1)))
+        .collect();
     let _ = writeln!(
         s,
         r##"<polyline points="{}" fill="none" stroke="#d62728" stroke-width="2"/>"##,

@@ -127,7 +127,12 @@ fn recalibration_stops_after_max_batches_and_rejects_bad_input() {
     let mut net = SupernetConfig::new(space.clone()).init(&device);
     let arch = space.max_arch();
     let r = arch.resolution;
-    let batch = || (Tensor::<4>::random([2, 3, r, r], Distribution::Normal(0.0, 1.0), &device), vec![0, 1]);
+    let batch = || {
+        (
+            Tensor::<4>::random([2, 3, r, r], Distribution::Normal(0.0, 1.0), &device),
+            vec![0, 1],
+        )
+    };
     let report = net
         .recalibrate_bn(&arch, std::iter::repeat_with(batch), 2)
         .expect("recalibrate");

@@ -28,7 +28,10 @@ fn synthetic(space: &SearchSpace) -> impl FnMut(&Arch) -> Result<Score> + '_ {
     let hi = space.cost(&space.max_arch()).mmacs;
     move |a: &Arch| {
         let m = space.cost(a).mmacs;
-        let h = a.to_json().bytes().fold(7u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
+        let h = a
+            .to_json()
+            .bytes()
+            .fold(7u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
         let top1 = 40.0 + 50.0 * (m - lo) / (hi - lo) + (h % 1000) as f64 / 1000.0;
         Ok(Score {
             top1,
@@ -80,13 +83,20 @@ fn pareto_table_keeps_the_best_per_bucket() {
     let won: Vec<bool> = rs.iter().map(|r| t.insert(r)).collect();
     assert_eq!(won, vec![true, true, false, true, true, false, true]);
     let winners: Vec<(f64, f64)> = t.winners().iter().map(|r| (r.mmacs, r.top1)).collect();
-    assert_eq!(winners, vec![(104.9, 72.0), (105.0, 60.0), (118.0, 65.0), (150.0, 64.0)]);
+    assert_eq!(
+        winners,
+        vec![(104.9, 72.0), (105.0, 60.0), (118.0, 65.0), (150.0, 64.0)]
+    );
     assert_eq!(t.bucket(104.9), 100.0);
     assert_eq!(t.bucket(105.0), 110.0);
     // The non-dominated front: 72 @ 104.9 dominates everything more expensive.
     let f: Vec<(f64, f64)> = t.front().iter().map(|r| (r.mmacs, r.top1)).collect();
     assert_eq!(f, vec![(104.9, 72.0)]);
-    let f2 = nasvit_search::front(&[record(1.0, 1.0, &space), record(2.0, 3.0, &space), record(3.0, 2.0, &space)]);
+    let f2 = nasvit_search::front(&[
+        record(1.0, 1.0, &space),
+        record(2.0, 3.0, &space),
+        record(3.0, 2.0, &space),
+    ]);
     assert_eq!(f2.iter().map(|r| r.mmacs).collect::<Vec<_>>(), vec![1.0, 2.0]);
 }
 
@@ -140,7 +150,6 @@ fn each_arch_is_evaluated_once() {
         }
     })
     .expect("search");
-    drop(eval);
     assert_eq!(calls, state.records.len());
     // 24 + 4 x 24 candidates, some of them drawn more than once.
     assert_eq!(calls + cached, 24 * 5);
@@ -150,8 +159,15 @@ fn each_arch_is_evaluated_once() {
 fn resume_after_generation_k_gives_the_same_front() {
     let space = tiny();
     let config = small_config(11);
-    let full = search(&space, config.clone(), None, &mut FnEvaluator(synthetic(&space)), None, &mut |_| {})
-        .expect("uninterrupted");
+    let full = search(
+        &space,
+        config.clone(),
+        None,
+        &mut FnEvaluator(synthetic(&space)),
+        None,
+        &mut |_| {},
+    )
+    .expect("uninterrupted");
 
     let dir = temp_dir("resume");
     let path = dir.join("state.json");
@@ -164,11 +180,18 @@ fn resume_after_generation_k_gives_the_same_front() {
     state.save(&path).expect("save");
     drop(state);
     let mut generations = Vec::new();
-    let resumed = resume(&space, None, None, &mut FnEvaluator(synthetic(&space)), &path, &mut |e| {
-        if let Event::Generation(p) = e {
-            generations.push(p.generation);
-        }
-    })
+    let resumed = resume(
+        &space,
+        None,
+        None,
+        &mut FnEvaluator(synthetic(&space)),
+        &path,
+        &mut |e| {
+            if let Event::Generation(p) = e {
+                generations.push(p.generation);
+            }
+        },
+    )
     .expect("resume");
     assert_eq!(generations, vec![3, 4, 5]);
     assert_eq!(resumed.generation, 5);
@@ -197,7 +220,15 @@ fn resume_after_generation_k_gives_the_same_front() {
     assert_eq!(again.records.len(), full.records.len());
     // A state of another space is refused.
     let other = SearchSpace::builtin("official").expect("official");
-    let err = resume(&other, None, None, &mut FnEvaluator(synthetic(&space)), &path, &mut |_| {}).unwrap_err();
+    let err = resume(
+        &other,
+        None,
+        None,
+        &mut FnEvaluator(synthetic(&space)),
+        &path,
+        &mut |_| {},
+    )
+    .unwrap_err();
     assert!(matches!(err, SearchError::StateSpace { .. }), "{err}");
 }
 
@@ -218,18 +249,28 @@ fn a_score_that_loves_macs_ends_near_the_budget() {
         ..SearchConfig::default()
     };
     let mut last = 0;
-    let state = search(&space, config, None, &mut FnEvaluator(synthetic(&space)), None, &mut |e| {
-        if let Event::Generation(p) = e {
-            assert!(p.generation > last);
-            last = p.generation;
-            assert!(p.best.is_some());
-        }
-    })
+    let state = search(
+        &space,
+        config,
+        None,
+        &mut FnEvaluator(synthetic(&space)),
+        None,
+        &mut |e| {
+            if let Event::Generation(p) = e {
+                assert!(p.generation > last);
+                last = p.generation;
+                assert!(p.best.is_some());
+            }
+        },
+    )
     .expect("search");
     assert_eq!(last, 6);
     let front = state.front();
     let best = front.last().expect("a front");
-    println!("best {:.3} MMACs, budget {budget:.3}, space {lo:.3}..{hi:.3}", best.mmacs);
+    println!(
+        "best {:.3} MMACs, budget {budget:.3}, space {lo:.3}..{hi:.3}",
+        best.mmacs
+    );
     assert!(best.mmacs <= budget);
     assert!(
         best.mmacs >= budget - 0.03 * (hi - lo),
@@ -303,8 +344,15 @@ fn a_latency_budget_keeps_every_candidate_within_it() {
         latency_max: Some(budget),
         ..small_config(4)
     };
-    let state = search(&space, config, Some(&lut), &mut FnEvaluator(synthetic(&space)), None, &mut |_| {})
-        .expect("search");
+    let state = search(
+        &space,
+        config,
+        Some(&lut),
+        &mut FnEvaluator(synthetic(&space)),
+        None,
+        &mut |_| {},
+    )
+    .expect("search");
     assert!(!state.records.is_empty());
     for r in &state.records {
         let ms = r.latency_ms.expect("latency recorded");
@@ -317,6 +365,14 @@ fn a_latency_budget_keeps_every_candidate_within_it() {
         max_tries: 20,
         ..small_config(4)
     };
-    let err = search(&space, config, Some(&lut), &mut FnEvaluator(synthetic(&space)), None, &mut |_| {}).unwrap_err();
+    let err = search(
+        &space,
+        config,
+        Some(&lut),
+        &mut FnEvaluator(synthetic(&space)),
+        None,
+        &mut |_| {},
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("latency"), "{err}");
 }

@@ -105,11 +105,17 @@ fn fit_recovers_an_additive_model() {
     let hidden = hand_made(&space);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
     let archs: Vec<_> = (0..300).map(|_| space.sample_random(&mut rng)).collect();
-    let ys: Vec<f64> = archs.iter().map(|a| hidden.predict(&space, a).expect("predict")).collect();
+    let ys: Vec<f64> = archs
+        .iter()
+        .map(|a| hidden.predict(&space, a).expect("predict"))
+        .collect();
     let lut = fit_lut(&space, &archs, &ys, 1.0);
     let test: Vec<_> = (0..50).map(|_| space.sample_random(&mut rng)).collect();
     for a in &test {
-        let (p, y) = (lut.predict(&space, a).expect("fit"), hidden.predict(&space, a).expect("hidden"));
+        let (p, y) = (
+            lut.predict(&space, a).expect("fit"),
+            hidden.predict(&space, a).expect("hidden"),
+        );
         assert!((p - y).abs() / y < 0.02, "predicted {p}, true {y}");
     }
 }
@@ -156,7 +162,12 @@ fn tiny_lut_build_time_and_mape() {
     let report = latency_mape(&space, &lut, 50, &opts).expect("mape");
     if std::env::var("NASVIT_LUT_DEBUG").is_ok() {
         for p in &report.points {
-            println!("{:.3} {:.3} {:.2}", p.predicted_ms, p.measured_ms, space.cost(&p.arch).mmacs);
+            println!(
+                "{:.3} {:.3} {:.2}",
+                p.predicted_ms,
+                p.measured_ms,
+                space.cost(&p.arch).mmacs
+            );
         }
     }
     println!(

@@ -52,7 +52,9 @@ fn rec(mmacs: f64, top1: f64) -> Record {
 
 #[test]
 fn svg_has_one_front_line_and_one_circle_per_point() {
-    let all: Vec<Record> = (0..17).map(|i| rec(100.0 + 7.0 * i as f64, 60.0 + ((i * 5) % 11) as f64)).collect();
+    let all: Vec<Record> = (0..17)
+        .map(|i| rec(100.0 + 7.0 * i as f64, 60.0 + ((i * 5) % 11) as f64))
+        .collect();
     let front = nasvit_search::front(&all);
     let svg = pareto_svg(&all, &front, "a <test> & plot");
     assert!(svg.starts_with("<svg"));
@@ -60,7 +62,11 @@ fn svg_has_one_front_line_and_one_circle_per_point() {
     assert!(balanced(&svg), "unbalanced tags:\n{svg}");
     assert_eq!(count(&svg, "<circle"), all.len());
     assert_eq!(count(&svg, "<polyline") + count(&svg, "<path"), 1);
-    let pts = svg.split("<polyline points=\"").nth(1).and_then(|s| s.split('"').next()).expect("points");
+    let pts = svg
+        .split("<polyline points=\"")
+        .nth(1)
+        .and_then(|s| s.split('"').next())
+        .expect("points");
     assert_eq!(pts.split_whitespace().count(), front.len());
     assert!(svg.contains("MMACs") && svg.contains("top-1"));
     assert!(svg.contains("a &lt;test&gt; &amp; plot"));
