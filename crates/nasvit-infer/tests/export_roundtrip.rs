@@ -140,3 +140,23 @@ fn paper_genes_run() {
         assert!(y.data.iter().all(|v| v.is_finite()), "{windows} {ratio} {dw}");
     }
 }
+
+#[test]
+fn engine_is_shareable_across_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Engine>();
+    let space = common::golden_space();
+    let model = ExportedModel::from_state_dict(&common::golden_weights(), &space, &space.min_arch()).unwrap();
+    let engine = Engine::new(&model, EngineOptions { threads: 2 }).unwrap();
+    let x = input(3, 192, 9);
+    let want = engine.run(&x).unwrap();
+    std::thread::scope(|s| {
+        let hs: Vec<_> = (0..3).map(|_| s.spawn(|| engine.run(&x).unwrap())).collect();
+        for h in hs {
+            assert_eq!(h.join().unwrap().data, want.data);
+        }
+    });
+    // Wrong channel count or empty input: an error, not a panic.
+    let bad = Tensor::zeros(vec![1, 1, 192, 192]);
+    assert!(engine.run(&bad).unwrap_err().to_string().contains("[B, 3, H, W]"));
+}
