@@ -32,11 +32,11 @@ enum Command {
     /// MACs (millions, released counting) and parameters of one subnet.
     Flops(cmd::flops::FlopsArgs),
     /// Train a supernet (sandwich rule, in-place distillation, gradient projection).
-    Train(cmd::unimplemented::AnyArgs),
+    Train(cmd::train::TrainArgs),
     /// BN re-calibration and top-1/top-5 of one subnet of a trained supernet.
-    Eval(cmd::unimplemented::AnyArgs),
+    Eval(cmd::eval::EvalArgs),
     /// Evolutionary search under a MACs or latency budget.
-    Search(cmd::unimplemented::AnyArgs),
+    Search(cmd::search::SearchArgs),
     /// Export a subnet as a standalone model folder.
     Export(cmd::unimplemented::AnyArgs),
     /// Classify images with an exported model.
@@ -44,7 +44,7 @@ enum Command {
     /// Batch-1 latency of an exported model.
     Bench(cmd::unimplemented::AnyArgs),
     /// Gradient-conflict table: share of negative cosines between supernet and subnet gradients.
-    Conflict(cmd::unimplemented::AnyArgs),
+    Conflict(cmd::conflict::ConflictArgs),
     /// Convert a released NASViT state dict (safetensors) into a nasvit checkpoint.
     ImportOfficial(cmd::import::ImportArgs),
 }
@@ -54,13 +54,16 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Space { command } => cmd::space::run(command),
         Command::Flops(args) => cmd::flops::run(args),
-        Command::Train(_) => cmd::unimplemented::run("train"),
-        Command::Eval(_) => cmd::unimplemented::run("eval"),
-        Command::Search(_) => cmd::unimplemented::run("search"),
+        Command::Train(args) => match cmd::train::run_cmd(args) {
+            Ok(code) => return code,
+            Err(e) => Err(e),
+        },
+        Command::Eval(args) => cmd::eval::run(args),
+        Command::Search(args) => cmd::search::run(args),
         Command::Export(_) => cmd::unimplemented::run("export"),
         Command::Infer(_) => cmd::unimplemented::run("infer"),
         Command::Bench(_) => cmd::unimplemented::run("bench"),
-        Command::Conflict(_) => cmd::unimplemented::run("conflict"),
+        Command::Conflict(args) => cmd::conflict::run(args),
         Command::ImportOfficial(args) => cmd::import::run(args),
     };
     match result {

@@ -1,4 +1,9 @@
+pub mod conflict;
+pub mod data;
+pub mod eval;
 pub mod flops;
 pub mod import;
+pub mod search;
 pub mod space;
+pub mod train;
 pub mod unimplemented;

@@ -1,0 +1,99 @@
+//! `nasvit eval --checkpoint CKPT --arch ARCH --data PATH`: BN re-calibration of one subnet on training
+//! batches, then top-1 / top-5 on the validation split.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use burn::tensor::Device;
+use clap::Args;
+use nasvit_model::load_checkpoint;
+use nasvit_search::evolution::evaluate_subnet;
+use nasvit_space::Arch;
+use nasvit_train::data::{eval_loader, open_datasets, train_loader};
+
+use super::data::{data_config, to_eval_batch, DATA_HELP};
+
+#[derive(Args)]
+pub struct EvalArgs {
+    /// A nasvit checkpoint (e.g. RUN/supernet.safetensors).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// `min`, `max` or a JSON/YAML arch file.
+    #[arg(long)]
+    arch: String,
+    #[arg(long, help = DATA_HELP)]
+    data: PathBuf,
+    /// Training batches for BN re-calibration (the released evaluation uses 64).
+    #[arg(long, default_value_t = 64)]
+    calib_batches: usize,
+    /// Evaluate at most this many validation images (all by default).
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Batch size (default: the data config's).
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Also write the result as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+pub fn run(args: EvalArgs) -> anyhow::Result<()> {
+    let device = Device::flex();
+    let mut net =
+        load_checkpoint(&args.checkpoint, &device).with_context(|| format!("loading {}", args.checkpoint.display()))?;
+    let space = net.space().clone();
+    let arch = Arch::resolve(&args.arch, &space)?;
+    let mut config = data_config(&args.data, &space)?;
+    if let Some(b) = args.batch_size {
+        config.batch_size = b;
+    }
+    let sets = open_datasets(&config).context("opening the data")?;
+    let val = sets
+        .val
+        .clone()
+        .with_context(|| format!("{}: the data has no validation split", args.data.display()))?;
+    let calib = train_loader(&config, sets.train.clone());
+    let val_loader = eval_loader(&config, val, config.batch_size, false);
+    let limit = args.limit.unwrap_or(usize::MAX);
+    let val_batches = val_loader
+        .epoch(0, 0)
+        .scan(0usize, |seen, b| {
+            (*seen < limit).then(|| {
+                *seen += b.len();
+                b
+            })
+        })
+        .map(|b| to_eval_batch(b, &device));
+    let calib_batches = calib.epoch(0, 0).map(|b| to_eval_batch(b, &device));
+    let t0 = std::time::Instant::now();
+    let (score, report) = evaluate_subnet(&mut net, &arch, calib_batches, args.calib_batches, val_batches)?;
+    let cost = space.cost(&arch);
+    println!(
+        "top-1 {:.2}%  top-5 {:.2}%  loss {:.4}  on {} images  |  {:.2} MMACs, {:.3} M params  |  BN re-calibrated on {} batches ({} images)  [{:.1} s]",
+        score.top1,
+        score.top5,
+        score.loss,
+        score.images,
+        cost.mmacs,
+        cost.params as f64 / 1e6,
+        report.batches,
+        report.images,
+        t0.elapsed().as_secs_f64()
+    );
+    if let Some(path) = args.json {
+        let v = serde_json::json!({
+            "checkpoint": args.checkpoint,
+            "arch": arch,
+            "mmacs": cost.mmacs,
+            "params": cost.params,
+            "top1": score.top1,
+            "top5": score.top5,
+            "loss": score.loss,
+            "images": score.images,
+            "calib_batches": report.batches,
+        });
+        std::fs::write(&path, serde_json::to_string_pretty(&v)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}

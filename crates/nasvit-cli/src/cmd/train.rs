@@ -1,0 +1,83 @@
+//! `nasvit train --config FILE [--max-steps N] [--out DIR] [--resume RUN_DIR]`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+use nasvit_train::run::{run, RunOptions, TrainError};
+
+#[derive(Args)]
+#[command(
+    after_help = "The run folder holds config.yaml (resolved), metrics.jsonl, checkpoints/step-N/ \
+    {supernet.safetensors (EMA weights: what eval/search/export read), train_state.safetensors, optimizer.bpk, \
+    train_state.json} and `last` pointing at the newest checkpoint. Use RUN/last/supernet.safetensors as the \
+    checkpoint of the other commands."
+)]
+pub struct TrainArgs {
+    /// Training config (YAML); see configs/train/. Not needed with --resume.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Length of the schedule in steps (overrides `max_steps` of the config; the cosine ends there).
+    #[arg(long)]
+    max_steps: Option<u64>,
+    /// Stop after this many completed steps without shortening the schedule (continue with --resume).
+    #[arg(long)]
+    stop_after: Option<u64>,
+    /// Run folder (default: `output_dir` of the config).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Continue the run in RUN_DIR exactly (weights, AdamW, EMA, schedule, data order, subnet sampling).
+    #[arg(long, value_name = "RUN_DIR")]
+    resume: Option<PathBuf>,
+    /// Evaluate the max and min subnets on the validation split every N steps (default: checkpoint_every; 0: at the end only).
+    #[arg(long)]
+    eval_every: Option<u64>,
+    /// Validation batches per evaluation (default: the whole split).
+    #[arg(long)]
+    eval_batches: Option<usize>,
+    /// Publish the raw weights in supernet.safetensors instead of the EMA.
+    #[arg(long)]
+    save_raw: bool,
+    /// No progress bar (log lines instead).
+    #[arg(long)]
+    no_progress: bool,
+}
+
+pub fn run_cmd(args: TrainArgs) -> anyhow::Result<ExitCode> {
+    let opts = RunOptions {
+        config: args.config,
+        max_steps: args.max_steps,
+        stop_after: args.stop_after,
+        out: args.out,
+        resume: args.resume,
+        eval_every: args.eval_every,
+        eval_batches: args.eval_batches,
+        progress: !args.no_progress,
+        save_raw: args.save_raw,
+        quiet: false,
+    };
+    match run(&opts) {
+        Ok(s) => {
+            println!(
+                "trained {} of {} steps in {:.0} s; checkpoint {}",
+                s.step,
+                s.total_steps,
+                s.wall_s,
+                s.last_checkpoint.join("supernet.safetensors").display()
+            );
+            if let Some(e) = s.last_eval {
+                println!(
+                    "val top-1 (EMA weights, running BN statistics): max {:.2}%  min {:.2}%",
+                    e["top1_max_ema_bn"].as_f64().unwrap_or(f64::NAN),
+                    e["top1_min_ema_bn"].as_f64().unwrap_or(f64::NAN)
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e @ TrainError::NonFinite { .. }) => {
+            eprintln!("error: {e}");
+            Ok(ExitCode::from(3))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
