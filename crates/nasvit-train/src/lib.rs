@@ -8,15 +8,24 @@
 //! | [`ema`] | exponential moving average of a module's weights |
 //! | [`config`] | the training config (YAML) with the released recipe as defaults |
 //! | [`data`] | IDX and image-folder readers, transforms, a seeded parallel loader, held-out split |
+//! | [`sandwich`] | one training step: sandwich of subnets, in-place KD, gradient combination, AdamW, EMA |
+//! | [`teacher`] | external teachers of the max subnet (logits file or checkpoint) |
+//! | [`state`] | checkpoints of a run folder (weights, EMA, AdamW state, sidecar), `last` |
+//! | [`run`] | a resumable training run: run folder, metrics, evaluation, progress |
+//! | [`conflict`] | gradient-conflict measurement of a checkpoint |
 //!
-//! The training loop that ties these to the supernet lives elsewhere.
 
 pub mod config;
+pub mod conflict;
 pub mod data;
 pub mod distill;
 pub mod ema;
 pub mod grad_proj;
+pub mod run;
+pub mod sandwich;
 pub mod schedule;
+pub mod state;
+pub mod teacher;
 
 pub use config::{ConfigError, TrainConfig};
 pub use distill::{label_smoothing_cross_entropy, soft_target_cross_entropy, AlphaDivergence, KdOutput};

@@ -1,0 +1,515 @@
+//! A supernet training run (`nasvit train`): config -> run folder with `config.yaml`, `metrics.jsonl`,
+//! checkpoints and `last` (see [`crate::state`] for the layout), resumable exactly with `--resume`.
+//!
+//! - Step `s` (0-based) uses batch `s % steps_per_epoch` of epoch `s / steps_per_epoch` (the loader
+//!   reproduces it), the subnets of [`sandwich_archs`]`(seed, s)` and the learning rate `schedule.lr(s)`;
+//!   so a resumed run continues bit for bit.
+//! - Checkpoints every `checkpoint_every` steps, at the end of every epoch and at the end, plus one of the
+//!   initial weights, so a run always has a loadable last good checkpoint.
+//! - A non-finite loss stops the run with [`TrainError::NonFinite`] (naming the step and the subnet) without
+//!   writing a checkpoint of the broken state.
+//! - Evaluation (top-1 of the max and min subnets on the validation split) uses the **EMA weights with their
+//!   running BN statistics, without re-calibration**; the metric names say so (`top1_max_ema_bn`).
+
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::optim::{AdamWConfig, ModuleOptimizer};
+use burn::tensor::Device;
+use nasvit_model::{ModelError, Supernet, SupernetConfig};
+use nasvit_space::{Arch, SearchSpace};
+use serde_json::{json, Value};
+
+use crate::config::{ConfigError, TrainConfig};
+use crate::data::{self, eval_loader, open_datasets, train_loader, DataError, Dataset, Loader};
+use crate::ema::ModelEma;
+use crate::sandwich::{sandwich_archs, train_step, MaxTarget, StepError, StepSettings};
+use crate::state::{self, load_state, resolve_last, save_state, StateError, StateMeta};
+use crate::teacher::{Teacher, TeacherError};
+
+/// How a run is started.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Training config (YAML). Not needed with `resume` (the run folder's `config.yaml` is used).
+    pub config: Option<PathBuf>,
+    /// Overrides `max_steps` of the config (the length of the schedule).
+    pub max_steps: Option<u64>,
+    /// Stops after this many completed steps (the schedule is not shortened; resume continues it).
+    pub stop_after: Option<u64>,
+    /// Run folder (default: `output_dir` of the config).
+    pub out: Option<PathBuf>,
+    /// Continue the run in this folder from its `last` checkpoint.
+    pub resume: Option<PathBuf>,
+    /// Evaluate every this many steps (default: `checkpoint_every`); always at the end. 0: only at the end.
+    pub eval_every: Option<u64>,
+    /// Validation batches per evaluation (default: the whole split).
+    pub eval_batches: Option<usize>,
+    /// Show a progress bar when stderr is a terminal (else one log line every `log_every` steps).
+    pub progress: bool,
+    /// Publish the raw weights instead of the EMA in `supernet.safetensors`.
+    pub save_raw: bool,
+    /// No stderr output at all (tests).
+    pub quiet: bool,
+}
+
+/// Why a run stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("data: {0}")]
+    Data(#[from] DataError),
+    #[error("model: {0}")]
+    Model(#[from] ModelError),
+    #[error("checkpoint {0}")]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Teacher(#[from] TeacherError),
+    #[error("{path}: {reason}")]
+    Io { path: String, reason: String },
+    #[error("{0}")]
+    Usage(String),
+    #[error(
+        "step {step}: non-finite loss ({value}) of the {subnet} subnet (resolution {resolution}); training stopped. \
+         The last good checkpoint is {}",
+        .checkpoint.as_ref().map_or("(none)".to_string(), |p| p.display().to_string())
+    )]
+    NonFinite {
+        step: u64,
+        subnet: String,
+        resolution: usize,
+        value: f64,
+        checkpoint: Option<PathBuf>,
+    },
+}
+
+/// The end of a run.
+#[derive(Clone, Debug)]
+pub struct RunSummary {
+    pub run_dir: PathBuf,
+    /// Completed steps.
+    pub step: u64,
+    pub total_steps: u64,
+    pub last_checkpoint: PathBuf,
+    pub wall_s: f64,
+    /// The last evaluation line (if any).
+    pub last_eval: Option<Value>,
+}
+
+fn io_err(path: &Path, e: impl ToString) -> TrainError {
+    TrainError::Io {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    }
+}
+
+/// Appends JSON lines to `metrics.jsonl`.
+struct Metrics {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+impl Metrics {
+    fn open(path: PathBuf) -> Result<Self, TrainError> {
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| io_err(&path, e))?;
+        Ok(Self { file, path })
+    }
+    fn write(&mut self, v: &Value) -> Result<(), TrainError> {
+        writeln!(self.file, "{v}").map_err(|e| io_err(&self.path, e))
+    }
+}
+
+/// The space of a resolved config, with the config's channels and classes.
+pub fn space_of(config: &TrainConfig) -> Result<SearchSpace, TrainError> {
+    let mut space = SearchSpace::load(&config.space).map_err(ConfigError::from)?;
+    if let Some(c) = config.data.in_channels {
+        space.in_channels = c;
+    }
+    if let Some(n) = config.data.num_classes {
+        space.num_classes = n;
+    }
+    Ok(space)
+}
+
+/// Reads and resolves a config file.
+pub fn load_config(path: &Path) -> Result<(TrainConfig, SearchSpace), TrainError> {
+    let raw = TrainConfig::from_file(path)?;
+    let space = SearchSpace::load(&raw.space).map_err(ConfigError::from)?;
+    let cfg = raw.resolve_with_space(&space)?;
+    let space = space_of(&cfg)?;
+    Ok((cfg, space))
+}
+
+/// AdamW as the config sets it.
+pub fn build_optimizer(config: &TrainConfig) -> ModuleOptimizer {
+    let o = &config.optim;
+    AdamWConfig::new()
+        .with_beta_1(o.beta1 as f32)
+        .with_beta_2(o.beta2 as f32)
+        .with_epsilon(o.eps as f32)
+        .with_weight_decay(o.weight_decay as f32)
+        .init()
+}
+
+/// Top-1 (in %) and image count of `arch` of `net` (inference mode) over at most `max_batches` batches.
+pub fn top1(
+    net: &Supernet,
+    arch: &Arch,
+    loader: &Loader,
+    max_batches: Option<usize>,
+    device: &Device,
+) -> Result<(f64, usize), TrainError> {
+    let mut net = net.clone();
+    net.set_active(arch)?;
+    let (mut correct, mut total) = (0usize, 0usize);
+    for batch in loader.epoch(0, 0).take(max_batches.unwrap_or(usize::MAX)) {
+        let labels = batch.labels.clone();
+        let (x, _) = batch.into_tensors(device);
+        let pred = net.forward_eval(x).argmax(1).into_data().convert::<i64>();
+        let pred = pred.try_to_vec::<i64>().unwrap_or_default();
+        correct += pred.iter().zip(&labels).filter(|(p, l)| p == l).count();
+        total += labels.len();
+    }
+    Ok((
+        if total == 0 {
+            0.0
+        } else {
+            100.0 * correct as f64 / total as f64
+        },
+        total,
+    ))
+}
+
+/// Runs (or resumes) a training run.
+pub fn run(opts: &RunOptions) -> Result<RunSummary, TrainError> {
+    let started = Instant::now();
+    // --- config and run folder
+    let (cfg, space, run_dir, resume_from) = match &opts.resume {
+        Some(dir) => {
+            let cfg_path = dir.join("config.yaml");
+            let (mut cfg, _) = load_config(&cfg_path)?;
+            if let Some(m) = opts.max_steps {
+                cfg.max_steps = Some(m);
+            }
+            let last = resolve_last(dir)
+                .ok_or_else(|| TrainError::Usage(format!("{}: no `last` checkpoint to resume from", dir.display())))?;
+            if let Some(p) = &opts.config {
+                let (other, _) = load_config(p)?;
+                let strip = |c: &TrainConfig| TrainConfig {
+                    output_dir: PathBuf::new(),
+                    max_steps: None,
+                    ..c.clone()
+                };
+                if strip(&other) != strip(&cfg) {
+                    return Err(TrainError::Usage(format!(
+                        "{} differs from the run's {}; --resume continues the run's own config (drop --config)",
+                        p.display(),
+                        cfg_path.display()
+                    )));
+                }
+            }
+            let space = space_of(&cfg)?;
+            (cfg, space, dir.clone(), Some(last))
+        }
+        None => {
+            let path = opts
+                .config
+                .as_ref()
+                .ok_or_else(|| TrainError::Usage("give --config FILE (or --resume RUN_DIR)".into()))?;
+            let (mut cfg, space) = load_config(path)?;
+            if let Some(m) = opts.max_steps {
+                cfg.max_steps = Some(m);
+            }
+            let dir = opts.out.clone().unwrap_or_else(|| cfg.output_dir.clone());
+            cfg.output_dir = dir.clone();
+            if dir.join(state::LAST).exists() || dir.join("metrics.jsonl").exists() {
+                return Err(TrainError::Usage(format!(
+                    "{} already holds a run; continue it with --resume {} or choose another --out",
+                    dir.display(),
+                    dir.display()
+                )));
+            }
+            std::fs::create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
+            let yaml = dir.join("config.yaml");
+            std::fs::write(&yaml, cfg.to_yaml()).map_err(|e| io_err(&yaml, e))?;
+            (cfg, space, dir, None)
+        }
+    };
+    let log = |msg: &str| {
+        if !opts.quiet {
+            eprintln!("{msg}");
+        }
+    };
+
+    // --- data
+    let datasets = open_datasets(&cfg)?;
+    let loader = if opts.quiet {
+        train_loader(&cfg, datasets.train.clone()).with_reporter(|_| {})
+    } else {
+        train_loader(&cfg, datasets.train.clone())
+    };
+    let spe = loader.steps_per_epoch() as u64;
+    if spe == 0 {
+        return Err(TrainError::Usage(format!(
+            "the training set holds {} images, fewer than one batch of {}",
+            datasets.train.len(),
+            cfg.batch_size
+        )));
+    }
+    let schedule = cfg.schedule(spe);
+    let total = cfg.total_steps(spe);
+    let stop = opts.stop_after.map_or(total, |s| s.min(total));
+    let val_loader = datasets
+        .val
+        .clone()
+        .map(|v| eval_loader(&cfg, v, cfg.batch_size.max(64), false));
+
+    // --- model, optimiser, EMA
+    let plain = Device::flex();
+    let ad = plain.clone().autodiff();
+    let classes = space.num_classes;
+    let (mut model, mut ema, mut optim, start, mut skipped, wall0) = match &resume_from {
+        Some(dir) => {
+            let r = load_state(dir, &space, &ad, build_optimizer(&cfg))?;
+            log(&format!("resuming {} at step {}", run_dir.display(), r.meta.step));
+            (
+                r.model,
+                r.ema,
+                r.optim,
+                r.meta.step,
+                r.meta.skipped_files,
+                r.meta.wall_s,
+            )
+        }
+        None => {
+            plain.seed(cfg.seed);
+            ad.seed(cfg.seed);
+            let model = SupernetConfig::new(space.clone()).init(&ad);
+            let ema = ModelEma::new(&model, cfg.ema_decay);
+            (model, ema, build_optimizer(&cfg), 0, 0, 0.0)
+        }
+    };
+    let teacher = match &cfg.kd.teacher {
+        Some(t) => {
+            let rows = if cfg.data.holdout_per_class > 0 {
+                let mut full_cfg = cfg.clone();
+                full_cfg.data.holdout_per_class = 0;
+                let full = open_datasets(&full_cfg)?;
+                Some(data::holdout_per_class(&*full.train, cfg.data.holdout_per_class, cfg.seed).0)
+            } else {
+                None
+            };
+            Some(Teacher::open(t, classes, datasets.train.len(), rows, &plain)?)
+        }
+        None => None,
+    };
+    let settings_for = |epoch: u64| StepSettings {
+        kd: cfg.kd.loss(),
+        combine: cfg.grad_proj.options(epoch),
+    };
+
+    let mut metrics = Metrics::open(run_dir.join("metrics.jsonl"))?;
+    let mut extra = BTreeMap::new();
+    extra.insert("nasvit.train.config".to_string(), cfg.to_yaml());
+    let save = |step: u64,
+                model: &Supernet,
+                ema: &ModelEma<Supernet>,
+                optim: &ModuleOptimizer,
+                skipped: usize,
+                wall: f64|
+     -> Result<PathBuf, TrainError> {
+        let meta = StateMeta {
+            format: 1,
+            step,
+            epoch: step / spe,
+            steps_per_epoch: spe,
+            total_steps: total,
+            ema_updates: ema.updates(),
+            ema_decay: ema.decay(),
+            seed: cfg.seed,
+            skipped_files: skipped,
+            wall_s: wall,
+            supernet_is_ema: !opts.save_raw,
+            param_ids: state::param_ids(model),
+        };
+        Ok(save_state(
+            &run_dir,
+            &meta,
+            model,
+            ema,
+            optim,
+            &extra,
+            cfg.keep_checkpoints.max(1),
+        )?)
+    };
+    let mut last_ckpt = match &resume_from {
+        Some(d) => d.clone(),
+        None => save(0, &model, &ema, &optim, 0, 0.0)?,
+    };
+    if resume_from.is_none() {
+        metrics.write(&json!({
+            "kind": "start", "total_steps": total, "steps_per_epoch": spe, "space": cfg.space,
+            "batch_size": cfg.batch_size, "n_subnets": cfg.n_subnets, "train_images": datasets.train.len(),
+            "grad_proj": cfg.grad_proj.enabled, "grad_proj_start_epoch": cfg.grad_proj.start_epoch,
+        }))?;
+    } else {
+        metrics.write(&json!({"kind": "resume", "step": start, "total_steps": total}))?;
+    }
+
+    // --- progress
+    let bar = (opts.progress && !opts.quiet && std::io::stderr().is_terminal()).then(|| {
+        let pb = indicatif::ProgressBar::new(stop);
+        pb.set_style(
+            indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed_precise} ETA {eta}]")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        pb.set_position(start);
+        pb
+    });
+
+    let eval_every = opts.eval_every.unwrap_or(cfg.checkpoint_every);
+    let mut last_eval = None;
+    let evaluate = |step: u64, ema: &ModelEma<Supernet>, metrics: &mut Metrics| -> Result<Option<Value>, TrainError> {
+        let Some(vl) = &val_loader else {
+            return Ok(None);
+        };
+        let t = Instant::now();
+        let (max_top1, n) = top1(ema.model(), &space.max_arch(), vl, opts.eval_batches, &plain)?;
+        let (min_top1, _) = top1(ema.model(), &space.min_arch(), vl, opts.eval_batches, &plain)?;
+        let v = json!({
+            "kind": "eval", "step": step, "epoch": step as f64 / spe as f64, "split": "val",
+            "top1_max_ema_bn": max_top1, "top1_min_ema_bn": min_top1, "images": n,
+            "bn": "EMA weights with their running BN statistics (no re-calibration)",
+            "eval_s": t.elapsed().as_secs_f64(),
+        });
+        metrics.write(&v)?;
+        Ok(Some(v))
+    };
+
+    let mut step = start;
+    let mut window_t = Instant::now();
+    let mut window_images = 0usize;
+    'outer: while step < stop {
+        let epoch = step / spe;
+        let settings = settings_for(epoch);
+        for batch in loader.epoch(epoch, (step % spe) as usize) {
+            step = epoch * spe + batch.step as u64;
+            if step >= stop {
+                break 'outer;
+            }
+            let nets = sandwich_archs(&space, cfg.n_subnets, cfg.seed, step);
+            let target = match &teacher {
+                Some(t) => MaxTarget::Soft(t.soft_targets(&batch, &plain, &ad)?),
+                None => MaxTarget::Labels {
+                    smoothing: cfg.label_smoothing,
+                },
+            };
+            let lr = schedule.lr(step);
+            let n_images = batch.len();
+            let (x, y) = batch.into_tensors(&ad);
+            let (m, result) = train_step(model, &mut optim, &mut ema, &nets, x, y, &target, &settings, lr);
+            model = m;
+            let report = match result {
+                Ok(r) => r,
+                Err(StepError::NonFinite(e)) => {
+                    metrics.write(&json!({
+                        "kind": "non_finite", "step": step, "subnet": e.subnet, "resolution": e.resolution,
+                        "value": e.value.to_string(), "last_checkpoint": last_ckpt.display().to_string(),
+                    }))?;
+                    if let Some(pb) = &bar {
+                        pb.abandon();
+                    }
+                    return Err(TrainError::NonFinite {
+                        step,
+                        subnet: e.subnet,
+                        resolution: e.resolution,
+                        value: e.value,
+                        checkpoint: Some(last_ckpt),
+                    });
+                }
+                Err(StepError::Model(e)) => return Err(e.into()),
+            };
+            step += 1;
+            window_images += n_images;
+            skipped = skipped.max(loader.skipped_files());
+            let max_loss = report.losses.first().map_or(f64::NAN, |l| l.loss);
+            if let Some(pb) = &bar {
+                pb.set_position(step);
+                pb.set_message(format!("loss {max_loss:.3} lr {lr:.2e}"));
+            }
+            if step % cfg.log_every == 0 || step == stop {
+                let dt = window_t.elapsed().as_secs_f64();
+                let ips = if dt > 0.0 { window_images as f64 / dt } else { 0.0 };
+                let losses: serde_json::Map<String, Value> =
+                    report.losses.iter().map(|l| (l.name.clone(), json!(l.loss))).collect();
+                let res: serde_json::Map<String, Value> = report
+                    .losses
+                    .iter()
+                    .map(|l| (l.name.clone(), json!(l.resolution)))
+                    .collect();
+                metrics.write(&json!({
+                    "kind": "train", "step": step, "epoch": (step - 1) / spe, "lr": lr, "loss": losses,
+                    "resolution": res, "images_per_s": ips, "sub_grad_norm": report.sub_grad_norm,
+                    "conflicts": report.conflicts, "tensors_both": report.tensors_both,
+                    "skipped_files": skipped, "wall_s": wall0 + started.elapsed().as_secs_f64(),
+                }))?;
+                match &bar {
+                    Some(pb) => pb.set_message(format!("loss {max_loss:.3} lr {lr:.2e} {ips:.1} img/s")),
+                    None => log(&format!(
+                        "step {step}/{stop} epoch {} loss(max) {max_loss:.4} lr {lr:.3e} {ips:.1} img/s",
+                        (step - 1) / spe
+                    )),
+                }
+                window_t = Instant::now();
+                window_images = 0;
+            }
+            let end_of_epoch = step % spe == 0;
+            if eval_every > 0 && step % eval_every == 0 && step != stop {
+                last_eval = evaluate(step, &ema, &mut metrics)?.or(last_eval);
+            }
+            if (step % cfg.checkpoint_every == 0 || end_of_epoch) && step != stop {
+                last_ckpt = save(
+                    step,
+                    &model,
+                    &ema,
+                    &optim,
+                    skipped,
+                    wall0 + started.elapsed().as_secs_f64(),
+                )?;
+            }
+        }
+        // Every batch of the epoch is done (trailing batches whose files all failed are skipped).
+        step = ((epoch + 1) * spe).min(stop);
+    }
+    if let Some(pb) = &bar {
+        pb.finish();
+    }
+    let wall = wall0 + started.elapsed().as_secs_f64();
+    if step > start || resume_from.is_none() {
+        last_eval = evaluate(step, &ema, &mut metrics)?.or(last_eval);
+        last_ckpt = save(step, &model, &ema, &optim, skipped, wall)?;
+    }
+    metrics
+        .write(&json!({"kind": "end", "step": step, "total_steps": total, "wall_s": wall, "skipped_files": skipped}))?;
+    log(&format!(
+        "{} steps done ({} of the schedule); checkpoint {}",
+        step,
+        total,
+        last_ckpt.display()
+    ));
+    Ok(RunSummary {
+        run_dir,
+        step,
+        total_steps: total,
+        last_checkpoint: last_ckpt,
+        wall_s: wall,
+        last_eval,
+    })
+}

@@ -1,0 +1,344 @@
+//! Training checkpoints of a run folder.
+//!
+//! ```text
+//! RUN/
+//!   config.yaml            resolved config
+//!   metrics.jsonl          one JSON line per logged step / evaluation / event
+//!   last -> checkpoints/step-00001000
+//!   checkpoints/step-00001000/
+//!     supernet.safetensors   EMA weights (or raw, `--save-raw`), nasvit checkpoint: what eval/search/export read
+//!     train_state.safetensors  raw weights (`model.KEY`) and EMA weights (`ema.KEY`), every float tensor incl. BN statistics
+//!     optimizer.bpk          AdamW state (burn optimizer record, burnpack)
+//!     train_state.json       step, epoch, EMA update count, seed, parameter ids, ...
+//! ```
+//!
+//! A checkpoint folder is written under a temporary name and renamed into place, then `last` is replaced
+//! (symlink renamed over the old one), so a killed run leaves the previous checkpoint intact.
+//!
+//! AdamW's state is keyed by burn parameter ids; the sidecar stores the id of every parameter by key name and
+//! loading gives the parameters of the rebuilt supernet those ids again, so the optimizer record applies as
+//! saved.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::optim::ModuleOptimizer;
+use burn::tensor::{Device, Tensor, TensorData};
+use nasvit_model::checkpoint::write_tensors;
+use nasvit_model::{save_checkpoint, Supernet};
+use nasvit_space::SearchSpace;
+use safetensors::tensor::Dtype;
+use safetensors::SafeTensors;
+use serde::{Deserialize, Serialize};
+
+use crate::ema::ModelEma;
+
+pub const SUPERNET_FILE: &str = "supernet.safetensors";
+pub const STATE_FILE: &str = "train_state.safetensors";
+pub const OPTIM_FILE: &str = "optimizer.bpk";
+pub const SIDECAR_FILE: &str = "train_state.json";
+pub const LAST: &str = "last";
+pub const CHECKPOINTS: &str = "checkpoints";
+
+/// Why a training state cannot be written or read.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {reason}")]
+pub struct StateError {
+    pub path: String,
+    pub reason: String,
+}
+
+fn serr(path: &Path, reason: impl Into<String>) -> StateError {
+    StateError {
+        path: path.display().to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// The JSON sidecar of a checkpoint.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StateMeta {
+    pub format: u32,
+    /// Completed iterations.
+    pub step: u64,
+    /// Epoch of the next iteration.
+    pub epoch: u64,
+    pub steps_per_epoch: u64,
+    pub total_steps: u64,
+    pub ema_updates: u64,
+    pub ema_decay: f64,
+    /// Seed of the loader and of the per-step subnet sampling (`sandwich::step_rng(seed, step)`).
+    pub seed: u64,
+    pub skipped_files: usize,
+    /// Wall time of the run so far, seconds.
+    pub wall_s: f64,
+    /// `supernet.safetensors` holds the EMA weights (`true`) or the raw ones.
+    pub supernet_is_ema: bool,
+    /// burn parameter id of every parameter, by key.
+    pub param_ids: BTreeMap<String, u64>,
+}
+
+/// What a checkpoint restores.
+pub struct Restored {
+    pub meta: StateMeta,
+    pub model: Supernet,
+    pub ema: ModelEma<Supernet>,
+    pub optim: ModuleOptimizer,
+}
+
+/// Keys and ids of the parameters (and running statistics) of a module; enum levels are skipped.
+struct Ids {
+    path: Vec<String>,
+    out: BTreeMap<String, u64>,
+}
+
+impl ModuleVisitor for Ids {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        if !container_type.starts_with("Enum") {
+            self.path.push(name.to_string());
+        }
+    }
+    fn exit_module(&mut self, _name: &str, container_type: &str) {
+        if !container_type.starts_with("Enum") {
+            self.path.pop();
+        }
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        self.out.insert(self.path.join("."), param.id.val());
+    }
+}
+
+/// burn parameter ids by key (the keys of [`nasvit_model::named_tensors`]).
+pub fn param_ids<M: Module>(m: &M) -> BTreeMap<String, u64> {
+    let mut v = Ids {
+        path: Vec::new(),
+        out: BTreeMap::new(),
+    };
+    m.visit(&mut v);
+    v.out
+}
+
+/// Replaces tensors by key and (when given) gives parameters their saved ids.
+struct Load<'a> {
+    path: Vec<String>,
+    tensors: &'a HashMap<String, TensorData>,
+    ids: Option<&'a BTreeMap<String, u64>>,
+    missing: Vec<String>,
+}
+
+impl ModuleMapper for Load<'_> {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        if !container_type.starts_with("Enum") {
+            self.path.push(name.to_string());
+        }
+    }
+    fn exit_module(&mut self, _name: &str, container_type: &str) {
+        if !container_type.starts_with("Enum") {
+            self.path.pop();
+        }
+    }
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let key = self.path.join(".");
+        let id = self
+            .ids
+            .and_then(|ids| ids.get(&key))
+            .map_or(param.id, |v| ParamId::from(*v));
+        match self.tensors.get(&key) {
+            Some(data) if data.shape().to_vec() == param.dims().to_vec() => {
+                let device = param.lazy_device();
+                let t = Tensor::<D>::from_data(data.clone(), &device);
+                param.transform_for_load(t, id)
+            }
+            _ => {
+                self.missing.push(key);
+                param
+            }
+        }
+    }
+}
+
+fn load_into(
+    model: Supernet,
+    tensors: &HashMap<String, TensorData>,
+    ids: Option<&BTreeMap<String, u64>>,
+    path: &Path,
+) -> Result<Supernet, StateError> {
+    let mut l = Load {
+        path: Vec::new(),
+        tensors,
+        ids,
+        missing: Vec::new(),
+    };
+    let model = model.map(&mut l);
+    if l.missing.is_empty() {
+        Ok(model)
+    } else {
+        Err(serr(
+            path,
+            format!("missing or mis-shaped tensors: {}", l.missing.join(", ")),
+        ))
+    }
+}
+
+/// The folder `RUN/last` points at.
+pub fn resolve_last(run_dir: &Path) -> Option<PathBuf> {
+    let last = run_dir.join(LAST);
+    let target = std::fs::read_link(&last)
+        .ok()
+        .or_else(|| std::fs::read_to_string(&last).ok().map(|s| PathBuf::from(s.trim())))?;
+    let dir = if target.is_absolute() {
+        target
+    } else {
+        run_dir.join(target)
+    };
+    dir.is_dir().then_some(dir)
+}
+
+/// Writes a checkpoint of step `meta.step` into `RUN/checkpoints/step-NNNNNNNN`, moves `last` to it and keeps
+/// the newest `keep` checkpoints besides. Returns the checkpoint folder.
+pub fn save_state(
+    run_dir: &Path,
+    meta: &StateMeta,
+    model: &Supernet,
+    ema: &ModelEma<Supernet>,
+    optim: &ModuleOptimizer,
+    extra_metadata: &BTreeMap<String, String>,
+    keep: usize,
+) -> Result<PathBuf, StateError> {
+    let ckpts = run_dir.join(CHECKPOINTS);
+    std::fs::create_dir_all(&ckpts).map_err(|e| serr(&ckpts, e.to_string()))?;
+    let name = format!("step-{:08}", meta.step);
+    let dir = ckpts.join(&name);
+    let tmp = ckpts.join(format!(".{name}.tmp-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| serr(&tmp, e.to_string()))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| serr(&tmp, e.to_string()))?;
+
+    let mut published = ema.model().clone();
+    let mut meta_map = extra_metadata.clone();
+    meta_map.insert("nasvit.train.step".into(), meta.step.to_string());
+    meta_map.insert(
+        "nasvit.train.weights".into(),
+        if meta.supernet_is_ema { "ema" } else { "raw" }.into(),
+    );
+    if !meta.supernet_is_ema {
+        published = model.valid();
+    }
+    published
+        .set_active(&published.space().max_arch())
+        .map_err(|e| serr(&tmp, e.to_string()))?;
+    save_checkpoint(&published, &tmp.join(SUPERNET_FILE), &meta_map).map_err(|e| serr(&tmp, e.to_string()))?;
+
+    let mut tensors: Vec<(String, TensorData)> = Vec::new();
+    for (k, v) in nasvit_model::named_tensors(model) {
+        tensors.push((format!("model.{k}"), v));
+    }
+    for (k, v) in nasvit_model::named_tensors(ema.model()) {
+        tensors.push((format!("ema.{k}"), v));
+    }
+    let mut st_meta = HashMap::new();
+    st_meta.insert("nasvit.space".to_string(), model.space().to_json().to_string());
+    write_tensors(tensors, st_meta, &tmp.join(STATE_FILE)).map_err(|e| serr(&tmp, e.to_string()))?;
+    optim
+        .save(tmp.join(OPTIM_FILE))
+        .map_err(|e| serr(&tmp.join(OPTIM_FILE), format!("{e:?}")))?;
+    let json = serde_json::to_string_pretty(meta).map_err(|e| serr(&tmp, e.to_string()))?;
+    std::fs::write(tmp.join(SIDECAR_FILE), json).map_err(|e| serr(&tmp, e.to_string()))?;
+
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(|e| serr(&dir, e.to_string()))?;
+    }
+    std::fs::rename(&tmp, &dir).map_err(|e| serr(&dir, e.to_string()))?;
+    point_last(run_dir, &format!("{CHECKPOINTS}/{name}"))?;
+    prune(&ckpts, &name, keep);
+    Ok(dir)
+}
+
+fn point_last(run_dir: &Path, rel: &str) -> Result<(), StateError> {
+    let last = run_dir.join(LAST);
+    let tmp = run_dir.join(format!(".last.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    #[cfg(unix)]
+    std::os::unix::fs::symlink(rel, &tmp).map_err(|e| serr(&tmp, e.to_string()))?;
+    #[cfg(not(unix))]
+    std::fs::write(&tmp, rel).map_err(|e| serr(&tmp, e.to_string()))?;
+    std::fs::rename(&tmp, &last).map_err(|e| serr(&last, e.to_string()))
+}
+
+/// Removes all but the newest `keep` step folders (never `current`).
+fn prune(ckpts: &Path, current: &str, keep: usize) {
+    let Ok(entries) = std::fs::read_dir(ckpts) else {
+        return;
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("step-") && n != current)
+        .collect();
+    names.sort();
+    let keep_others = keep.saturating_sub(1);
+    let excess = names.len().saturating_sub(keep_others);
+    for n in &names[..excess] {
+        let _ = std::fs::remove_dir_all(ckpts.join(n));
+    }
+}
+
+fn read_state_tensors(path: &Path) -> Result<(HashMap<String, TensorData>, HashMap<String, TensorData>), StateError> {
+    let bytes = std::fs::read(path).map_err(|e| serr(path, e.to_string()))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| serr(path, format!("not a safetensors file: {e}")))?;
+    let mut model = HashMap::new();
+    let mut ema = HashMap::new();
+    for (name, view) in st.tensors() {
+        if view.dtype() != Dtype::F32 {
+            return Err(serr(path, format!("tensor {name} is {:?}, F32 expected", view.dtype())));
+        }
+        let values: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        let data = TensorData::new(values, view.shape().to_vec());
+        if let Some(k) = name.strip_prefix("model.") {
+            model.insert(k.to_string(), data);
+        } else if let Some(k) = name.strip_prefix("ema.") {
+            ema.insert(k.to_string(), data);
+        }
+    }
+    Ok((model, ema))
+}
+
+/// Reads the sidecar of a checkpoint folder.
+pub fn read_meta(dir: &Path) -> Result<StateMeta, StateError> {
+    let path = dir.join(SIDECAR_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|e| serr(&path, e.to_string()))?;
+    serde_json::from_str(&text).map_err(|e| serr(&path, e.to_string()))
+}
+
+/// Restores a checkpoint folder: raw weights on `device` (an autodiff device for training), the EMA on its
+/// plain counterpart, and `optim` (a freshly built optimiser of the same config) with its saved state.
+pub fn load_state(
+    dir: &Path,
+    space: &SearchSpace,
+    device: &Device,
+    optim: ModuleOptimizer,
+) -> Result<Restored, StateError> {
+    let meta = read_meta(dir)?;
+    let state_path = dir.join(STATE_FILE);
+    let (model_t, ema_t) = read_state_tensors(&state_path)?;
+    let fresh = Supernet::new(space.clone(), device);
+    let model = load_into(fresh, &model_t, Some(&meta.param_ids), &state_path)?;
+    let ema_model = load_into(model.valid(), &ema_t, None, &state_path)?;
+    let ema = ModelEma::from_parts(ema_model, meta.ema_decay, meta.ema_updates);
+    let optim_path = dir.join(OPTIM_FILE);
+    let optim = optim
+        .load(&optim_path)
+        .map_err(|e| serr(&optim_path, format!("cannot read the optimizer state: {e:?}")))?;
+    Ok(Restored {
+        meta,
+        model,
+        ema,
+        optim,
+    })
+}
