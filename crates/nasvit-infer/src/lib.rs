@@ -60,6 +60,7 @@ pub mod error;
 pub mod export;
 pub mod image;
 pub mod kernels;
+pub mod onnx;
 pub mod resize;
 pub mod state;
 
@@ -69,4 +70,5 @@ pub use error::{InferError, Result};
 pub use export::{export_layout, ExportedModel, Preprocess, FORMAT};
 pub use image::{classify, load_image, top_k, Prediction};
 pub use nasvit_space::{Arch, SearchSpace};
+pub use onnx::{save_onnx, to_onnx, OnnxOptions};
 pub use state::{load_safetensors, random_state_dict, released_layout, save_safetensors, StateDict, Tensor};
