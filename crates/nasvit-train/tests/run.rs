@@ -1,0 +1,322 @@
+//! The sandwich step and training runs on tiny synthetic data written here: exact resume, skipped corrupt
+//! images in metrics, a non-finite loss stopping the run with a loadable last checkpoint.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use burn::optim::GradientsParams;
+use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
+use nasvit_model::{load_checkpoint, named_tensors, SupernetConfig};
+use nasvit_space::SearchSpace;
+use nasvit_train::run::{build_optimizer, run, RunOptions, TrainError};
+use nasvit_train::sandwich::{sandwich_archs, train_step, MaxTarget, Role, StepSettings};
+use nasvit_train::state::{load_state, resolve_last, STATE_FILE};
+use nasvit_train::{AlphaDivergence, CombineOptions, ModelEma, TrainConfig};
+use serde_json::Value;
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("nasvit-train-run")
+        .join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+fn idx_bytes(dims: &[u32], data: &[u8]) -> Vec<u8> {
+    let mut out = vec![0, 0, 0x08, dims.len() as u8];
+    for d in dims {
+        out.extend_from_slice(&d.to_be_bytes());
+    }
+    out.extend_from_slice(data);
+    out
+}
+
+/// `n` 16x16 grey images with a class-dependent pattern plus noise, labels `i % 10`.
+fn write_idx(dir: &Path, name: &str, n: usize) -> (PathBuf, PathBuf) {
+    let mut pixels = Vec::with_capacity(n * 256);
+    let mut state = 12345u32;
+    for i in 0..n {
+        let c = i % 10;
+        for y in 0..16 {
+            for x in 0..16 {
+                state = state.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                let noise = (state >> 24) as u8 / 4;
+                let on = (x + y * c) % 7 < 3;
+                pixels.push(if on { 180 + noise / 2 } else { noise });
+            }
+        }
+    }
+    let labels: Vec<u8> = (0..n).map(|i| (i % 10) as u8).collect();
+    let ip = dir.join(format!("{name}-images.idx"));
+    let lp = dir.join(format!("{name}-labels.idx"));
+    std::fs::write(&ip, idx_bytes(&[n as u32, 16, 16], &pixels)).expect("write");
+    std::fs::write(&lp, idx_bytes(&[n as u32], &labels)).expect("write");
+    (ip, lp)
+}
+
+/// A config of the tiny space on synthetic IDX data: 40 training images, batch 4 (10 steps per epoch).
+fn idx_config(dir: &Path, extra: &str) -> PathBuf {
+    let (ti, tl) = write_idx(dir, "train", 40);
+    let (vi, vl) = write_idx(dir, "val", 8);
+    let yaml = format!(
+        "space: tiny\n\
+         data:\n  kind: idx\n  train_images: {}\n  train_labels: {}\n  val_images: {}\n  val_labels: {}\n  workers: 2\n\
+         batch_size: 4\nepochs: 2\nn_subnets: 4\nema_decay: 0.9\nlog_every: 1\ncheckpoint_every: 100\nseed: 7\n\
+         augment:\n  crop_size: 24\n  scale: [0.5, 1.0]\n{extra}",
+        ti.display(),
+        tl.display(),
+        vi.display(),
+        vl.display()
+    );
+    let path = dir.join("config.in.yaml");
+    std::fs::write(&path, yaml).expect("write config");
+    path
+}
+
+fn opts(config: Option<PathBuf>, out: &Path) -> RunOptions {
+    RunOptions {
+        config,
+        out: Some(out.to_path_buf()),
+        eval_every: Some(0),
+        quiet: true,
+        ..RunOptions::default()
+    }
+}
+
+fn metrics(dir: &Path) -> Vec<Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .expect("metrics.jsonl")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect()
+}
+
+fn train_lines(dir: &Path) -> Vec<Value> {
+    metrics(dir).into_iter().filter(|v| v["kind"] == "train").collect()
+}
+
+fn state_tensors(run_dir: &Path) -> HashMap<String, Vec<f32>> {
+    let dir = resolve_last(run_dir).expect("last checkpoint");
+    let bytes = std::fs::read(dir.join(STATE_FILE)).expect("state file");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
+    st.tensors()
+        .into_iter()
+        .map(|(k, v)| {
+            let vals = v
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            (k, vals)
+        })
+        .collect()
+}
+
+#[test]
+fn one_sandwich_step_runs_max_min_random_and_changes_weights() {
+    let space = SearchSpace::builtin("tiny").expect("tiny");
+    let nets = sandwich_archs(&space, 4, 3, 11);
+    let roles: Vec<Role> = nets.iter().map(|n| n.role).collect();
+    assert_eq!(roles, vec![Role::Max, Role::Min, Role::Random, Role::Random]);
+    assert_eq!(nets[0].arch, space.max_arch());
+    assert_eq!(nets[1].arch, space.min_arch());
+    assert_eq!(nets, sandwich_archs(&space, 4, 3, 11), "a function of (seed, step)");
+    let other: Vec<_> = (0..8)
+        .map(|s| sandwich_archs(&space, 4, 3, s)[2].arch.clone())
+        .collect();
+    assert!(other.windows(2).any(|w| w[0] != w[1]), "random subnets vary over steps");
+
+    let ad = Device::flex().autodiff();
+    ad.seed(1);
+    let model = SupernetConfig::new(space.clone()).init(&ad);
+    let before: HashMap<String, TensorData> = named_tensors(&model).into_iter().collect();
+    let mut ema = ModelEma::new(&model, 0.5);
+    let cfg = TrainConfig::default();
+    let mut optim = build_optimizer(&cfg);
+    let x = Tensor::<4>::random([4, 3, 28, 28], Distribution::Normal(0.0, 1.0), &ad);
+    let y = Tensor::<1, Int>::from_data(TensorData::new(vec![0i64, 3, 5, 9], [4]), &ad);
+    let settings = StepSettings {
+        kd: AlphaDivergence::default(),
+        combine: CombineOptions::default(),
+    };
+    let (model, report) = train_step(
+        model,
+        &mut optim,
+        &mut ema,
+        &nets,
+        x,
+        y,
+        &MaxTarget::Labels { smoothing: 0.1 },
+        &settings,
+        1e-3,
+    );
+    let report = report.expect("step");
+    let names: Vec<&str> = report.losses.iter().map(|l| l.name.as_str()).collect();
+    assert_eq!(names, vec!["max", "min", "random1", "random2"]);
+    assert_eq!(report.losses[0].resolution, 32);
+    assert_eq!(report.losses[1].resolution, 24);
+    assert_eq!(report.losses[2].resolution, nets[2].arch.resolution);
+    assert!(report.losses.iter().all(|l| l.loss.is_finite()));
+    assert!(
+        report.losses[0].loss > 1.0,
+        "CE of 10 classes at init: {:?}",
+        report.losses
+    );
+    assert!(report.sub_grad_norm.is_some_and(|n| n > 0.0));
+    assert!(report.tensors_both > 0);
+    assert_eq!(ema.updates(), 1);
+    let after: HashMap<String, TensorData> = named_tensors(&model).into_iter().collect();
+    let changed = before
+        .iter()
+        .filter(|(k, v)| !k.contains("running") && after[*k] != **v)
+        .count();
+    let params = before.keys().filter(|k| !k.contains("running")).count();
+    assert!(changed > params / 2, "{changed} of {params} parameters changed");
+    // The classifier is reached by every subnet: it must move; the running stats of the stem too.
+    assert_ne!(
+        after["classifier.linear.linear.weight"],
+        before["classifier.linear.linear.weight"]
+    );
+    assert_ne!(
+        after["first_conv.bn.bn.running_mean"],
+        before["first_conv.bn.bn.running_mean"]
+    );
+    let _ = GradientsParams::new();
+}
+
+#[test]
+fn resume_continues_bit_for_bit() {
+    let dir = scratch("resume");
+    let cfg = idx_config(&dir, "max_steps: 6\n");
+    // One run of 6 steps.
+    let one = dir.join("one");
+    let s = run(&opts(Some(cfg.clone()), &one)).expect("run");
+    assert_eq!(s.step, 6);
+    // 3 steps, stop, resume for the other 3.
+    let two = dir.join("two");
+    let first = run(&RunOptions {
+        stop_after: Some(3),
+        ..opts(Some(cfg.clone()), &two)
+    })
+    .expect("first half");
+    assert_eq!(first.step, 3);
+    let err = run(&opts(Some(cfg.clone()), &two)).expect_err("a second fresh run into the same folder");
+    assert!(err.to_string().contains("--resume"), "{err}");
+    let second = run(&RunOptions {
+        resume: Some(two.clone()),
+        eval_every: Some(0),
+        quiet: true,
+        ..RunOptions::default()
+    })
+    .expect("resume");
+    assert_eq!(second.step, 6);
+
+    let a = state_tensors(&one);
+    let b = state_tensors(&two);
+    assert_eq!(a.len(), b.len());
+    let mut worst = 0.0f32;
+    for (k, va) in &a {
+        let vb = &b[k];
+        for (x, y) in va.iter().zip(vb) {
+            worst = worst.max((x - y).abs());
+        }
+    }
+    assert!(worst <= 1e-6, "max difference {worst}");
+    // The moved weights really moved (and the EMA differs from the raw weights).
+    assert_ne!(
+        a["model.classifier.linear.linear.weight"],
+        a["ema.classifier.linear.linear.weight"]
+    );
+
+    // The same losses at steps 4..6.
+    let la: Vec<Value> = train_lines(&one).into_iter().map(|v| v["loss"].clone()).collect();
+    let lb: Vec<Value> = train_lines(&two).into_iter().map(|v| v["loss"].clone()).collect();
+    assert_eq!(la.len(), 6);
+    assert_eq!(lb.len(), 6);
+    assert_eq!(la[3..], lb[3..]);
+    // Every line names the four subnets and their resolutions.
+    for line in train_lines(&one) {
+        let loss = line["loss"].as_object().expect("loss map");
+        let mut keys: Vec<&String> = loss.keys().collect();
+        keys.sort();
+        assert_eq!(keys, vec!["max", "min", "random1", "random2"]);
+        assert_eq!(line["resolution"]["max"], 32);
+        assert_eq!(line["resolution"]["min"], 24);
+        assert!(line["lr"].as_f64().is_some_and(|lr| lr > 0.0));
+        assert!(line["images_per_s"].as_f64().is_some());
+        assert!(line["sub_grad_norm"].as_f64().is_some_and(|n| n > 0.0));
+    }
+    // The published checkpoint loads.
+    let ckpt = resolve_last(&two).expect("last").join("supernet.safetensors");
+    load_checkpoint(&ckpt, &Device::flex()).expect("published checkpoint loads");
+}
+
+#[test]
+fn corrupt_image_in_a_folder_is_skipped_and_counted() {
+    let root = scratch("folder");
+    for (ci, class) in ["a", "b"].iter().enumerate() {
+        let d = root.join("data/train").join(class);
+        std::fs::create_dir_all(&d).expect("dir");
+        for i in 0..5u8 {
+            let img = image::GrayImage::from_fn(12, 12, |x, y| {
+                image::Luma([((x + y) as u8 * 9 + i * 7) ^ (ci as u8 * 90)])
+            });
+            img.save(d.join(format!("{i}.png"))).expect("png");
+        }
+    }
+    std::fs::write(root.join("data/train/a/broken.png"), b"\x89PNG\r\n\x1a\n not really").expect("write");
+    let yaml = format!(
+        "space: tiny\ndata:\n  kind: folder\n  root: {}\n  num_classes: 10\n  workers: 1\n\
+         batch_size: 11\nepochs: 1\nmax_steps: 1\nn_subnets: 2\nlog_every: 1\n\
+         augment:\n  crop_size: 24\n",
+        root.join("data").display()
+    );
+    let cfg = root.join("config.yaml");
+    std::fs::write(&cfg, yaml).expect("write");
+    let out = root.join("run");
+    let s = run(&opts(Some(cfg), &out)).expect("run");
+    assert_eq!(s.step, 1);
+    let lines = train_lines(&out);
+    assert_eq!(lines.len(), 1);
+    assert_eq!(lines[0]["skipped_files"], 1, "{}", lines[0]);
+    let end = metrics(&out)
+        .into_iter()
+        .find(|v| v["kind"] == "end")
+        .expect("end line");
+    assert_eq!(end["skipped_files"], 1);
+}
+
+#[test]
+fn non_finite_loss_stops_with_the_step_and_subnet_and_keeps_the_last_checkpoint() {
+    let dir = scratch("nan");
+    let cfg = idx_config(&dir, "max_steps: 6\noptim:\n  lr: 1.0e30\n  warmup_epochs: 0\n");
+    let out = dir.join("run");
+    let err = run(&opts(Some(cfg.clone()), &out)).expect_err("the run must stop");
+    let TrainError::NonFinite {
+        step,
+        ref subnet,
+        ref checkpoint,
+        ..
+    } = err
+    else {
+        panic!("unexpected error {err}");
+    };
+    let msg = err.to_string();
+    assert!(msg.contains(&format!("step {step}")), "{msg}");
+    assert!(msg.contains(subnet.as_str()) && msg.contains("non-finite"), "{msg}");
+    assert!(step >= 1, "the first step starts from finite weights");
+    let ckpt = checkpoint.clone().expect("a checkpoint");
+    assert_eq!(resolve_last(&out), Some(ckpt.clone()));
+    let net = load_checkpoint(&ckpt.join("supernet.safetensors"), &Device::flex()).expect("loadable");
+    assert!(named_tensors(&net)
+        .iter()
+        .all(|(_, t)| t.iter::<f32>().all(|v| v.is_finite())));
+    let (config, space) = nasvit_train::run::load_config(&out.join("config.yaml")).expect("config");
+    load_state(&ckpt, &space, &Device::flex().autodiff(), build_optimizer(&config)).expect("state loads");
+    let event = metrics(&out)
+        .into_iter()
+        .find(|v| v["kind"] == "non_finite")
+        .expect("event line");
+    assert_eq!(event["step"], step);
+}
