@@ -38,11 +38,11 @@ enum Command {
     /// Evolutionary search under a MACs or latency budget.
     Search(cmd::search::SearchArgs),
     /// Export a subnet as a standalone model folder.
-    Export(cmd::unimplemented::AnyArgs),
+    Export(cmd::export::ExportArgs),
     /// Classify images with an exported model.
-    Infer(cmd::unimplemented::AnyArgs),
+    Infer(cmd::infer::InferArgs),
     /// Batch-1 latency of an exported model.
-    Bench(cmd::unimplemented::AnyArgs),
+    Bench(cmd::bench::BenchArgs),
     /// Gradient-conflict table: share of negative cosines between supernet and subnet gradients.
     Conflict(cmd::conflict::ConflictArgs),
     /// Convert a released NASViT state dict (safetensors) into a nasvit checkpoint.
@@ -60,9 +60,9 @@ fn main() -> ExitCode {
         },
         Command::Eval(args) => cmd::eval::run(args),
         Command::Search(args) => cmd::search::run(args),
-        Command::Export(_) => cmd::unimplemented::run("export"),
-        Command::Infer(_) => cmd::unimplemented::run("infer"),
-        Command::Bench(_) => cmd::unimplemented::run("bench"),
+        Command::Export(args) => cmd::export::run(args),
+        Command::Infer(args) => cmd::infer::run(args),
+        Command::Bench(args) => cmd::bench::run(args),
         Command::Conflict(args) => cmd::conflict::run(args),
         Command::ImportOfficial(args) => cmd::import::run(args),
     };

@@ -1,9 +1,11 @@
 pub mod conflict;
 pub mod data;
+pub mod bench;
 pub mod eval;
+pub mod export;
 pub mod flops;
 pub mod import;
+pub mod infer;
 pub mod search;
 pub mod space;
 pub mod train;
-pub mod unimplemented;

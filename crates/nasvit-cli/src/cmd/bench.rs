@@ -1,0 +1,62 @@
+//! `nasvit bench --model DIR`: batch-1 latency of an exported model on this machine.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use nasvit_infer::{bench, BenchOptions, Engine, EngineOptions};
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// An exported model folder (`nasvit export`).
+    #[arg(long)]
+    model: PathBuf,
+    /// Engine threads (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Untimed runs first.
+    #[arg(long, default_value_t = 10)]
+    warmup: usize,
+    /// Timed runs.
+    #[arg(long, default_value_t = 100)]
+    iters: usize,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let engine = Engine::load(&args.model, EngineOptions { threads: args.threads })
+        .with_context(|| format!("loading the model {}", args.model.display()))?;
+    let r = bench(
+        &engine,
+        &BenchOptions {
+            warmup: args.warmup,
+            iters: args.iters.max(1),
+        },
+    )?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "resolution": r.resolution, "threads": r.threads, "iters": r.iters,
+                "median_ms": r.median_ms, "p90_ms": r.p90_ms, "mean_ms": r.mean_ms, "min_ms": r.min_ms,
+                "images_per_s": r.images_per_s, "peak_rss_kib": r.peak_rss_kib,
+            })
+        );
+    } else {
+        println!(
+            "batch 1 at {} px, {} threads, {} runs: median {:.2} ms, p90 {:.2} ms, {:.1} images/s, peak memory {}",
+            r.resolution,
+            r.threads,
+            r.iters,
+            r.median_ms,
+            r.p90_ms,
+            r.images_per_s,
+            r.peak_rss_kib
+                .map(|k| format!("{:.1} MiB", k as f64 / 1024.0))
+                .unwrap_or_else(|| "unknown".into())
+        );
+    }
+    Ok(())
+}

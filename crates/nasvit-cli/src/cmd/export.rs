@@ -1,0 +1,113 @@
+//! `nasvit export --checkpoint CKPT --arch ARCH --out DIR`: a standalone model folder for `nasvit infer` /
+//! `nasvit bench` (`model.safetensors` with BN folded and the switchable scales resolved, `model.json`,
+//! `arch.json`) and `model.onnx`.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use burn::tensor::Device;
+use clap::Args;
+use nasvit_infer::export::Preprocess;
+use nasvit_infer::{ExportedModel, StateDict, Tensor as InferTensor};
+use nasvit_model::load_checkpoint;
+use nasvit_search::Calibrate;
+use nasvit_space::Arch;
+use nasvit_train::data::{open_datasets, train_loader};
+
+use super::data::{data_config, to_eval_batch, DATA_HELP};
+
+#[derive(Args)]
+pub struct ExportArgs {
+    /// A nasvit checkpoint (e.g. RUN/supernet.safetensors).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// `min`, `max` or a JSON/YAML arch file (e.g. one point of a search's pareto.json saved as a file).
+    #[arg(long)]
+    arch: String,
+    /// Output folder.
+    #[arg(long)]
+    out: PathBuf,
+    /// Re-calibrate BN of the subnet on this data before export (strongly recommended: the supernet's BN
+    /// statistics are a mix over subnets); it also sets the preprocessing (crop, mean, std) to the data's.
+    #[arg(long, help_heading = "Data", long_help = DATA_HELP)]
+    data: Option<PathBuf>,
+    /// Training batches for BN re-calibration.
+    #[arg(long, default_value_t = 64)]
+    calib_batches: usize,
+    /// Class names, one per line (default: 0 .. K-1).
+    #[arg(long)]
+    labels: Option<PathBuf>,
+    /// Skip writing model.onnx.
+    #[arg(long)]
+    no_onnx: bool,
+}
+
+pub fn run(args: ExportArgs) -> anyhow::Result<()> {
+    let device = Device::flex();
+    let mut net =
+        load_checkpoint(&args.checkpoint, &device).with_context(|| format!("loading {}", args.checkpoint.display()))?;
+    let space = net.space().clone();
+    let arch = Arch::resolve(&args.arch, &space)?;
+    let mut preprocess = Preprocess::default_for(&space, &arch);
+    if let Some(data) = &args.data {
+        let config = data_config(data, &space)?;
+        let sets = open_datasets(&config).context("opening the data")?;
+        let loader = train_loader(&config, sets.train.clone());
+        let batches = loader.epoch(0, 0).map(|b| to_eval_batch(b, &device));
+        let report = net.recalibrate_bn(&arch, batches, args.calib_batches)?;
+        eprintln!(
+            "BN re-calibrated on {} batches ({} images)",
+            report.batches, report.images
+        );
+        let a = &config.augment;
+        if let Some(crop) = a.crop_size {
+            preprocess.crop = crop;
+            preprocess.resize = ((crop as f64) / a.eval_crop_pct).round() as usize;
+        }
+        if let (Some(mean), Some(std)) = (&a.mean, &a.std) {
+            preprocess.mean = mean.iter().map(|v| *v as f32).collect();
+            preprocess.std = std.iter().map(|v| *v as f32).collect();
+        }
+    }
+    let mut sd = StateDict::new();
+    for (key, data) in net.named_tensors() {
+        let shape = data.shape().to_vec();
+        let values: Vec<f32> = data
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .map_err(|e| anyhow::anyhow!("tensor {key}: {e:?}"))?;
+        sd.insert(key, InferTensor::new(shape, values));
+    }
+    let mut model = ExportedModel::from_state_dict(&sd, &space, &arch)?;
+    model.preprocess = preprocess;
+    if let Some(path) = &args.labels {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let labels: Vec<String> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect();
+        anyhow::ensure!(
+            labels.len() == space.num_classes,
+            "{}: {} labels, the model has {} classes",
+            path.display(),
+            labels.len(),
+            space.num_classes
+        );
+        model.labels = labels;
+    }
+    model.save(&args.out)?;
+    if !args.no_onnx {
+        nasvit_infer::onnx::save_onnx(&model, &args.out.join("model.onnx"))?;
+    }
+    let cost = space.cost(&arch);
+    println!(
+        "exported {:.2} MMACs / {:.3} M params subnet (resolution {}) to {}",
+        cost.mmacs,
+        cost.params as f64 / 1e6,
+        arch.resolution,
+        args.out.display()
+    );
+    Ok(())
+}
