@@ -290,7 +290,10 @@ impl Builder {
         mp.int(1, IR_VERSION);
         mp.str(2, "nasvit-infer");
         mp.str(3, env!("CARGO_PKG_VERSION"));
-        mp.str(6, "NASViT subnet; input is normalised and already resized to the arch resolution");
+        mp.str(
+            6,
+            "NASViT subnet; input is normalised and already resized to the arch resolution",
+        );
         mp.msg(7, g);
         let mut op = Pb::default();
         op.str(1, "");
@@ -302,7 +305,10 @@ impl Builder {
                 "nasvit.preprocess",
                 serde_json::to_string(&model.preprocess).unwrap_or_default(),
             ),
-            ("nasvit.labels", serde_json::to_string(&model.labels).unwrap_or_default()),
+            (
+                "nasvit.labels",
+                serde_json::to_string(&model.labels).unwrap_or_default(),
+            ),
         ];
         for (k, v) in meta {
             let mut e = Pb::default();
@@ -519,7 +525,7 @@ impl Ctx<'_> {
     ) -> Result<String> {
         let ws = match windows {
             1 => 1,
-            4 if grid % 2 == 0 => 2,
+            4 if grid.is_multiple_of(2) => 2,
             _ => {
                 return Err(InferError::Arch(format!(
                     "ONNX export: {windows} attention windows on a {grid}x{grid} grid are not supported"
@@ -550,7 +556,9 @@ impl Ctx<'_> {
         let (si, wsi, hi, dvi) = (s as i64, ws as i64, heads as i64, dv as i64);
         let o = self.b.reshape(&o, &[-1, wsi, wsi, hi, si, si, dvi]);
         let o = self.b.transpose(&o, &[0, 3, 6, 1, 4, 2, 5]);
-        let o = self.b.reshape(&o, &[-1, (V_EXPAND * c) as i64, grid as i64, grid as i64]);
+        let o = self
+            .b
+            .reshape(&o, &[-1, (V_EXPAND * c) as i64, grid as i64, grid as i64]);
         let o = self.b.swish(&o);
         let ga = self.tensor(&format!("{p}.scale_attn"))?.data.clone();
         let o = self.conv1x1(&o, &format!("{p}.attn.proj"), Some(&ga), true)?;
@@ -619,7 +627,11 @@ pub fn to_onnx_with(model: &ExportedModel, opts: OnnxOptions) -> Result<Vec<u8>>
     cx.b.node(
         "Gemm",
         &[&f, &cw, &cb],
-        vec![("transB", Attr::Int(1)), ("alpha", Attr::Float(1.0)), ("beta", Attr::Float(1.0))],
+        vec![
+            ("transB", Attr::Int(1)),
+            ("alpha", Attr::Float(1.0)),
+            ("beta", Attr::Float(1.0)),
+        ],
     );
     cx.b.name_last_output(OUTPUT_NAME);
     Ok(cx.b.encode(model, &sh, INPUT_NAME, opts))
@@ -709,7 +721,10 @@ impl OnnxSummary {
         for n in &self.nodes {
             for i in &n.inputs {
                 if !i.is_empty() && !known.contains(i.as_str()) {
-                    return Err(format!("node `{}` ({}) reads `{i}` before it is produced", n.name, n.op_type));
+                    return Err(format!(
+                        "node `{}` ({}) reads `{i}` before it is produced",
+                        n.name, n.op_type
+                    ));
                 }
             }
             for o in &n.outputs {

@@ -174,7 +174,8 @@ fn compare(got: &Tensor, want: &Tensor) -> (f32, bool) {
     for (g, w) in got.data.iter().zip(&want.data) {
         let e = (g - w).abs();
         max = max.max(e);
-        if !(e <= 1e-4 + 1e-3 * w.abs()) {
+        let within = e <= 1e-4 + 1e-3 * w.abs();
+        if !within {
             ok = false;
         }
     }
