@@ -282,3 +282,27 @@ fn paper_genes_match_the_engine() {
     println!("paper genes ORT vs engine max abs err {err:.3e}");
     assert!(ok, "paper genes out of tolerance (max abs err {err:.3e})");
 }
+
+/// Writes `official-min.onnx` and `official-max.onnx` (random weights, 224 px, batch 1) into
+/// `$NASVIT_ONNX_BENCH_DIR` for `scripts/bench_ort.py`:
+/// `NASVIT_ONNX_BENCH_DIR=/tmp/ob cargo test -p nasvit-infer --test onnx -- --ignored export_official_bench_models`
+#[test]
+#[ignore = "writes benchmark models; set NASVIT_ONNX_BENCH_DIR"]
+fn export_official_bench_models() {
+    let Some(dir) = std::env::var_os("NASVIT_ONNX_BENCH_DIR").map(PathBuf::from) else {
+        println!("skipped: NASVIT_ONNX_BENCH_DIR is not set");
+        return;
+    };
+    std::fs::create_dir_all(&dir).unwrap();
+    let space = SearchSpace::builtin("official").unwrap();
+    let sd = random_state_dict(&space, 0);
+    for (name, mut arch) in [("min", space.min_arch()), ("max", space.max_arch())] {
+        arch.resolution = 224;
+        let model = ExportedModel::from_state_dict(&sd, &space, &arch).unwrap();
+        let path = dir.join(format!("official-{name}.onnx"));
+        save_onnx(&model, &path).unwrap();
+        let s = inspect(&std::fs::read(&path).unwrap()).unwrap();
+        s.check_topology().unwrap();
+        println!("{}: {} nodes", path.display(), s.nodes.len());
+    }
+}
