@@ -24,6 +24,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The whole pipeline on Fashion-MNIST in ~10 minutes: train, search, evaluate, export, time, classify.
+    Demo(cmd::demo::DemoArgs),
     /// Inspect search spaces.
     Space {
         #[command(subcommand)]
@@ -52,6 +54,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Demo(args) => cmd::demo::run(args),
         Command::Space { command } => cmd::space::run(command),
         Command::Flops(args) => cmd::flops::run(args),
         Command::Train(args) => match cmd::train::run_cmd(args) {

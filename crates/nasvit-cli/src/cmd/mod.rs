@@ -1,6 +1,7 @@
+pub mod bench;
 pub mod conflict;
 pub mod data;
-pub mod bench;
+pub mod demo;
 pub mod eval;
 pub mod export;
 pub mod flops;
