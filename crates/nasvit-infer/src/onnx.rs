@@ -477,6 +477,15 @@ impl Ctx<'_> {
     fn split_heads(&mut self, x: &str, heads: usize, d: usize, grid: usize, ws: usize, d_first: bool) -> String {
         let s = (grid / ws) as i64;
         let (h, d, ws) = (heads as i64, d as i64, ws as i64);
+        if ws == 1 {
+            // Global attention: a 4-d reshape, and no transpose at all for k.
+            let r = self.b.reshape(x, &[-1, h, d, s * s]);
+            return if d_first {
+                r
+            } else {
+                self.b.transpose(&r, &[0, 1, 3, 2])
+            };
+        }
         let r = self.b.reshape(x, &[-1, h, d, ws, s, ws, s]);
         // dims: 0 B, 1 h, 2 d, 3 wy, 4 sy, 5 wx, 6 sx
         if d_first {
@@ -552,13 +561,18 @@ impl Ctx<'_> {
         let a = self.b.node("Softmax", &[&a], vec![("axis", Attr::Int(-1))]);
         let a = self.head_mix(&a, &format!("{p}.attn.proj_w"), heads, t)?;
         let o = self.b.node("MatMul", &[&a, &vh], vec![]);
-        // [B*W, h, T, dv] -> [B, wy, wx, h, sy, sx, dv] -> [B, h, dv, wy, sy, wx, sx] -> [B, 4C, G, G]
         let (si, wsi, hi, dvi) = (s as i64, ws as i64, heads as i64, dv as i64);
-        let o = self.b.reshape(&o, &[-1, wsi, wsi, hi, si, si, dvi]);
-        let o = self.b.transpose(&o, &[0, 3, 6, 1, 4, 2, 5]);
-        let o = self
-            .b
-            .reshape(&o, &[-1, (V_EXPAND * c) as i64, grid as i64, grid as i64]);
+        let (c4, gi) = ((V_EXPAND * c) as i64, grid as i64);
+        let o = if ws == 1 {
+            // [B, h, T, dv] -> [B, h, dv, T] -> [B, 4C, G, G]
+            let o = self.b.transpose(&o, &[0, 1, 3, 2]);
+            self.b.reshape(&o, &[-1, c4, gi, gi])
+        } else {
+            // [B*W, h, T, dv] -> [B, wy, wx, h, sy, sx, dv] -> [B, h, dv, wy, sy, wx, sx] -> [B, 4C, G, G]
+            let o = self.b.reshape(&o, &[-1, wsi, wsi, hi, si, si, dvi]);
+            let o = self.b.transpose(&o, &[0, 3, 6, 1, 4, 2, 5]);
+            self.b.reshape(&o, &[-1, c4, gi, gi])
+        };
         let o = self.b.swish(&o);
         let ga = self.tensor(&format!("{p}.scale_attn"))?.data.clone();
         let o = self.conv1x1(&o, &format!("{p}.attn.proj"), Some(&ga), true)?;
