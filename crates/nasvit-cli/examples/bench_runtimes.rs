@@ -1,0 +1,80 @@
+//! Batch-1 latency of the official min and max subnets (random weights) at 224 px on three runtimes in one run:
+//! the nasvit-infer engine, onnxruntime on the exported ONNX (through `scripts/bench_ort.py`), and the burn Flex
+//! model (the extracted `StaticNet`).
+//!
+//! `cargo run --release -p nasvit-cli --example bench_runtimes [-- THREADS ITERS]` (defaults: 2 threads, 30 runs);
+//! set `RAYON_NUM_THREADS` to the same thread count so that burn uses it too.
+
+use std::process::Command;
+use std::time::Instant;
+
+use burn::tensor::{Device, Distribution, Tensor};
+use nasvit_infer::{bench, save_onnx, BenchOptions, Engine, EngineOptions, ExportedModel, StateDict};
+use nasvit_model::SupernetConfig;
+use nasvit_space::SearchSpace;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let threads: usize = args.first().map(|s| s.parse()).transpose()?.unwrap_or(2);
+    let iters: usize = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(30);
+    let device = Device::flex();
+    let space = SearchSpace::builtin("official")?;
+    let net = SupernetConfig::new(space.clone()).init(&device);
+    let mut sd = StateDict::new();
+    for (key, data) in net.named_tensors() {
+        let shape = data.shape().to_vec();
+        let values = data.convert::<f32>().try_to_vec::<f32>().map_err(|e| anyhow::anyhow!("{key}: {e:?}"))?;
+        sd.insert(key, nasvit_infer::Tensor::new(shape, values));
+    }
+    let dir = std::env::temp_dir().join(format!("nasvit-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    println!("batch 1, 224 px, {threads} threads, median of {iters} runs (ms)");
+    println!("{:<8} {:>8} {:>12} {:>12} {:>12}", "subnet", "MMACs", "nasvit-infer", "onnxruntime", "burn-flex");
+    for (name, mut arch) in [("min", space.min_arch()), ("max", space.max_arch())] {
+        arch.resolution = 224;
+        let mmacs = space.cost(&arch).mmacs;
+        let model = ExportedModel::from_state_dict(&sd, &space, &arch)?;
+        let engine = Engine::new(&model, EngineOptions { threads })?;
+        let ours = bench(&engine, &BenchOptions { warmup: 5, iters })?.median_ms;
+
+        let onnx = dir.join(format!("{name}.onnx"));
+        save_onnx(&model, &onnx)?;
+        let out = Command::new("python3")
+            .args(["scripts/bench_ort.py", &onnx.display().to_string(), "--threads", &threads.to_string()])
+            .args(["--iters", &iters.to_string()])
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let ort = text
+            .split_whitespace()
+            .skip_while(|w| !w.starts_with("median"))
+            .nth(1)
+            .and_then(|w| w.trim_end_matches("ms").parse::<f64>().ok());
+
+        let static_net = net.extract(&arch)?;
+        let x = Tensor::<4>::random([1, 3, 224, 224], Distribution::Normal(0.0, 1.0), &device);
+        let mut times = Vec::new();
+        for i in 0..(iters.min(20) + 3) {
+            let t = Instant::now();
+            let _: f32 = static_net.forward(x.clone()).sum().into_scalar();
+            if i >= 3 {
+                times.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        let flex = median(times);
+        println!(
+            "{name:<8} {mmacs:>8.1} {ours:>12.2} {:>12} {flex:>12.2}",
+            ort.map(|v| format!("{v:.2}")).unwrap_or_else(|| format!("n/a ({})", String::from_utf8_lossy(&out.stderr).trim()))
+        );
+    }
+    if std::env::var_os("NASVIT_BENCH_KEEP").is_some() {
+        println!("models kept in {}", dir.display());
+    } else {
+        std::fs::remove_dir_all(&dir).ok();
+    }
+    Ok(())
+}
