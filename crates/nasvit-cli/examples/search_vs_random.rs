@@ -32,7 +32,7 @@ fn main() -> anyhow::Result<()> {
         k = args.get(i + 1).context("--k N")?.parse()?;
         args.drain(i..i + 2);
     }
-    let mut test_images = 2000;
+    let mut test_images: usize = 2000;
     if let Some(i) = args.iter().position(|a| a == "--test-images") {
         test_images = args.get(i + 1).context("--test-images N")?.parse()?;
         args.drain(i..i + 2);
