@@ -28,13 +28,19 @@ fn main() -> anyhow::Result<()> {
     let mut sd = StateDict::new();
     for (key, data) in net.named_tensors() {
         let shape = data.shape().to_vec();
-        let values = data.convert::<f32>().try_to_vec::<f32>().map_err(|e| anyhow::anyhow!("{key}: {e:?}"))?;
+        let values = data
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .map_err(|e| anyhow::anyhow!("{key}: {e:?}"))?;
         sd.insert(key, nasvit_infer::Tensor::new(shape, values));
     }
     let dir = std::env::temp_dir().join(format!("nasvit-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     println!("batch 1, 224 px, {threads} threads, median of {iters} runs (ms)");
-    println!("{:<8} {:>8} {:>12} {:>12} {:>12}", "subnet", "MMACs", "nasvit-infer", "onnxruntime", "burn-flex");
+    println!(
+        "{:<8} {:>8} {:>12} {:>12} {:>12}",
+        "subnet", "MMACs", "nasvit-infer", "onnxruntime", "burn-flex"
+    );
     for (name, mut arch) in [("min", space.min_arch()), ("max", space.max_arch())] {
         arch.resolution = 224;
         let mmacs = space.cost(&arch).mmacs;
@@ -45,7 +51,12 @@ fn main() -> anyhow::Result<()> {
         let onnx = dir.join(format!("{name}.onnx"));
         save_onnx(&model, &onnx)?;
         let out = Command::new("python3")
-            .args(["scripts/bench_ort.py", &onnx.display().to_string(), "--threads", &threads.to_string()])
+            .args([
+                "scripts/bench_ort.py",
+                &onnx.display().to_string(),
+                "--threads",
+                &threads.to_string(),
+            ])
             .args(["--iters", &iters.to_string()])
             .output()?;
         let text = String::from_utf8_lossy(&out.stdout);
@@ -68,7 +79,8 @@ fn main() -> anyhow::Result<()> {
         let flex = median(times);
         println!(
             "{name:<8} {mmacs:>8.1} {ours:>12.2} {:>12} {flex:>12.2}",
-            ort.map(|v| format!("{v:.2}")).unwrap_or_else(|| format!("n/a ({})", String::from_utf8_lossy(&out.stderr).trim()))
+            ort.map(|v| format!("{v:.2}"))
+                .unwrap_or_else(|| format!("n/a ({})", String::from_utf8_lossy(&out.stderr).trim()))
         );
     }
     if std::env::var_os("NASVIT_BENCH_KEEP").is_some() {

@@ -57,7 +57,7 @@ fn main() -> anyhow::Result<()> {
     let calib = train_loader(&cfg, sets.train.clone());
     let val = eval_loader(&cfg, test, 250, false);
     let calib_batches = 32;
-    let mut score = |net: &mut nasvit_model::Supernet, arch: &Arch| -> anyhow::Result<f64> {
+    let score = |net: &mut nasvit_model::Supernet, arch: &Arch| -> anyhow::Result<f64> {
         let c = calib.epoch(0, 0).map(|b| to_batch(b, &device));
         // The first `test_images` of the test split (whole batches of 250).
         let v = val
@@ -81,7 +81,7 @@ fn main() -> anyhow::Result<()> {
     println!("| budget (MMACs) | found: MMACs | found: top-1 | random (k={k}): median MMACs | random: median top-1 | random: best top-1 |");
     println!("|---|---|---|---|---|---|");
     for budget in budgets {
-        let Some((arch, mmacs)) = front.iter().filter(|(_, m)| *m <= budget).last().cloned() else {
+        let Some((arch, mmacs)) = front.iter().rfind(|(_, m)| *m <= budget).cloned() else {
             println!("| {budget:.1} | none on the front | | | | |");
             continue;
         };

@@ -204,7 +204,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     step("3/5 evaluating the best subnet under each budget on the test split, exporting and timing it");
     for (i, budget) in budgets.iter().enumerate() {
         // The front is cheapest first and accuracy rises along it: the last point under the budget is the best.
-        let Some((arch, mmacs)) = front.iter().filter(|(_, m)| m <= budget).last().cloned() else {
+        let Some((arch, mmacs)) = front.iter().rfind(|(_, m)| m <= budget).cloned() else {
             eprintln!("no subnet of the front under {budget:.1} MMACs");
             continue;
         };
