@@ -75,7 +75,7 @@ pub fn measure_conflicts(
             }
             let nets = sandwich_archs(&space, config.n_subnets.max(2), config.seed, done as u64);
             let target = match &teacher {
-                Some(t) => MaxTarget::Soft(t.soft_targets(&batch, &plain, &ad)?),
+                Some(t) => MaxTarget::Soft(Box::new(t.soft_targets(&batch, &plain, &ad)?)),
                 None => MaxTarget::Labels {
                     smoothing: config.label_smoothing,
                 },

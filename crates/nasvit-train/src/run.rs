@@ -406,7 +406,7 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary, TrainError> {
             }
             let nets = sandwich_archs(&space, cfg.n_subnets, cfg.seed, step);
             let target = match &teacher {
-                Some(t) => MaxTarget::Soft(t.soft_targets(&batch, &plain, &ad)?),
+                Some(t) => MaxTarget::Soft(Box::new(t.soft_targets(&batch, &plain, &ad)?)),
                 None => MaxTarget::Labels {
                     smoothing: cfg.label_smoothing,
                 },

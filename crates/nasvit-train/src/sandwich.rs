@@ -72,7 +72,7 @@ fn mix(mut z: u64) -> u64 {
 
 /// The random stream of the subnet sampling of `step` (a function of `(seed, step)` only).
 pub fn step_rng(seed: u64, step: u64) -> ChaCha8Rng {
-    let mut rng = ChaCha8Rng::seed_from_u64(mix(seed ^ 0x6E61_7376_6974_5f73));
+    let mut rng = ChaCha8Rng::seed_from_u64(mix(seed ^ 0x6E61_7376_6974_5F73));
     rng.set_stream(step);
     rng
 }
@@ -105,7 +105,7 @@ pub enum MaxTarget {
     /// Ground-truth labels with label smoothing.
     Labels { smoothing: f64 },
     /// Soft-target probabilities `[B, classes]` (a teacher's softmax at its temperature).
-    Soft(Tensor<2>),
+    Soft(Box<Tensor<2>>),
 }
 
 /// Settings of a step that do not change between steps.
@@ -196,7 +196,7 @@ pub fn sandwich_gradients(
     let logits = model.forward(images.clone());
     let loss = match target {
         MaxTarget::Labels { smoothing } => label_smoothing_cross_entropy(logits.clone(), labels, *smoothing),
-        MaxTarget::Soft(probs) => soft_probs_cross_entropy(logits.clone(), probs.clone()),
+        MaxTarget::Soft(probs) => soft_probs_cross_entropy(logits.clone(), (**probs).clone()),
     };
     let name = first.label(0);
     let value = check(&name, first, &loss)?;

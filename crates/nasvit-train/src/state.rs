@@ -285,7 +285,11 @@ fn prune(ckpts: &Path, current: &str, keep: usize) {
     }
 }
 
-fn read_state_tensors(path: &Path) -> Result<(HashMap<String, TensorData>, HashMap<String, TensorData>), StateError> {
+/// Tensors by key.
+type Named = HashMap<String, TensorData>;
+
+/// The raw (`model.`) and EMA (`ema.`) tensors of a state file.
+fn read_state_tensors(path: &Path) -> Result<(Named, Named), StateError> {
     let bytes = std::fs::read(path).map_err(|e| serr(path, e.to_string()))?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| serr(path, format!("not a safetensors file: {e}")))?;
     let mut model = HashMap::new();
