@@ -29,7 +29,6 @@ pub fn data_config(path: &Path, space: &SearchSpace) -> anyhow::Result<TrainConf
         TrainConfig::from_file(path).with_context(|| format!("reading the config {}", path.display()))?
     } else if path.is_dir() {
         let mut c = TrainConfig::default();
-        c.space = space.name.clone();
         if let Some(images) = idx_file(path, "train-images-idx3-ubyte") {
             c.data.kind = DataKind::Idx;
             c.data.train_images = Some(images);
