@@ -247,6 +247,19 @@ fn resume_continues_bit_for_bit() {
         assert!(line["images_per_s"].as_f64().is_some());
         assert!(line["sub_grad_norm"].as_f64().is_some_and(|n| n > 0.0));
     }
+    // The end of a run evaluates the max and min subnets with re-calibrated BN.
+    let eval = metrics(&two)
+        .into_iter()
+        .rfind(|v| v["kind"] == "eval")
+        .expect("eval line");
+    assert!(
+        eval["top1_max_recal"]
+            .as_f64()
+            .is_some_and(|t| (0.0..=100.0).contains(&t)),
+        "{eval}"
+    );
+    assert!(eval["top1_min_recal"].as_f64().is_some(), "{eval}");
+    assert_eq!(eval["images"], 8);
     // The published checkpoint loads.
     let ckpt = resolve_last(&two).expect("last").join("supernet.safetensors");
     load_checkpoint(&ckpt, &Device::flex()).expect("published checkpoint loads");

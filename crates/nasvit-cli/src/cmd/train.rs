@@ -35,6 +35,9 @@ pub struct TrainArgs {
     /// Validation batches per evaluation (default: the whole split).
     #[arg(long)]
     eval_batches: Option<usize>,
+    /// Training batches for the BN re-calibration before each evaluation (default 16).
+    #[arg(long)]
+    calib_batches: Option<usize>,
     /// Publish the raw weights in supernet.safetensors instead of the EMA.
     #[arg(long)]
     save_raw: bool,
@@ -52,6 +55,7 @@ pub fn run_cmd(args: TrainArgs) -> anyhow::Result<ExitCode> {
         resume: args.resume,
         eval_every: args.eval_every,
         eval_batches: args.eval_batches,
+        calib_batches: args.calib_batches,
         progress: !args.no_progress,
         save_raw: args.save_raw,
         quiet: false,
@@ -67,9 +71,10 @@ pub fn run_cmd(args: TrainArgs) -> anyhow::Result<ExitCode> {
             );
             if let Some(e) = s.last_eval {
                 println!(
-                    "val top-1 (EMA weights, running BN statistics): max {:.2}%  min {:.2}%",
-                    e["top1_max_ema_bn"].as_f64().unwrap_or(f64::NAN),
-                    e["top1_min_ema_bn"].as_f64().unwrap_or(f64::NAN)
+                    "val top-1 (EMA weights, BN re-calibrated on {} batches): max {:.2}%  min {:.2}%",
+                    e["calib_batches"],
+                    e["top1_max_recal"].as_f64().unwrap_or(f64::NAN),
+                    e["top1_min_recal"].as_f64().unwrap_or(f64::NAN)
                 );
             }
             Ok(ExitCode::SUCCESS)
