@@ -40,11 +40,25 @@ fn main() {
     let mut times = Vec::new();
     for step in 0..=steps as u64 {
         let nets = sandwich_archs(&space, 4, 0, step);
-        let x = Tensor::<4>::random([batch, space.in_channels, side, side], Distribution::Normal(0.0, 1.0), &ad);
+        let x = Tensor::<4>::random(
+            [batch, space.in_channels, side, side],
+            Distribution::Normal(0.0, 1.0),
+            &ad,
+        );
         let labels: Vec<i64> = (0..batch as i64).map(|i| i % classes).collect();
         let y = Tensor::<1, Int>::from_data(TensorData::new(labels, [batch]), &ad);
         let t = Instant::now();
-        let (m, r) = train_step(model, &mut optim, &mut ema, &nets, x, y, &MaxTarget::Labels { smoothing: 0.1 }, &settings, 1e-4);
+        let (m, r) = train_step(
+            model,
+            &mut optim,
+            &mut ema,
+            &nets,
+            x,
+            y,
+            &MaxTarget::Labels { smoothing: 0.1 },
+            &settings,
+            1e-4,
+        );
         model = m;
         let r = match r {
             Ok(r) => r,
