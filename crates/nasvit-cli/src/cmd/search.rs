@@ -141,10 +141,16 @@ pub fn run(args: SearchArgs) -> anyhow::Result<()> {
                 .best
                 .map(|r| format!("best top-1 {:.2}% at {:.1} MMACs", r.top1, r.mmacs))
                 .unwrap_or_default();
-            bar.println(format!(
+            let line = format!(
                 "generation {}/{}: {} new subnets, {} evaluated in all; {best}",
                 p.generation, p.generations, p.new, p.evaluated
-            ));
+            );
+            // A hidden bar (stderr not a terminal) swallows println: log lines still reach the user.
+            if bar.is_hidden() {
+                eprintln!("{line}");
+            } else {
+                bar.println(line);
+            }
         }
     };
     let state = if args.resume {
