@@ -147,6 +147,13 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     std::fs::write(&config_path, config)?;
     step(&format!("1/5 training a tiny supernet for {} steps", args.steps));
     let run_dir = out.join("train");
+    // A demo starts over: a previous demo's run and search in the same folder are replaced.
+    for old in [run_dir.clone(), out.join("search")] {
+        if old.exists() {
+            eprintln!("replacing the previous demo output {}", old.display());
+            std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
+        }
+    }
     let steps = args.steps.to_string();
     nasvit(&[
         "train",
