@@ -24,7 +24,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// The whole pipeline on Fashion-MNIST in ~10 minutes: train, search, evaluate, export, time, classify.
+    /// The whole pipeline on Fashion-MNIST in ~11 minutes: train, search, evaluate, export, time, classify.
     Demo(cmd::demo::DemoArgs),
     /// Inspect search spaces.
     Space {

@@ -1,4 +1,4 @@
-//! `nasvit demo`: the whole pipeline on Fashion-MNIST in about ten minutes on 2 cores — train a `tiny`
+//! `nasvit demo`: the whole pipeline on Fashion-MNIST in about eleven minutes on 2 cores — train a `tiny`
 //! supernet, search it, pick the best subnet under three MACs budgets, evaluate them on the test split, export
 //! them, measure their latency, classify a few test images, and print a summary.
 //!
