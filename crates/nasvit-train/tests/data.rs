@@ -11,23 +11,12 @@ use nasvit_train::data::{
     TrainTransform, Transform,
 };
 
-/// A fresh, empty folder for one test.
-fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join("nasvit-train-data")
-        .join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("scratch dir");
-    dir
-}
+mod common;
 
-fn idx_bytes(dims: &[u32], data: &[u8]) -> Vec<u8> {
-    let mut out = vec![0, 0, 0x08, dims.len() as u8];
-    for d in dims {
-        out.extend_from_slice(&d.to_be_bytes());
-    }
-    out.extend_from_slice(data);
-    out
+use common::idx_bytes;
+
+fn scratch(name: &str) -> PathBuf {
+    common::scratch_in("nasvit-train-data", name)
 }
 
 fn gzip(bytes: &[u8]) -> Vec<u8> {
