@@ -4,9 +4,10 @@
 //! statistics where `bn_override` is set), run the engine on `NAME.input`, compare logits and stage taps with
 //! atol 1e-4 + rtol 1e-3. `train` cases use batch statistics and are not the runtime's business.
 
-use std::path::PathBuf;
+mod common;
 
-use nasvit_infer::{load_safetensors, released_layout, Engine, EngineOptions, ExportedModel, SearchSpace, Tensor};
+use common::{compare, golden_dir};
+use nasvit_infer::{load_safetensors, released_layout, Engine, EngineOptions, ExportedModel, SearchSpace};
 use nasvit_space::Arch;
 use serde::Deserialize;
 
@@ -22,30 +23,6 @@ struct Case {
     mode: String,
     taps: Vec<String>,
     bn_override: bool,
-}
-
-fn golden_dir() -> PathBuf {
-    match std::env::var_os("NASVIT_GOLDEN_DIR") {
-        Some(d) => PathBuf::from(d),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/official-mini"),
-    }
-}
-
-/// Max abs error, and whether every element is within atol + rtol * |expected|.
-fn compare(got: &Tensor, want: &Tensor) -> (f32, bool) {
-    assert_eq!(got.shape, want.shape, "shape");
-    let mut max = 0.0f32;
-    let mut ok = true;
-    for (g, w) in got.data.iter().zip(&want.data) {
-        let e = (g - w).abs();
-        max = max.max(e);
-        // Written so that a NaN counts as a failure.
-        let within = e <= 1e-4 + 1e-3 * w.abs();
-        if !within {
-            ok = false;
-        }
-    }
-    (max, ok)
 }
 
 #[test]

@@ -18,7 +18,7 @@ use nasvit_infer::{
 use nasvit_space::Arch;
 use serde::Deserialize;
 
-use common::{golden_dir, golden_space, golden_weights, scratch};
+use common::{compare, golden_dir, golden_space, golden_weights, scratch};
 
 #[derive(Deserialize)]
 struct Cases {
@@ -164,22 +164,6 @@ fn run_ort(dir: &Path, model: &Path, input: &Tensor) -> Tensor {
         String::from_utf8_lossy(&o.stderr)
     );
     read_f32(&out)
-}
-
-/// Max abs error, and whether every element is within atol 1e-4 + rtol 1e-3 (NaN fails).
-fn compare(got: &Tensor, want: &Tensor) -> (f32, bool) {
-    assert_eq!(got.shape, want.shape, "shape");
-    let mut max = 0.0f32;
-    let mut ok = true;
-    for (g, w) in got.data.iter().zip(&want.data) {
-        let e = (g - w).abs();
-        max = max.max(e);
-        let within = e <= 1e-4 + 1e-3 * w.abs();
-        if !within {
-            ok = false;
-        }
-    }
-    (max, ok)
 }
 
 /// The input at the arch resolution: the graph does no resize, so sizes that differ go through the engine's

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use nasvit_infer::{load_safetensors, SearchSpace, StateDict};
+use nasvit_infer::{load_safetensors, SearchSpace, StateDict, Tensor};
 
 pub fn golden_dir() -> PathBuf {
     match std::env::var_os("NASVIT_GOLDEN_DIR") {
@@ -29,4 +29,21 @@ pub fn scratch(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
+}
+
+/// Max abs error, and whether every element is within atol 1e-4 + rtol 1e-3 * |expected| (a NaN fails).
+pub fn compare(got: &Tensor, want: &Tensor) -> (f32, bool) {
+    assert_eq!(got.shape, want.shape, "shape");
+    let mut max = 0.0f32;
+    let mut ok = true;
+    for (g, w) in got.data.iter().zip(&want.data) {
+        let e = (g - w).abs();
+        max = max.max(e);
+        // Written so that a NaN counts as a failure.
+        let within = e <= 1e-4 + 1e-3 * w.abs();
+        if !within {
+            ok = false;
+        }
+    }
+    (max, ok)
 }
