@@ -75,6 +75,8 @@ pub fn bench(engine: &Engine, opts: &BenchOptions) -> Result<BenchReport> {
     for _ in 0..opts.warmup {
         engine.run(&x)?;
     }
+    // Drop the warm-up from the op profile (when on), so that it covers the timed runs only.
+    engine.profile();
     let mut times = Vec::with_capacity(opts.iters.max(1));
     for _ in 0..opts.iters.max(1) {
         let t0 = Instant::now();

@@ -21,6 +21,35 @@ use crate::state::Tensor;
 pub struct EngineOptions {
     /// Worker threads; 0 means one per available core.
     pub threads: usize,
+    /// Accumulate wall time per kind of op (see `Engine::profile`); costs two clock reads per op.
+    pub profile: bool,
+}
+
+/// Wall time per kind of op, summed over the runs since the last `Engine::profile` call.
+#[derive(Default)]
+struct Profile(std::sync::Mutex<Vec<(&'static str, f64, usize)>>);
+
+/// The profile of one forward pass, or nothing.
+#[derive(Clone, Copy)]
+struct Prof<'a>(Option<&'a Profile>);
+
+impl Prof<'_> {
+    #[inline]
+    fn time<R>(self, op: &'static str, f: impl FnOnce() -> R) -> R {
+        let Some(p) = self.0 else { return f() };
+        let t = std::time::Instant::now();
+        let r = f();
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        let mut ops = p.0.lock().unwrap_or_else(|e| e.into_inner());
+        match ops.iter_mut().find(|(k, _, _)| *k == op) {
+            Some(e) => {
+                e.1 += ms;
+                e.2 += 1;
+            }
+            None => ops.push((op, ms, 1)),
+        }
+        r
+    }
 }
 
 /// A 1x1 conv or linear `[cout, cin]` with an optional bias.
@@ -150,6 +179,7 @@ pub struct Engine {
     threads: usize,
     pool: rayon::ThreadPool,
     arena: Arena,
+    profile: Option<Profile>,
 }
 
 /// Output of `Engine::run_with_taps`: logits `[B, K]` and each stage's output `[B, C, H, W]` by name
@@ -348,6 +378,7 @@ impl Engine {
             threads,
             pool,
             arena: Arena::default(),
+            profile: opts.profile.then(Profile::default),
         })
     }
 
@@ -367,6 +398,15 @@ impl Engine {
 
     pub fn num_classes(&self) -> usize {
         self.classifier.cout
+    }
+
+    /// Per kind of op: (name, total ms, calls) since the last call, slowest first; empty unless the engine was
+    /// built with `EngineOptions::profile`.
+    pub fn profile(&self) -> Vec<(&'static str, f64, usize)> {
+        let Some(p) = &self.profile else { return Vec::new() };
+        let mut ops = std::mem::take(&mut *p.0.lock().unwrap_or_else(|e| e.into_inner()));
+        ops.sort_by(|a, b| b.1.total_cmp(&a.1));
+        ops
     }
 
     /// Logits `[B, K]` of a normalised input `[B, C, H, W]`; other sizes than the arch's resolution are resized
@@ -432,6 +472,7 @@ impl Engine {
     fn forward(&self, x: &[f32], h: usize, w: usize, taps: &mut Option<Vec<Tap>>) -> Vec<f32> {
         let par = Par { threads: self.threads };
         let ar = &self.arena;
+        let pr = Prof(self.profile.as_ref());
         let r = self.arch.resolution;
         let resized;
         let x = if h != r || w != r {
@@ -444,18 +485,20 @@ impl Engine {
         let (ho, _) = g.out();
         let mut cur = ar.take(self.stem.cout * ho * ho);
         let bias = self.stem.b.as_deref().unwrap_or(&[]);
-        kernels::conv_dense(
-            x,
-            self.in_channels,
-            g,
-            &self.stem.w,
-            self.stem.cout,
-            bias,
-            &mut cur,
-            Act::Swish,
-            par,
-            ar,
-        );
+        pr.time("stem", || {
+            kernels::conv_dense(
+                x,
+                self.in_channels,
+                g,
+                &self.stem.w,
+                self.stem.cout,
+                bias,
+                &mut cur,
+                Act::Swish,
+                par,
+                ar,
+            )
+        });
         let mut side = ho;
         let mut ch = self.stem.cout;
         if let Some(t) = taps {
@@ -465,12 +508,12 @@ impl Engine {
             for b in blocks {
                 match b {
                     Block::Mb(m) => {
-                        let (out, s) = m.forward(&cur, par, ar);
+                        let (out, s) = m.forward(&cur, par, ar, pr);
                         ar.put(std::mem::replace(&mut cur, out));
                         side = s;
                         ch = m.cout;
                     }
-                    Block::Tf(t) => t.forward(&mut cur, par, ar),
+                    Block::Tf(t) => t.forward(&mut cur, par, ar, pr),
                 }
             }
             if let Some(t) = taps {
@@ -478,60 +521,71 @@ impl Engine {
             }
         }
         let hw = side * side;
-        let e = self.head_expand.run(&cur, hw, Act::Swish, par, ar);
-        let pooled = kernels::row_means(&e, hw);
-        ar.put(e);
-        ar.put(cur);
-        let mixed = self.head_mix.matvec(&pooled, Act::Swish);
-        self.classifier.matvec(&mixed, Act::None)
+        pr.time("head", || {
+            let e = self.head_expand.run(&cur, hw, Act::Swish, par, ar);
+            let pooled = kernels::row_means(&e, hw);
+            ar.put(e);
+            ar.put(cur);
+            let mixed = self.head_mix.matvec(&pooled, Act::Swish);
+            self.classifier.matvec(&mixed, Act::None)
+        })
     }
 }
 
 impl MbConv {
     /// `x: [cin, hin*hin]` -> (`[cout, hout*hout]`, hout).
-    fn forward(&self, x: &[f32], par: Par, ar: &Arena) -> (Vec<f32>, usize) {
+    fn forward(&self, x: &[f32], par: Par, ar: &Arena, pr: Prof) -> (Vec<f32>, usize) {
         let g = self.geom;
         let hw_in = g.h * g.w;
         let (ho, wo) = g.out();
         let hw = ho * wo;
-        let expanded = self.expand.as_ref().map(|l| l.run(x, hw_in, Act::Swish, par, ar));
+        let expanded = self
+            .expand
+            .as_ref()
+            .map(|l| pr.time("mb.expand", || l.run(x, hw_in, Act::Swish, par, ar)));
         let mut d = ar.take(self.cmid * hw);
-        kernels::dwconv(
-            expanded.as_deref().unwrap_or(x),
-            self.cmid,
-            g,
-            &self.dw_w,
-            Some(&self.dw_b),
-            &mut d,
-            Act::Swish,
-            par,
-        );
+        pr.time(if g.stride == 1 { "mb.dw" } else { "mb.dw.s2" }, || {
+            kernels::dwconv(
+                expanded.as_deref().unwrap_or(x),
+                self.cmid,
+                g,
+                &self.dw_w,
+                Some(&self.dw_b),
+                &mut d,
+                Act::Swish,
+                par,
+            )
+        });
         if let Some(e) = expanded {
             ar.put(e);
         }
         if let Some((reduce, expand)) = &self.se {
-            let m = kernels::row_means(&d, hw);
-            let r = reduce.matvec(&m, Act::Relu);
-            let s = expand.matvec(&r, Act::HardSigmoid);
-            let ml = (self.cmid / par.threads.max(1)).max(1);
-            d.par_chunks_mut(hw)
-                .with_min_len(ml)
-                .zip(s.par_iter())
-                .for_each(|(row, &sv)| row.iter_mut().for_each(|v| *v *= sv));
+            pr.time("mb.se", || {
+                let m = kernels::row_means(&d, hw);
+                let r = reduce.matvec(&m, Act::Relu);
+                let s = expand.matvec(&r, Act::HardSigmoid);
+                let ml = (self.cmid / par.threads.max(1)).max(1);
+                d.par_chunks_mut(hw)
+                    .with_min_len(ml)
+                    .zip(s.par_iter())
+                    .for_each(|(row, &sv)| row.iter_mut().for_each(|v| *v *= sv));
+            });
         }
-        let mut out = self.project.run(&d, hw, Act::None, par, ar);
+        let mut out = pr.time("mb.project", || self.project.run(&d, hw, Act::None, par, ar));
         ar.put(d);
         // Shortcut (always present): avg-pool when strided, 1x1 conv when the width changes.
         let pooled = (g.stride > 1).then(|| {
-            let (p, ph, pw) = kernels::avgpool_shortcut(x, self.cin, g.h, g.w, g.stride, ar);
+            let (p, ph, pw) = pr.time("mb.shortcut", || {
+                kernels::avgpool_shortcut(x, self.cin, g.h, g.w, g.stride, ar)
+            });
             debug_assert_eq!((ph, pw), (ho, wo));
             p
         });
         let sc_in = pooled.as_deref().unwrap_or(x);
-        match &self.shortcut {
+        pr.time("mb.shortcut", || match &self.shortcut {
             Some(l) => l.run_add(sc_in, hw, &mut out, par),
             None => out.iter_mut().zip(sc_in).for_each(|(o, s)| *o += s),
-        }
+        });
         if let Some(p) = pooled {
             ar.put(p);
         }
@@ -541,11 +595,12 @@ impl MbConv {
 
 impl Mlp {
     /// `t += fc2(act(fc1(u)))` with the layer scale already in fc2.
-    fn forward_add(&self, u: &[f32], n: usize, grid: usize, t: &mut [f32], par: Par, ar: &Arena) {
+    #[allow(clippy::too_many_arguments)]
+    fn forward_add(&self, u: &[f32], n: usize, grid: usize, t: &mut [f32], par: Par, ar: &Arena, pr: Prof) {
         let hdn = match &self.dw {
-            None => self.fc1.run(u, n, Act::Swish, par, ar),
+            None => pr.time("tf.mlp.fc1", || self.fc1.run(u, n, Act::Swish, par, ar)),
             Some(w) => {
-                let pre = self.fc1.run(u, n, Act::None, par, ar);
+                let pre = pr.time("tf.mlp.fc1", || self.fc1.run(u, n, Act::None, par, ar));
                 let mut out = ar.take(self.hidden * n);
                 let g = ConvGeom {
                     h: grid,
@@ -553,23 +608,27 @@ impl Mlp {
                     k: 3,
                     stride: 1,
                 };
-                kernels::dwconv(&pre, self.hidden, g, w, None, &mut out, Act::Swish, par);
+                pr.time("tf.mlp.dw", || {
+                    kernels::dwconv(&pre, self.hidden, g, w, None, &mut out, Act::Swish, par)
+                });
                 ar.put(pre);
                 out
             }
         };
-        self.fc2.run_add(&hdn, n, t, par);
+        pr.time("tf.mlp.fc2", || self.fc2.run_add(&hdn, n, t, par));
         ar.put(hdn);
     }
 }
 
 impl TfLayer {
     /// One NASViT transformer layer on `t: [C, N]` in place.
-    fn forward(&self, t: &mut [f32], par: Par, ar: &Arena) {
+    fn forward(&self, t: &mut [f32], par: Par, ar: &Arena, pr: Prof) {
         let (c, n) = (self.c, self.grid * self.grid);
         let mut u = ar.take(c * n);
-        kernels::joint_layernorm(t, c, n, &self.norms[0].0, &self.norms[0].1, &mut u);
-        let mut qkv = self.qkv.run(&u, n, Act::None, par, ar);
+        pr.time("tf.norm", || {
+            kernels::joint_layernorm(t, c, n, &self.norms[0].0, &self.norms[0].1, &mut u)
+        });
+        let mut qkv = pr.time("tf.qkv", || self.qkv.run(&u, n, Act::None, par, ar));
         let (qk, v) = qkv.split_at_mut(2 * c * n);
         let mut vc = ar.take(V_EXPAND * c * n);
         let g = ConvGeom {
@@ -578,11 +637,13 @@ impl TfLayer {
             k: 3,
             stride: 1,
         };
-        kernels::dwconv(v, V_EXPAND * c, g, &self.vconv, None, &mut vc, Act::None, par);
+        pr.time("tf.vconv", || {
+            kernels::dwconv(v, V_EXPAND * c, g, &self.vconv, None, &mut vc, Act::None, par)
+        });
         let (q, k) = qk.split_at(c * n);
         let mut o = ar.take(V_EXPAND * c * n);
         if self.windows == 1 {
-            self.attend(q, k, &vc, n, &mut o, par, ar);
+            self.attend(q, k, &vc, n, &mut o, par, ar, pr);
         } else {
             // 2x2 windows: gather each window's tokens, attend inside it, scatter back.
             let side = self.grid / 2;
@@ -605,7 +666,7 @@ impl TfLayer {
                         gather(&vc, V_EXPAND * c, wy, wx),
                     );
                     let mut ow = ar.take(V_EXPAND * c * tw);
-                    self.attend(&qw, &kw, &vw, tw, &mut ow, par, ar);
+                    self.attend(&qw, &kw, &vw, tw, &mut ow, par, ar, pr);
                     for r in 0..V_EXPAND * c {
                         for y in 0..side {
                             let d = r * n + (wy * side + y) * self.grid + wx * side;
@@ -620,43 +681,53 @@ impl TfLayer {
         }
         ar.put(qkv);
         ar.put(vc);
-        kernels::bias_act(&mut o, n, None, Act::Swish, par);
-        self.proj.run_add(&o, n, t, par);
+        pr.time("tf.proj", || {
+            kernels::bias_act(&mut o, n, None, Act::Swish, par);
+            self.proj.run_add(&o, n, t, par)
+        });
         ar.put(o);
         // MLP2 (norm3) first, then MLP1 (norm2), as the released layer does.
-        kernels::joint_layernorm(t, c, n, &self.norms[2].0, &self.norms[2].1, &mut u);
-        self.mlp2.forward_add(&u, n, self.grid, t, par, ar);
-        kernels::joint_layernorm(t, c, n, &self.norms[1].0, &self.norms[1].1, &mut u);
-        self.mlp1.forward_add(&u, n, self.grid, t, par, ar);
+        pr.time("tf.norm", || {
+            kernels::joint_layernorm(t, c, n, &self.norms[2].0, &self.norms[2].1, &mut u)
+        });
+        self.mlp2.forward_add(&u, n, self.grid, t, par, ar, pr);
+        pr.time("tf.norm", || {
+            kernels::joint_layernorm(t, c, n, &self.norms[1].0, &self.norms[1].1, &mut u)
+        });
+        self.mlp1.forward_add(&u, n, self.grid, t, par, ar, pr);
         ar.put(u);
     }
 
     /// Talking-heads attention over `tn` tokens: q, k `[C, T]`, v `[4C, T]` -> o `[4C, T]`.
     #[allow(clippy::too_many_arguments)]
-    fn attend(&self, q: &[f32], k: &[f32], v: &[f32], tn: usize, o: &mut [f32], par: Par, ar: &Arena) {
+    fn attend(&self, q: &[f32], k: &[f32], v: &[f32], tn: usize, o: &mut [f32], par: Par, ar: &Arena, pr: Prof) {
         let h = self.heads;
         let tt = tn * tn;
         let dv = V_EXPAND * HEAD_DIM;
         let serial = Par { threads: 1 };
         // Scores per head, starting from the relative position bias.
         let mut a = ar.take(h * tt);
-        a.copy_from_slice(&self.rpb);
-        a.par_chunks_mut(tt).enumerate().for_each(|(j, aj)| {
-            let qj = Mat::cols(&q[j * HEAD_DIM * tn..], tn);
-            let kj = Mat::rows(&k[j * HEAD_DIM * tn..], tn);
-            kernels::matmul(tn, tn, HEAD_DIM, qj, kj, aj, tn, true, serial);
+        pr.time("tf.attn.qk", || {
+            a.copy_from_slice(&self.rpb);
+            a.par_chunks_mut(tt).enumerate().for_each(|(j, aj)| {
+                let qj = Mat::cols(&q[j * HEAD_DIM * tn..], tn);
+                let kj = Mat::rows(&k[j * HEAD_DIM * tn..], tn);
+                kernels::matmul(tn, tn, HEAD_DIM, qj, kj, aj, tn, true, serial);
+            })
         });
-        let mut mixed = self.proj_l.run(&a, tt, Act::None, par, ar);
-        kernels::softmax_rows(&mut mixed, tn, par);
-        self.proj_w.run_into(&mixed, tt, &mut a, par);
-        o[..h * dv * tn]
-            .par_chunks_mut(dv * tn)
-            .enumerate()
-            .for_each(|(j, oj)| {
-                let vj = Mat::rows(&v[j * dv * tn..], tn);
-                let aj = Mat::cols(&a[j * tt..], tn);
-                kernels::matmul(dv, tn, tn, vj, aj, oj, tn, false, serial);
-            });
+        let mut mixed = pr.time("tf.attn.heads", || self.proj_l.run(&a, tt, Act::None, par, ar));
+        pr.time("tf.attn.softmax", || kernels::softmax_rows(&mut mixed, tn, par));
+        pr.time("tf.attn.heads", || self.proj_w.run_into(&mixed, tt, &mut a, par));
+        pr.time("tf.attn.av", || {
+            o[..h * dv * tn]
+                .par_chunks_mut(dv * tn)
+                .enumerate()
+                .for_each(|(j, oj)| {
+                    let vj = Mat::rows(&v[j * dv * tn..], tn);
+                    let aj = Mat::cols(&a[j * tt..], tn);
+                    kernels::matmul(dv, tn, tn, vj, aj, oj, tn, false, serial);
+                })
+        });
         ar.put(a);
         ar.put(mixed);
     }

@@ -20,110 +20,131 @@ pub enum Act {
     HardSigmoid,
 }
 
+/// `a * b + c`, one instruction where the kernel was compiled with FMA (`fma` is a constant there).
+#[inline(always)]
+fn madd(fma: bool, a: f32, b: f32, c: f32) -> f32 {
+    if fma {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
 /// `exp` to about 2 ulp (Cephes' `expf` polynomial), branch-free so that loops over it vectorise. Inputs are
 /// clamped to [-87, 88], where the result stays a normal float.
 #[inline(always)]
-pub fn exp_fast(x: f32) -> f32 {
+fn exp_impl(x: f32, fma: bool) -> f32 {
     let x = x.clamp(-87.0, 88.0);
     // Round x * log2(e) to the nearest integer n with the 1.5 * 2^23 trick: n sits in t's low mantissa bits.
-    let t = x * std::f32::consts::LOG2_E + 12_582_912.0;
+    let t = madd(fma, x, std::f32::consts::LOG2_E, 12_582_912.0);
     let n = t - 12_582_912.0;
-    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let r = madd(fma, n, 2.121_944_4e-4, madd(fma, n, -0.693_359_4, x));
     let mut p = 1.987_569_1e-4f32;
-    p = p * r + 1.398_2e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 0.5;
-    let y = p * r * r + r + 1.0;
+    p = madd(fma, p, r, 1.398_2e-3);
+    p = madd(fma, p, r, 8.333_452e-3);
+    p = madd(fma, p, r, 4.166_579_6e-2);
+    p = madd(fma, p, r, 1.666_666_5e-1);
+    p = madd(fma, p, r, 0.5);
+    let y = madd(fma, p * r, r, r + 1.0);
     let pow2 = f32::from_bits(((t.to_bits() as i32 - 0x4B40_0000 + 127) << 23) as u32);
     y * pow2
 }
 
-#[inline(always)]
-pub fn swish(x: f32) -> f32 {
-    x / (1.0 + exp_fast(-x))
+/// `exp` as the kernels compute it (without FMA).
+pub fn exp_fast(x: f32) -> f32 {
+    exp_impl(x, false)
 }
 
 #[inline(always)]
-pub fn apply(act: Act, x: f32) -> f32 {
+fn swish_impl(x: f32, fma: bool) -> f32 {
+    x / (1.0 + exp_impl(-x, fma))
+}
+
+pub fn swish(x: f32) -> f32 {
+    swish_impl(x, false)
+}
+
+#[inline(always)]
+fn apply_impl(act: Act, x: f32, fma: bool) -> f32 {
     match act {
         Act::None => x,
-        Act::Swish => swish(x),
+        Act::Swish => swish_impl(x, fma),
         Act::Relu => x.max(0.0),
         Act::HardSigmoid => (x + 3.0).clamp(0.0, 6.0) / 6.0,
     }
 }
 
-/// Runs `$body` compiled for AVX2 + FMA when the CPU has them (the default target only assumes SSE2), else as is.
-/// The body must be `#[inline(always)]` code so that it is compiled inside the feature-enabled wrapper.
-macro_rules! dispatch {
-    ($body:expr) => {{
-        #[cfg(target_arch = "x86_64")]
-        {
-            #[target_feature(enable = "avx2,fma")]
-            unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
-                f()
-            }
-            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                // SAFETY: the CPU supports the features the wrapper is compiled for.
-                unsafe { avx2(|| $body) }
-            } else {
-                $body
-            }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            $body
-        }
-    }};
+pub fn apply(act: Act, x: f32) -> f32 {
+    apply_impl(act, x, false)
 }
 
-/// Like `dispatch!`, with `$fma` bound to `true` in the AVX2 + FMA build (where `mul_add` is one instruction) and
-/// to `false` in the fallback (where `mul_add` would be a slow libm call).
-macro_rules! dispatch_fma {
-    (|$fma:ident| $body:expr) => {{
-        #[cfg(target_arch = "x86_64")]
-        {
-            #[target_feature(enable = "avx2,fma")]
-            unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
-                f()
+/// Defines `fn $name(args) -> R` that calls `$imp(args, fma)` compiled for AVX-512 when the CPU has it, else for
+/// AVX2 + FMA, else for the default target (SSE2 only), with `fma` telling `$imp` whether `mul_add` is one
+/// instruction there (in the fallback it would be a slow libm call). `$imp` must be `#[inline(always)]`, so that
+/// it (and what it inlines) is compiled inside each feature-enabled copy.
+macro_rules! multiversion {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? = $imp:ident;) => {
+        $(#[$m])*
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+                unsafe fn v4($($arg: $ty),*) $(-> $ret)? {
+                    $imp($($arg,)* true)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn v3($($arg: $ty),*) $(-> $ret)? {
+                    $imp($($arg,)* true)
+                }
+                if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512vl") {
+                    // SAFETY: the CPU supports the features `v4` is compiled for.
+                    return unsafe { v4($($arg),*) };
+                }
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU supports the features `v3` is compiled for.
+                    return unsafe { v3($($arg),*) };
+                }
+                $imp($($arg,)* false)
             }
-            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                let $fma = true;
-                // SAFETY: the CPU supports the features the wrapper is compiled for.
-                unsafe { avx2(|| $body) }
-            } else {
-                let $fma = false;
-                $body
+            #[cfg(not(target_arch = "x86_64"))]
+            {
+                $imp($($arg,)* cfg!(target_arch = "aarch64"))
             }
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            let $fma = cfg!(target_arch = "aarch64");
-            $body
-        }
-    }};
+    };
 }
 
 /// `row[i] = act(row[i] + bias)`.
 #[inline(always)]
-fn act_row_impl(row: &mut [f32], bias: f32, act: Act) {
+fn act_row_impl(row: &mut [f32], bias: f32, act: Act, fma: bool) {
     match act {
-        Act::None => row.iter_mut().for_each(|v| *v += bias),
-        Act::Swish => row.iter_mut().for_each(|v| {
-            let z = *v + bias;
-            *v = z / (1.0 + exp_fast(-z));
-        }),
-        Act::Relu => row.iter_mut().for_each(|v| *v = (*v + bias).max(0.0)),
-        Act::HardSigmoid => row
-            .iter_mut()
-            .for_each(|v| *v = (*v + bias + 3.0).clamp(0.0, 6.0) * (1.0 / 6.0)),
+        // Plain loops, not closures: a closure that is not inlined is compiled without the caller's target
+        // features, where `madd` with `fma` set becomes a libm call.
+        Act::None => {
+            for v in row.iter_mut() {
+                *v += bias;
+            }
+        }
+        Act::Swish => {
+            for v in row.iter_mut() {
+                *v = swish_impl(*v + bias, fma);
+            }
+        }
+        Act::Relu => {
+            for v in row.iter_mut() {
+                *v = (*v + bias).max(0.0);
+            }
+        }
+        Act::HardSigmoid => {
+            for v in row.iter_mut() {
+                *v = (*v + bias + 3.0).clamp(0.0, 6.0) * (1.0 / 6.0);
+            }
+        }
     }
 }
 
-pub fn act_row(row: &mut [f32], bias: f32, act: Act) {
-    dispatch!(act_row_impl(row, bias, act))
+multiversion! {
+    pub fn act_row(row: &mut [f32], bias: f32, act: Act) = act_row_impl;
 }
 
 /// Reused activation buffers. Fresh large `Vec`s are mmapped and page-faulted in on every run (measured at 7% of
@@ -316,7 +337,7 @@ impl ConvGeom {
 ///
 /// The input is first copied, zero-padded, into `s` column phases (phase f holds padded columns f, f+s, ...), so
 /// that every tap reads a contiguous run of output-many values: no bounds checks in the inner loop, for any
-/// stride. Outputs are computed 16 at a time in registers across all k*k taps.
+/// stride. Blocks of 4 output rows x 16 columns are accumulated in registers across all k*k taps.
 #[inline(always)]
 fn dw_plane_impl(
     x: &[f32],
@@ -335,23 +356,44 @@ fn dw_plane_impl(
     let wo8 = wo.div_ceil(8) * 8;
     let wph = wo8 + (k - 1) / s;
     let phase = hp * wph;
-    pad.clear();
-    pad.resize(s * phase, 0.0);
-    for y in 0..g.h {
-        let src = &x[y * g.w..(y + 1) * g.w];
-        let row0 = (y + p) * wph;
-        match s {
-            1 => pad[row0 + p..row0 + p + g.w].copy_from_slice(src),
-            2 => {
-                for (ci, &v) in src.iter().enumerate() {
-                    let c = ci + p;
-                    pad[(c & 1) * phase + row0 + (c >> 1)] = v;
-                }
-            }
-            _ => {
-                for (ci, &v) in src.iter().enumerate() {
-                    let c = ci + p;
-                    pad[(c % s) * phase + row0 + c / s] = v;
+    if s == 1 {
+        // Only the border needs zeros: every interior value is overwritten below.
+        pad.resize(phase, 0.0);
+        pad[..p * wph].fill(0.0);
+        pad[(p + g.h) * wph..phase].fill(0.0);
+        for y in 0..g.h {
+            let row = &mut pad[(y + p) * wph..(y + p + 1) * wph];
+            row[..p].fill(0.0);
+            row[p..p + g.w].copy_from_slice(&x[y * g.w..(y + 1) * g.w]);
+            row[p + g.w..].fill(0.0);
+        }
+    } else {
+        pad.clear();
+        pad.resize(s * phase, 0.0);
+        for y in 0..g.h {
+            let src = &x[y * g.w..(y + 1) * g.w];
+            let row0 = (y + p) * wph;
+            // Phase f takes padded columns f + s j, i.e. input columns f + s j - p inside [0, w): a strided read.
+            for f in 0..s {
+                let j0 = if p > f { (p - f).div_ceil(s) } else { 0 };
+                let j1 = (p + g.w - f).div_ceil(s).max(j0);
+                let dst = &mut pad[f * phase + row0 + j0..f * phase + row0 + j1];
+                let src = &src[f + s * j0 - p..];
+                if s == 2 {
+                    // Pairs, so that the copy vectorises as a de-interleave; the last value may lack its pair.
+                    let pairs = src.chunks_exact(2);
+                    let last = pairs.remainder().first().copied();
+                    let n = pairs.len();
+                    for (d, pair) in dst.iter_mut().zip(pairs) {
+                        *d = pair[0];
+                    }
+                    if let (Some(v), Some(d)) = (last, dst.get_mut(n)) {
+                        *d = v;
+                    }
+                } else {
+                    for (d, v) in dst.iter_mut().zip(src.iter().step_by(s)) {
+                        *d = *v;
+                    }
                 }
             }
         }
@@ -368,52 +410,102 @@ fn dw_plane_impl(
     let taps = &taps[..kk];
     let wk = &wk[..kk];
     let pad = &pad[..];
+    let row_step = s * wph;
+    // The largest tap offset: with it, one check per chunk covers every read of the chunk.
+    let max_tap = taps.iter().copied().max().unwrap_or(0);
+    // R output rows x L columns in registers; each tap's weight is broadcast once for the R rows.
     #[inline(always)]
-    fn chunk<const L: usize>(pad: &[f32], taps: &[usize], wk: &[f32], at: usize, bias: f32, fma: bool) -> [f32; L] {
-        let mut acc = [bias; L];
+    fn chunk<const R: usize, const L: usize>(
+        pad: &[f32],
+        taps: &[usize],
+        max_tap: usize,
+        wk: &[f32],
+        at: usize,
+        row_step: usize,
+        bias: f32,
+        fma: bool,
+    ) -> [[f32; L]; R] {
+        assert!(at + max_tap + (R - 1) * row_step + L <= pad.len());
+        let mut acc = [[bias; L]; R];
         for (&t, &wv) in taps.iter().zip(wk) {
-            let src = &pad[at + t..at + t + L];
-            if fma {
+            for (r, a) in acc.iter_mut().enumerate() {
+                let o = at + t + r * row_step;
+                // SAFETY: t <= max_tap and r < R, so o + L <= pad.len() by the assert above. The bounds-checked
+                // slice costs two compares and branches per vector FMA here, more than the FMA itself.
+                let src = unsafe { pad.get_unchecked(o..o + L) };
                 for i in 0..L {
-                    acc[i] = wv.mul_add(src[i], acc[i]);
-                }
-            } else {
-                for i in 0..L {
-                    acc[i] += wv * src[i];
+                    a[i] = madd(fma, wv, src[i], a[i]);
                 }
             }
         }
         acc
     }
-    for oy in 0..ho {
-        let row = &mut out[oy * wo..(oy + 1) * wo];
-        let base = oy * s * wph;
+    #[inline(always)]
+    fn rows<const R: usize>(
+        pad: &[f32],
+        taps: &[usize],
+        max_tap: usize,
+        wk: &[f32],
+        row_step: usize,
+        bias: f32,
+        out: &mut [f32],
+        oy: usize,
+        wo: usize,
+        act: Act,
+        fma: bool,
+    ) {
+        let base = oy * row_step;
         let mut ox = 0;
         while ox + 16 <= wo {
-            row[ox..ox + 16].copy_from_slice(&chunk::<16>(pad, taps, wk, base + ox, bias, fma));
+            let acc = chunk::<R, 16>(pad, taps, max_tap, wk, base + ox, row_step, bias, fma);
+            for (r, a) in acc.iter().enumerate() {
+                out[(oy + r) * wo + ox..(oy + r) * wo + ox + 16].copy_from_slice(a);
+            }
             ox += 16;
         }
         while ox < wo {
-            let acc = chunk::<8>(pad, taps, wk, base + ox, bias, fma);
+            let acc = chunk::<R, 8>(pad, taps, max_tap, wk, base + ox, row_step, bias, fma);
             let n = (wo - ox).min(8);
-            row[ox..ox + n].copy_from_slice(&acc[..n]);
+            for (r, a) in acc.iter().enumerate() {
+                out[(oy + r) * wo + ox..(oy + r) * wo + ox + n].copy_from_slice(&a[..n]);
+            }
             ox += 8;
         }
+        // The activation while the rows are still in L1 (applied to the register block it vectorised worse).
         if act != Act::None {
-            act_row_impl(row, 0.0, act);
+            for row in out[oy * wo..(oy + R) * wo].chunks_exact_mut(wo) {
+                act_row_impl(row, 0.0, act, fma);
+            }
         }
+    }
+    let mut oy = 0;
+    while oy + 4 <= ho {
+        rows::<4>(pad, taps, max_tap, wk, row_step, bias, out, oy, wo, act, fma);
+        oy += 4;
+    }
+    while oy < ho {
+        rows::<1>(pad, taps, max_tap, wk, row_step, bias, out, oy, wo, act, fma);
+        oy += 1;
     }
 }
 
-thread_local! {
-    static PAD: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+/// `dw_plane_impl` over consecutive planes, with one scratch buffer: small maps (7x7 planes of the late stages)
+/// are cheap enough that per-plane call overheads would show.
+#[inline(always)]
+fn dw_planes_impl(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: ConvGeom, out: &mut [f32], act: Act, fma: bool) {
+    let (ho, wo) = g.out();
+    let (hw_in, hw_out, kk) = (g.h * g.w, ho * wo, g.k * g.k);
+    let mut pad = Vec::new();
+    for (ch, o) in out.chunks_exact_mut(hw_out).enumerate() {
+        let b = bias.map_or(0.0, |b| b[ch]);
+        let (xc, wc) = (&x[ch * hw_in..(ch + 1) * hw_in], &w[ch * kk..(ch + 1) * kk]);
+        dw_plane_impl(xc, wc, b, g, o, act, &mut pad, fma);
+    }
 }
 
-fn dw_plane(x: &[f32], wk: &[f32], bias: f32, g: ConvGeom, out: &mut [f32], act: Act) {
-    PAD.with(|pad| {
-        let pad = &mut pad.borrow_mut();
-        dispatch_fma!(|fma| dw_plane_impl(x, wk, bias, g, out, act, pad, fma))
-    })
+multiversion! {
+    fn dw_planes(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: ConvGeom, out: &mut [f32], act: Act) =
+        dw_planes_impl;
 }
 
 /// Depthwise k x k conv, stride s, padding k/2 on `x: [c, h, w]` with weights `[c, k, k]`.
@@ -421,16 +513,21 @@ pub fn dwconv(x: &[f32], c: usize, g: ConvGeom, w: &[f32], bias: Option<&[f32]>,
     let (ho, wo) = g.out();
     let (hw_in, hw_out, kk) = (g.h * g.w, ho * wo, g.k * g.k);
     assert!(g.stride >= 1 && x.len() >= c * hw_in && out.len() >= c * hw_out && w.len() >= c * kk);
-    let ml = par.min_len(c, hw_out * kk);
+    if c == 0 || hw_out == 0 {
+        return;
+    }
+    // Channel ranges of equal size, one or a few per thread.
+    let per = par.min_len(c, hw_out * kk);
     out[..c * hw_out]
-        .par_chunks_mut(hw_out)
-        .with_min_len(ml)
+        .par_chunks_mut(per * hw_out)
         .enumerate()
-        .for_each(|(ch, o)| {
-            let b = bias.map_or(0.0, |b| b[ch]);
-            dw_plane(
-                &x[ch * hw_in..(ch + 1) * hw_in],
-                &w[ch * kk..(ch + 1) * kk],
+        .for_each(|(i, o)| {
+            let c0 = i * per;
+            let n = o.len() / hw_out;
+            let b = bias.map(|b| &b[c0..c0 + n]);
+            dw_planes(
+                &x[c0 * hw_in..(c0 + n) * hw_in],
+                &w[c0 * kk..(c0 + n) * kk],
                 b,
                 g,
                 o,
@@ -529,7 +626,7 @@ fn sum8_impl(x: &[f32]) -> f32 {
 }
 
 #[inline(always)]
-fn dot_impl(a: &[f32], b: &[f32]) -> f32 {
+fn dot_impl(a: &[f32], b: &[f32], fma: bool) -> f32 {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
     let mut acc = [0.0f32; 8];
@@ -537,64 +634,130 @@ fn dot_impl(a: &[f32], b: &[f32]) -> f32 {
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
         for i in 0..8 {
-            acc[i] += x[i] * y[i];
+            acc[i] = madd(fma, x[i], y[i], acc[i]);
         }
     }
-    acc.iter().sum::<f32>() + ra.iter().zip(rb).map(|(x, y)| x * y).sum::<f32>()
+    let mut tail = 0.0;
+    for (x, y) in ra.iter().zip(rb) {
+        tail += x * y;
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    dispatch!(dot_impl(a, b))
+multiversion! {
+    pub fn dot(a: &[f32], b: &[f32]) -> f32 = dot_impl;
 }
 
-/// `y[o] = act(w[o, :] . x + b[o])` for a small `[cout, cin]` matrix.
-pub fn matvec(w: &[f32], b: Option<&[f32]>, cout: usize, cin: usize, x: &[f32], act: Act) -> Vec<f32> {
-    dispatch!((0..cout)
-        .map(|o| apply(act, dot_impl(&w[o * cin..(o + 1) * cin], x) + b.map_or(0.0, |b| b[o])))
-        .collect())
+#[inline(always)]
+fn matvec_impl(w: &[f32], b: Option<&[f32]>, cout: usize, cin: usize, x: &[f32], act: Act, fma: bool) -> Vec<f32> {
+    let mut y = Vec::with_capacity(cout);
+    for o in 0..cout {
+        let bias = b.map_or(0.0, |b| b[o]);
+        y.push(apply_impl(
+            act,
+            dot_impl(&w[o * cin..(o + 1) * cin], x, fma) + bias,
+            fma,
+        ));
+    }
+    y
 }
 
-/// Mean of each row of `x: [rows, n]`.
-pub fn row_means(x: &[f32], n: usize) -> Vec<f32> {
-    dispatch!(x.chunks_exact(n).map(|r| sum8_impl(r) / n as f32).collect())
+multiversion! {
+    /// `y[o] = act(w[o, :] . x + b[o])` for a small `[cout, cin]` matrix.
+    pub fn matvec(w: &[f32], b: Option<&[f32]>, cout: usize, cin: usize, x: &[f32], act: Act) -> Vec<f32> =
+        matvec_impl;
 }
 
-/// Joint LayerNorm (NASVIT.md 2.2): one mean and variance over all `c * n` values, eps 1e-5, then the
-/// per-channel affine. `x` and `out` are `[c, n]`.
-pub fn joint_layernorm(x: &[f32], c: usize, n: usize, gamma: &[f32], beta: &[f32], out: &mut [f32]) {
-    let len = (c * n) as f64;
-    let mean = x[..c * n].iter().map(|&v| v as f64).sum::<f64>() / len;
-    let var = x[..c * n]
-        .iter()
-        .map(|&v| (v as f64 - mean) * (v as f64 - mean))
-        .sum::<f64>()
-        / len;
+#[inline(always)]
+fn row_means_impl(x: &[f32], n: usize, _fma: bool) -> Vec<f32> {
+    let mut m = Vec::with_capacity(x.len() / n.max(1));
+    for r in x.chunks_exact(n) {
+        m.push(sum8_impl(r) / n as f32);
+    }
+    m
+}
+
+multiversion! {
+    /// Mean of each row of `x: [rows, n]`.
+    pub fn row_means(x: &[f32], n: usize) -> Vec<f32> = row_means_impl;
+}
+
+#[inline(always)]
+fn joint_layernorm_impl(x: &[f32], c: usize, n: usize, gamma: &[f32], beta: &[f32], out: &mut [f32], fma: bool) {
+    let len = c * n;
+    // One pass of sum and sum of squares in f64, in 8 lanes so that it vectorises: exact enough for the variance
+    // of activations, whose mean is small against their spread.
+    let (mut s, mut q) = ([0.0f64; 8], [0.0f64; 8]);
+    let chunks = x[..len].chunks_exact(8);
+    let rest = chunks.remainder();
+    for ch in chunks {
+        for i in 0..8 {
+            let v = ch[i] as f64;
+            s[i] += v;
+            q[i] += v * v;
+        }
+    }
+    let sum = s.iter().sum::<f64>() + rest.iter().map(|&v| v as f64).sum::<f64>();
+    let sq = q.iter().sum::<f64>() + rest.iter().map(|&v| v as f64 * v as f64).sum::<f64>();
+    let mean = sum / len as f64;
+    let var = (sq / len as f64 - mean * mean).max(0.0);
     let inv = 1.0 / (var + 1e-5).sqrt();
     for ch in 0..c {
         let s = (inv * gamma[ch] as f64) as f32;
         let b = beta[ch] - (mean * inv) as f32 * gamma[ch];
         for (o, &v) in out[ch * n..(ch + 1) * n].iter_mut().zip(&x[ch * n..(ch + 1) * n]) {
-            *o = v * s + b;
+            *o = madd(fma, v, s, b);
         }
     }
 }
 
+multiversion! {
+    /// Joint LayerNorm (NASVIT.md 2.2): one mean and variance over all `c * n` values, eps 1e-5, then the
+    /// per-channel affine. `x` and `out` are `[c, n]`.
+    pub fn joint_layernorm(x: &[f32], c: usize, n: usize, gamma: &[f32], beta: &[f32], out: &mut [f32]) =
+        joint_layernorm_impl;
+}
+
 #[inline(always)]
-fn softmax_row_impl(row: &mut [f32]) {
-    let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    row.iter_mut().for_each(|v| *v = exp_fast(*v - m));
-    let sum: f32 = row.iter().sum();
-    let inv = 1.0 / sum;
-    row.iter_mut().for_each(|v| *v *= inv);
+fn softmax_row_impl(row: &mut [f32], fma: bool) {
+    // 16 independent lanes for the max and the sum: a plain fold is one long dependency chain.
+    let mut m = [f32::NEG_INFINITY; 16];
+    let chunks = row.chunks_exact(16);
+    let rest = chunks.remainder();
+    for ch in chunks {
+        for i in 0..16 {
+            m[i] = if ch[i] > m[i] { ch[i] } else { m[i] };
+        }
+    }
+    let m = rest.iter().chain(&m).copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut s = [0.0f32; 16];
+    let mut chunks = row.chunks_exact_mut(16);
+    for ch in &mut chunks {
+        for i in 0..16 {
+            ch[i] = exp_impl(ch[i] - m, fma);
+            s[i] += ch[i];
+        }
+    }
+    let mut sum: f32 = 0.0;
+    for v in chunks.into_remainder() {
+        *v = exp_impl(*v - m, fma);
+        sum += *v;
+    }
+    let inv = 1.0 / (sum + s.iter().sum::<f32>());
+    for v in row.iter_mut() {
+        *v *= inv;
+    }
+}
+
+multiversion! {
+    fn softmax_row(row: &mut [f32]) = softmax_row_impl;
 }
 
 /// Softmax over each row of `x: [rows, n]`, in place.
 pub fn softmax_rows(x: &mut [f32], n: usize, par: Par) {
     let rows = x.len() / n;
     let ml = par.min_len(rows, n * 4);
-    x.par_chunks_mut(n)
-        .with_min_len(ml)
-        .for_each(|row| dispatch!(softmax_row_impl(row)));
+    x.par_chunks_mut(n).with_min_len(ml).for_each(softmax_row);
 }
 
 #[cfg(test)]
@@ -640,6 +803,9 @@ mod tests {
             (37, 5, 2),
             (40, 3, 2),
             (33, 5, 1),
+            (7, 7, 1),
+            (15, 7, 2),
+            (14, 3, 1),
         ] {
             let g = ConvGeom { h, w: h, k, stride: s };
             let c = 3;
@@ -649,6 +815,10 @@ mod tests {
             let mut out = vec![0.0; c * ho * wo];
             dwconv(&x, c, g, &w, None, &mut out, Act::None, Par { threads: 2 });
             assert_eq!(out, naive_dw(&x, c, g, &w), "h {h} k {k} s {s}");
+            // The portable build (the CPU's best one ran above); small integers make both exact.
+            let mut portable = vec![0.0; c * ho * wo];
+            dw_planes_impl(&x, &w, None, g, &mut portable, Act::None, false);
+            assert_eq!(portable, out, "portable h {h} k {k} s {s}");
         }
     }
 

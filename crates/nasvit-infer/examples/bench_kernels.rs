@@ -1,0 +1,70 @@
+//! Throughput of the engine's hand-written kernels on shapes of the official max subnet at 224 px, one thread.
+//!
+//! `cargo run --release -p nasvit-infer --example bench_kernels`
+
+use std::time::Instant;
+
+use nasvit_infer::kernels::{self, Act, ConvGeom, Par};
+
+fn time(name: &str, work: f64, unit: &str, mut f: impl FnMut()) {
+    f();
+    let mut best = f64::INFINITY;
+    for _ in 0..7 {
+        let t = Instant::now();
+        for _ in 0..10 {
+            f();
+        }
+        best = best.min(t.elapsed().as_secs_f64() / 10.0);
+    }
+    println!(
+        "{name:<40} {:>8.3} ms  {:>8.2} {unit}/ns",
+        best * 1e3,
+        work / (best * 1e9)
+    );
+}
+
+fn main() {
+    let par = Par { threads: 1 };
+    for (c, h, k, s, act) in [
+        (192, 56, 5, 1, Act::Swish),
+        (192, 56, 3, 1, Act::Swish),
+        (240, 28, 5, 1, Act::Swish),
+        (192, 56, 5, 2, Act::Swish),
+        (192, 56, 5, 1, Act::None),
+        (768, 14, 3, 1, Act::None),
+        (1536, 7, 3, 1, Act::None),
+    ] {
+        let g = ConvGeom { h, w: h, k, stride: s };
+        let (ho, wo) = g.out();
+        let x: Vec<f32> = (0..c * h * h).map(|i| ((i * 37) % 11) as f32 * 0.1 - 0.5).collect();
+        let w: Vec<f32> = (0..c * k * k).map(|i| ((i * 13) % 7) as f32 * 0.1 - 0.3).collect();
+        let b = vec![0.1; c];
+        let mut out = vec![0.0; c * ho * wo];
+        let macs = (c * ho * wo * k * k) as f64;
+        time(&format!("dw c{c} {h}x{h} k{k} s{s} {act:?}"), macs, "MAC", || {
+            kernels::dwconv(&x, c, g, &w, Some(&b), &mut out, act, par)
+        });
+    }
+    let mut x: Vec<f32> = (0..192 * 56 * 56).map(|i| ((i * 37) % 11) as f32 * 0.1 - 0.5).collect();
+    let n = x.len() as f64;
+    time("bias + swish 602k", n, "elem", || {
+        kernels::bias_act(&mut x, 3136, None, Act::Swish, par)
+    });
+    let mut a: Vec<f32> = (0..8 * 196 * 196).map(|i| ((i * 37) % 11) as f32 * 0.1 - 0.5).collect();
+    let n = a.len() as f64;
+    time("softmax 8x196 rows of 196", n, "elem", || {
+        kernels::softmax_rows(&mut a, 196, par)
+    });
+    let mut a: Vec<f32> = (0..24 * 49 * 49).map(|i| ((i * 37) % 11) as f32 * 0.1 - 0.5).collect();
+    let n = a.len() as f64;
+    time("softmax 24x49 rows of 49", n, "elem", || {
+        kernels::softmax_rows(&mut a, 49, par)
+    });
+    let t: Vec<f32> = (0..192 * 196).map(|i| ((i * 37) % 11) as f32 * 0.1 - 0.5).collect();
+    let mut u = vec![0.0; t.len()];
+    let (gm, bt) = (vec![1.0; 192], vec![0.0; 192]);
+    let n = t.len() as f64;
+    time("joint layernorm 192x196", n, "elem", || {
+        kernels::joint_layernorm(&t, 192, 196, &gm, &bt, &mut u)
+    });
+}
