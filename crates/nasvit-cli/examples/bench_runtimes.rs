@@ -56,7 +56,13 @@ fn main() -> anyhow::Result<()> {
         let mmacs = space.cost(&arch).mmacs;
         for (weights, sd, net) in sets {
             let model = ExportedModel::from_state_dict(sd, &space, &arch)?;
-            let engine = Engine::new(&model, EngineOptions { threads })?;
+            let engine = Engine::new(
+                &model,
+                EngineOptions {
+                    threads,
+                    ..Default::default()
+                },
+            )?;
             let ours = bench(&engine, &BenchOptions { warmup: 5, iters })?.median_ms;
 
             let onnx = dir.join(format!("{name}-{weights}.onnx"));
