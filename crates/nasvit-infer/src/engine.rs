@@ -77,36 +77,20 @@ impl Linear {
         out
     }
 
-    fn run_into(&self, x: &[f32], n: usize, out: &mut [f32], par: Par) {
-        kernels::conv1x1(
+    /// `acc += W x + b` (the residual branches).
+    fn run_add(&self, x: &[f32], n: usize, acc: &mut [f32], par: Par) {
+        kernels::linear(
             &self.w,
             self.b.as_deref(),
             self.cout,
             self.cin,
             x,
             n,
-            out,
+            acc,
+            true,
             Act::None,
             par,
         );
-    }
-
-    /// `acc += W x + b` (the residual branches).
-    fn run_add(&self, x: &[f32], n: usize, acc: &mut [f32], par: Par) {
-        kernels::matmul(
-            self.cout,
-            n,
-            self.cin,
-            Mat::rows(&self.w, self.cin),
-            Mat::rows(x, n),
-            acc,
-            n,
-            true,
-            par,
-        );
-        if let Some(b) = &self.b {
-            kernels::bias_act(&mut acc[..self.cout * n], n, Some(b), Act::None, par);
-        }
     }
 
     /// Matrix-vector product for the tiny SE / head layers.
@@ -145,8 +129,10 @@ struct TfLayer {
     /// q (pre-scaled by 8^-0.5), k, v stacked: `[6C, C]`.
     qkv: Linear,
     vconv: Vec<f32>,
-    /// `[h, T, T]`, T = tokens per window.
+    /// `[h, T, T]`, T = tokens per window; or, when it is a function of the offset (always for exported models),
+    /// its compact table (`kernels::Rpb::Table`), which stays in cache where the dense one streams from memory.
     rpb: Vec<f32>,
+    rpb_compact: bool,
     proj_l: Linear,
     proj_w: Linear,
     /// Rows already multiplied by `g_a`.
@@ -314,6 +300,12 @@ impl Engine {
                         w.extend_from_slice(&v.w);
                         bias.extend_from_slice(v.b.as_ref().expect("bias"));
                         let ga = take(model, &format!("{p}.scale_attn"))?;
+                        let dense = take(model, &format!("{p}.attn.rpb"))?;
+                        let tw = grid * grid / windows;
+                        let (rpb, rpb_compact) = match kernels::rpb_table(&dense, heads, tw) {
+                            Some(t) => (t, true),
+                            None => (dense, false),
+                        };
                         let gm = take(model, &format!("{p}.scale_mlp"))?;
                         let mlp = |m: &str| -> Result<Mlp> {
                             Ok(Mlp {
@@ -346,7 +338,8 @@ impl Engine {
                                 cin: c,
                             },
                             vconv: take(model, &format!("{p}.attn.vconv.weight"))?,
-                            rpb: take(model, &format!("{p}.attn.rpb"))?,
+                            rpb,
+                            rpb_compact,
                             proj_l: linear(model, &format!("{p}.attn.proj_l"), true)?,
                             proj_w: linear(model, &format!("{p}.attn.proj_w"), true)?,
                             proj: scale_rows(linear(model, &format!("{p}.attn.proj"), true)?, &ga),
@@ -705,30 +698,40 @@ impl TfLayer {
         let tt = tn * tn;
         let dv = V_EXPAND * HEAD_DIM;
         let serial = Par { threads: 1 };
-        // Scores per head, starting from the relative position bias.
+        // Probabilities `[query, head, key]`.
         let mut a = ar.take(h * tt);
-        pr.time("tf.attn.qk", || {
-            a.copy_from_slice(&self.rpb);
-            a.par_chunks_mut(tt).enumerate().for_each(|(j, aj)| {
-                let qj = Mat::cols(&q[j * HEAD_DIM * tn..], tn);
-                let kj = Mat::rows(&k[j * HEAD_DIM * tn..], tn);
-                kernels::matmul(tn, tn, HEAD_DIM, qj, kj, aj, tn, true, serial);
-            })
-        });
-        let mut mixed = pr.time("tf.attn.heads", || self.proj_l.run(&a, tt, Act::None, par, ar));
-        pr.time("tf.attn.softmax", || kernels::softmax_rows(&mut mixed, tn, par));
-        pr.time("tf.attn.heads", || self.proj_w.run_into(&mixed, tt, &mut a, par));
+        let th = kernels::TalkingHeads {
+            heads: h,
+            head_dim: HEAD_DIM,
+            rpb: if self.rpb_compact {
+                kernels::Rpb::Table {
+                    rev: &self.rpb,
+                    side: (tn as f64).sqrt().round() as usize,
+                }
+            } else {
+                kernels::Rpb::Dense(&self.rpb)
+            },
+            wl: &self.proj_l.w,
+            bl: self.proj_l.b.as_deref().unwrap_or(&[]),
+            ww: &self.proj_w.w,
+            bw: self.proj_w.b.as_deref().unwrap_or(&[]),
+        };
+        pr.time("tf.attn.probs", || kernels::attention_probs(&th, q, k, tn, &mut a, par));
         pr.time("tf.attn.av", || {
             o[..h * dv * tn]
                 .par_chunks_mut(dv * tn)
                 .enumerate()
                 .for_each(|(j, oj)| {
                     let vj = Mat::rows(&v[j * dv * tn..], tn);
-                    let aj = Mat::cols(&a[j * tt..], tn);
+                    // (key, query) -> a[query, j, key]
+                    let aj = Mat {
+                        data: &a[j * tn..],
+                        rs: 1,
+                        cs: h * tn,
+                    };
                     kernels::matmul(dv, tn, tn, vj, aj, oj, tn, false, serial);
                 })
         });
         ar.put(a);
-        ar.put(mixed);
     }
 }

@@ -281,7 +281,12 @@ pub fn bias_act(x: &mut [f32], n: usize, bias: Option<&[f32]>, act: Act, par: Pa
     });
 }
 
-/// A 1x1 conv / linear on `[cin, n]`: `out[cout, n] = w[cout, cin] x x + bias`, then `act`.
+/// A 1x1 conv / linear on `[cin, n]`: `out[cout, n] = act(w[cout, cin] x x + bias)`, or with `accumulate`,
+/// `out += w x + bias` (then `act` must be `None`: the residual branches).
+///
+/// Threads split the output rows (contiguous, so each owns its slice; each reads all of `x`), and each thread
+/// walks its rows in column blocks small enough to stay in L2 and applies bias and activation to a block right
+/// after its GEMM, instead of a second pass over the whole output. The GEMMs inside run single-threaded.
 pub fn conv1x1(
     w: &[f32],
     bias: Option<&[f32]>,
@@ -293,9 +298,77 @@ pub fn conv1x1(
     act: Act,
     par: Par,
 ) {
-    matmul(cout, n, cin, Mat::rows(w, cin), Mat::rows(x, n), out, n, false, par);
-    if bias.is_some() || act != Act::None {
-        bias_act(&mut out[..cout * n], n, bias, act, par);
+    linear(w, bias, cout, cin, x, n, out, false, act, par)
+}
+
+/// See `conv1x1`.
+pub fn linear(
+    w: &[f32],
+    bias: Option<&[f32]>,
+    cout: usize,
+    cin: usize,
+    x: &[f32],
+    n: usize,
+    out: &mut [f32],
+    accumulate: bool,
+    act: Act,
+    par: Par,
+) {
+    assert!(
+        !accumulate || act == Act::None,
+        "an activation after an accumulate is not a residual branch"
+    );
+    if cout == 0 || n == 0 {
+        return;
+    }
+    let out = &mut out[..cout * n];
+    let work = cout * cin * n;
+    // Below ~100k MACs a fork/join costs more than it saves.
+    let tasks = if par.threads > 1 && work >= 1 << 17 {
+        par.threads.min(cout.div_ceil(8))
+    } else {
+        1
+    };
+    // Rows per task, a multiple of 8 where there are enough (the GEMM's register tiles are 8 or 16 rows high).
+    let rows = if tasks == 1 {
+        cout
+    } else {
+        cout.div_ceil(tasks).div_ceil(8) * 8
+    };
+    // Columns per block: about 128 KiB of output, at least 64 columns.
+    let cols = ((1 << 15) / rows.max(1)).max(64).div_ceil(16) * 16;
+    let serial = Par { threads: 1 };
+    let run = |r0: usize, o: &mut [f32]| {
+        let m = o.len() / n;
+        let wr = &w[r0 * cin..(r0 + m) * cin];
+        let mut c0 = 0;
+        while c0 < n {
+            let nb = cols.min(n - c0);
+            matmul(
+                m,
+                nb,
+                cin,
+                Mat::rows(wr, cin),
+                Mat::rows(&x[c0..], n),
+                &mut o[c0..],
+                n,
+                accumulate,
+                serial,
+            );
+            if bias.is_some() || act != Act::None {
+                for (i, row) in o.chunks_exact_mut(n).enumerate() {
+                    act_row(&mut row[c0..c0 + nb], bias.map_or(0.0, |b| b[r0 + i]), act);
+                }
+            }
+            c0 += nb;
+        }
+    };
+    if tasks == 1 {
+        run(0, out);
+    } else {
+        out.par_chunks_mut(rows * n)
+            .enumerate()
+            .for_each(|(t, o)| run(t * rows, o));
     }
 }
 
@@ -760,6 +833,280 @@ pub fn softmax_rows(x: &mut [f32], n: usize, par: Par) {
     x.par_chunks_mut(n).with_min_len(ml).for_each(softmax_row);
 }
 
+/// The relative position bias of attention over a `side x side` grid of tokens.
+#[derive(Clone, Copy)]
+pub enum Rpb<'a> {
+    /// `[h, T, T]`.
+    Dense(&'a [f32]),
+    /// Per head, the `(2 side - 1)^2` biases by offset `(dy, dx) = (qy - ky, qx - kx) + side - 1`, each row of dx
+    /// stored reversed, so that the keys of one grid row read a contiguous run: `rpb_table` makes it.
+    Table { rev: &'a [f32], side: usize },
+}
+
+/// The offset table of a dense relative position bias `[h, T, T]` (see `Rpb::Table`), or `None` when T is not
+/// a square or the dense bias is not a function of the offset (then it has to stay dense).
+pub fn rpb_table(dense: &[f32], h: usize, tn: usize) -> Option<Vec<f32>> {
+    let side = (tn as f64).sqrt().round() as usize;
+    if side * side != tn || dense.len() != h * tn * tn {
+        return None;
+    }
+    let m = 2 * side - 1;
+    let mut rev = vec![f32::NAN; h * m * m];
+    for j in 0..h {
+        for q in 0..tn {
+            for k in 0..tn {
+                let (qy, qx, ky, kx) = (q / side, q % side, k / side, k % side);
+                let dy = qy + side - 1 - ky;
+                let slot = j * m * m + dy * m + (side - 1 - qx) + kx;
+                let v = dense[(j * tn + q) * tn + k];
+                if rev[slot].is_nan() {
+                    rev[slot] = v;
+                } else if rev[slot].to_bits() != v.to_bits() {
+                    return None;
+                }
+            }
+        }
+    }
+    // Offsets no pair of tokens has (none on a square grid) would stay NaN; never read, but keep them finite.
+    rev.iter_mut().filter(|v| v.is_nan()).for_each(|v| *v = 0.0);
+    Some(rev)
+}
+
+/// The weights of talking-heads attention scores (NASVIT.md 2.2): relative position bias, and the `[h, h]` head
+/// mixes with biases before (`l`) and after (`w`) the softmax.
+#[derive(Clone, Copy)]
+pub struct TalkingHeads<'a> {
+    pub heads: usize,
+    pub head_dim: usize,
+    pub rpb: Rpb<'a>,
+    pub wl: &'a [f32],
+    pub bl: &'a [f32],
+    pub ww: &'a [f32],
+    pub bw: &'a [f32],
+}
+
+/// Query rows per block of `attention_probs`.
+const QB: usize = 4;
+
+#[inline(always)]
+fn attention_block_impl(
+    th: &TalkingHeads,
+    q: &[f32],
+    k: &[f32],
+    tn: usize,
+    q0: usize,
+    out: &mut [f32],
+    scratch: &mut Vec<f32>,
+    fma: bool,
+) {
+    let (h, hd) = (th.heads, th.head_dim);
+    let nq = out.len() / (h * tn);
+    // s1, s2: [h, nq, tn]; s0: the bias rows of one head, [nq, tn]
+    let blk = h * nq * tn;
+    scratch.resize(2 * blk + nq * tn, 0.0);
+    let (s1, rest) = scratch.split_at_mut(blk);
+    let (s2, s0) = rest.split_at_mut(blk);
+    // Scores of head j: bias rows + Q_j[block, d] K_j[d, :].
+    for j in 0..h {
+        let init = match th.rpb {
+            Rpb::Dense(d) => Init::Rows(&d[(j * tn + q0) * tn..], tn),
+            Rpb::Table { rev, side } => {
+                let m = 2 * side - 1;
+                let table = &rev[j * m * m..(j + 1) * m * m];
+                for (qi, row) in s0.chunks_exact_mut(tn).enumerate() {
+                    let (qy, qx) = ((q0 + qi) / side, (q0 + qi) % side);
+                    for (ky, keys) in row.chunks_exact_mut(side).enumerate() {
+                        let at = (qy + side - 1 - ky) * m + side - 1 - qx;
+                        keys.copy_from_slice(&table[at..at + side]);
+                    }
+                }
+                Init::Rows(s0, tn)
+            }
+        };
+        small_mm(
+            nq,
+            hd,
+            tn,
+            (&q[j * hd * tn + q0..], 1, tn),
+            (&k[j * hd * tn..], tn),
+            init,
+            (&mut s1[j * nq * tn..(j + 1) * nq * tn], tn),
+            fma,
+        );
+    }
+    // Mix the heads (the same for every query row and key), then softmax over the keys.
+    let len = nq * tn;
+    small_mm(
+        h,
+        h,
+        len,
+        (th.wl, h, 1),
+        (s1, len),
+        Init::Scalars(th.bl),
+        (s2, len),
+        fma,
+    );
+    for row in s2.chunks_exact_mut(tn) {
+        softmax_row_impl(row, fma);
+    }
+    // Mix again, into the output rows `[query, head, key]`.
+    for qi in 0..nq {
+        let dst = &mut out[qi * h * tn..(qi + 1) * h * tn];
+        small_mm(
+            h,
+            h,
+            tn,
+            (th.ww, h, 1),
+            (&s2[qi * tn..], len),
+            Init::Scalars(th.bw),
+            (dst, tn),
+            fma,
+        );
+    }
+}
+
+/// Starting values of `small_mm`'s output rows.
+#[derive(Clone, Copy)]
+enum Init<'a> {
+    /// Row i starts at `s[i]` everywhere.
+    Scalars(&'a [f32]),
+    /// Row i starts as `rows[i * stride ..]`.
+    Rows(&'a [f32], usize),
+}
+
+/// `dst[i, c] = init[i, c] + sum_j w[i, j] src[j, c]` for `i < m`, `j < k`, `c < len`, with `w` given as
+/// (data, row stride, column stride), `src` as (data, row stride), `dst` as (data, row stride): the small,
+/// strided products of attention (k = 8 for the scores, k = heads for the mixes), in blocks of 4 rows x 16
+/// columns held in registers.
+#[inline(always)]
+fn small_mm(
+    m: usize,
+    k: usize,
+    len: usize,
+    w: (&[f32], usize, usize),
+    src: (&[f32], usize),
+    init: Init,
+    dst: (&mut [f32], usize),
+    fma: bool,
+) {
+    let (dst, ds) = dst;
+    let mut c = 0;
+    while c + 16 <= len {
+        small_mm_cols::<16>(m, k, c, w, src, init, dst, ds, fma);
+        c += 16;
+    }
+    if c + 8 <= len {
+        small_mm_cols::<8>(m, k, c, w, src, init, dst, ds, fma);
+        c += 8;
+    }
+    while c < len {
+        small_mm_cols::<1>(m, k, c, w, src, init, dst, ds, fma);
+        c += 1;
+    }
+}
+
+#[inline(always)]
+fn small_mm_cols<const L: usize>(
+    m: usize,
+    k: usize,
+    c: usize,
+    w: (&[f32], usize, usize),
+    src: (&[f32], usize),
+    init: Init,
+    dst: &mut [f32],
+    ds: usize,
+    fma: bool,
+) {
+    let mut i = 0;
+    while i + 4 <= m {
+        small_mm_block::<L, 4>(i, k, c, w, src, init, dst, ds, fma);
+        i += 4;
+    }
+    match m - i {
+        3 => small_mm_block::<L, 3>(i, k, c, w, src, init, dst, ds, fma),
+        2 => small_mm_block::<L, 2>(i, k, c, w, src, init, dst, ds, fma),
+        1 => small_mm_block::<L, 1>(i, k, c, w, src, init, dst, ds, fma),
+        _ => {}
+    }
+}
+
+#[inline(always)]
+fn small_mm_block<const L: usize, const R: usize>(
+    i0: usize,
+    k: usize,
+    c: usize,
+    (w, wrs, wcs): (&[f32], usize, usize),
+    (src, ss): (&[f32], usize),
+    init: Init,
+    dst: &mut [f32],
+    ds: usize,
+    fma: bool,
+) {
+    let mut acc = [[0.0f32; L]; R];
+    for (r, a) in acc.iter_mut().enumerate() {
+        match init {
+            Init::Scalars(s) => *a = [s[i0 + r]; L],
+            Init::Rows(rows, rs) => a.copy_from_slice(&rows[(i0 + r) * rs + c..(i0 + r) * rs + c + L]),
+        }
+    }
+    if k == 0 {
+        return;
+    }
+    // One check for every read of the loop below.
+    assert!((i0 + R - 1) * wrs + (k - 1) * wcs < w.len() && (k - 1) * ss + c + L <= src.len());
+    for j in 0..k {
+        // SAFETY: j < k and r < R, so both reads are inside the bounds asserted above. Checked indexing here costs
+        // a compare and branch per FMA, which made this loop front-end bound.
+        let v = unsafe { src.get_unchecked(j * ss + c..j * ss + c + L) };
+        for (r, a) in acc.iter_mut().enumerate() {
+            let wv = unsafe { *w.get_unchecked((i0 + r) * wrs + j * wcs) };
+            for l in 0..L {
+                a[l] = madd(fma, wv, v[l], a[l]);
+            }
+        }
+    }
+    for (r, a) in acc.iter().enumerate() {
+        dst[(i0 + r) * ds + c..(i0 + r) * ds + c + L].copy_from_slice(a);
+    }
+}
+
+multiversion! {
+    fn attention_block(
+        th: &TalkingHeads,
+        q: &[f32],
+        k: &[f32],
+        tn: usize,
+        q0: usize,
+        out: &mut [f32],
+        scratch: &mut Vec<f32>,
+    ) = attention_block_impl;
+}
+
+/// Attention probabilities of talking-heads attention over `tn` tokens, fused per block of query rows so that
+/// scores, both head mixes and the softmax stay in L1: `q`, `k` `[h * head_dim, T]` (q already scaled) ->
+/// `out[query, head, key]`, i.e. `softmax_k(Wl (q_j . k_j + rpb_j) + bl)` mixed again by `Ww`, `bw`.
+pub fn attention_probs(th: &TalkingHeads, q: &[f32], k: &[f32], tn: usize, out: &mut [f32], par: Par) {
+    let h = th.heads;
+    assert!(q.len() >= h * th.head_dim * tn && k.len() >= h * th.head_dim * tn);
+    match th.rpb {
+        Rpb::Dense(d) => assert!(d.len() >= h * tn * tn),
+        Rpb::Table { rev, side } => assert!(side * side == tn && rev.len() >= h * (2 * side - 1).pow(2)),
+    }
+    assert!(th.wl.len() >= h * h && th.ww.len() >= h * h);
+    assert!(th.bl.len() >= h && th.bw.len() >= h && out.len() >= tn * h * tn);
+    if tn == 0 || h == 0 {
+        return;
+    }
+    let ml = par.min_len(tn.div_ceil(QB), QB * h * tn * (th.head_dim + 2 * h));
+    out[..tn * h * tn]
+        .par_chunks_mut(QB * h * tn)
+        .with_min_len(ml)
+        .enumerate()
+        .for_each_init(Vec::new, |scratch, (b, o)| {
+            attention_block(th, q, k, tn, b * QB, o, scratch)
+        });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -850,5 +1197,116 @@ mod tests {
                 (5.0 + 6.0 + 8.0 + 9.0) / 4.0
             ]
         );
+    }
+
+    fn values(n: usize, seed: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i * 37 + seed * 11) % 23) as f32 * 0.05 - 0.5)
+            .collect()
+    }
+
+    #[test]
+    fn linear_split_matches_naive() {
+        // Shapes on both sides of the threading threshold, row counts not a multiple of 8, accumulate.
+        for (cout, cin, n) in [(9, 9, 2401), (13, 5, 7), (200, 72, 196), (24, 16, 3000)] {
+            let (w, b, x) = (values(cout * cin, 1), values(cout, 2), values(cin * n, 3));
+            let mut want = vec![0.0f32; cout * n];
+            for o in 0..cout {
+                for j in 0..n {
+                    let s: f64 = (0..cin).map(|i| w[o * cin + i] as f64 * x[i * n + j] as f64).sum();
+                    want[o * n + j] = s as f32 + b[o];
+                }
+            }
+            for threads in [1, 2, 3] {
+                let par = Par { threads };
+                let mut out = vec![f32::NAN; cout * n];
+                conv1x1(&w, Some(&b), cout, cin, &x, n, &mut out, Act::Relu, par);
+                for (g, w) in out.iter().zip(&want) {
+                    assert!((g - w.max(0.0)).abs() < 1e-5, "{cout}x{cin}x{n} t{threads}");
+                }
+                let mut acc = vec![1.0f32; cout * n];
+                linear(&w, Some(&b), cout, cin, &x, n, &mut acc, true, Act::None, par);
+                for (g, w) in acc.iter().zip(&want) {
+                    assert!((g - (w + 1.0)).abs() < 1e-5, "acc {cout}x{cin}x{n} t{threads}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn attention_probs_match_naive() {
+        for (h, side) in [(3, 7), (5, 4), (2, 14)] {
+            let (hd, tn) = (8, side * side);
+            let (q, k) = (values(h * hd * tn, 4), values(h * hd * tn, 5));
+            let m = 2 * side - 1;
+            let table = values(h * m * m, 6);
+            // Dense bias from the offset table, as the export writes it.
+            let mut dense = vec![0.0f32; h * tn * tn];
+            for j in 0..h {
+                for a in 0..tn {
+                    for b in 0..tn {
+                        let (dy, dx) = (a / side + side - 1 - b / side, a % side + side - 1 - b % side);
+                        dense[(j * tn + a) * tn + b] = table[j * m * m + dy * m + dx];
+                    }
+                }
+            }
+            let (wl, bl, ww, bw) = (values(h * h, 7), values(h, 8), values(h * h, 9), values(h, 10));
+            // Naive: scores, mix, softmax, mix; out[query, head, key].
+            let mut s1 = vec![0.0f64; h * tn * tn];
+            for j in 0..h {
+                for a in 0..tn {
+                    for b in 0..tn {
+                        let dot: f64 = (0..hd)
+                            .map(|d| q[(j * hd + d) * tn + a] as f64 * k[(j * hd + d) * tn + b] as f64)
+                            .sum();
+                        s1[(j * tn + a) * tn + b] = dot + dense[(j * tn + a) * tn + b] as f64;
+                    }
+                }
+            }
+            let mix = |w: &[f32], bias: &[f32], src: &[f64]| -> Vec<f64> {
+                let mut out = vec![0.0f64; h * tn * tn];
+                for i in 0..h {
+                    for e in 0..tn * tn {
+                        out[i * tn * tn + e] =
+                            bias[i] as f64 + (0..h).map(|j| w[i * h + j] as f64 * src[j * tn * tn + e]).sum::<f64>();
+                    }
+                }
+                out
+            };
+            let mut s2 = mix(&wl, &bl, &s1);
+            for row in s2.chunks_exact_mut(tn) {
+                let mx = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let sum: f64 = row.iter().map(|v| (v - mx).exp()).sum();
+                row.iter_mut().for_each(|v| *v = (*v - mx).exp() / sum);
+            }
+            let s3 = mix(&ww, &bw, &s2);
+            let rev = rpb_table(&dense, h, tn).expect("a function of the offset");
+            for (rpb, threads) in [(Rpb::Dense(&dense), 1), (Rpb::Table { rev: &rev, side }, 2)] {
+                let th = TalkingHeads {
+                    heads: h,
+                    head_dim: hd,
+                    rpb,
+                    wl: &wl,
+                    bl: &bl,
+                    ww: &ww,
+                    bw: &bw,
+                };
+                let mut out = vec![f32::NAN; tn * h * tn];
+                attention_probs(&th, &q, &k, tn, &mut out, Par { threads });
+                for i in 0..h {
+                    for a in 0..tn {
+                        for b in 0..tn {
+                            let (g, w) = (out[(a * h + i) * tn + b], s3[(i * tn + a) * tn + b]);
+                            assert!((g as f64 - w).abs() < 1e-5, "h {h} side {side}: {g} vs {w}");
+                        }
+                    }
+                }
+            }
+        }
+        // A bias that is not a function of the offset stays dense.
+        let mut odd = vec![0.0f32; 2 * 16 * 16];
+        odd[1] = 1.0;
+        assert!(rpb_table(&odd, 2, 16).is_none());
+        assert!(rpb_table(&odd[..2 * 15 * 15], 2, 15).is_none());
     }
 }
