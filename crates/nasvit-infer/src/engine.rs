@@ -94,8 +94,8 @@ impl Linear {
     }
 
     /// Matrix-vector product for the tiny SE / head layers.
-    fn matvec(&self, x: &[f32], act: Act) -> Vec<f32> {
-        kernels::matvec(&self.w, self.b.as_deref(), self.cout, self.cin, x, act)
+    fn matvec(&self, x: &[f32], act: Act, par: Par) -> Vec<f32> {
+        kernels::matvec(&self.w, self.b.as_deref(), self.cout, self.cin, x, act, par)
     }
 }
 
@@ -519,8 +519,8 @@ impl Engine {
             let pooled = kernels::row_means(&e, hw);
             ar.put(e);
             ar.put(cur);
-            let mixed = self.head_mix.matvec(&pooled, Act::Swish);
-            self.classifier.matvec(&mixed, Act::None)
+            let mixed = self.head_mix.matvec(&pooled, Act::Swish, par);
+            self.classifier.matvec(&mixed, Act::None, par)
         })
     }
 }
@@ -552,33 +552,59 @@ impl MbConv {
         if let Some(e) = expanded {
             ar.put(e);
         }
+        // SE: scale the projection's input channels, or, where that is fewer multiplies (maps larger than the
+        // output width), the projection's weight columns instead.
+        let mut scaled_w = None;
         if let Some((reduce, expand)) = &self.se {
             pr.time("mb.se", || {
                 let m = kernels::row_means(&d, hw);
-                let r = reduce.matvec(&m, Act::Relu);
-                let s = expand.matvec(&r, Act::HardSigmoid);
-                let ml = (self.cmid / par.threads.max(1)).max(1);
-                d.par_chunks_mut(hw)
-                    .with_min_len(ml)
-                    .zip(s.par_iter())
-                    .for_each(|(row, &sv)| row.iter_mut().for_each(|v| *v *= sv));
+                let r = reduce.matvec(&m, Act::Relu, par);
+                let s = expand.matvec(&r, Act::HardSigmoid, par);
+                if self.cout < hw {
+                    let mut w = ar.take(self.cout * self.cmid);
+                    for (wr, pr) in w
+                        .chunks_exact_mut(self.cmid)
+                        .zip(self.project.w.chunks_exact(self.cmid))
+                    {
+                        for ((o, &v), &sv) in wr.iter_mut().zip(pr).zip(&s) {
+                            *o = v * sv;
+                        }
+                    }
+                    scaled_w = Some(w);
+                } else {
+                    for (row, &sv) in d.chunks_exact_mut(hw).zip(&s) {
+                        row.iter_mut().for_each(|v| *v *= sv);
+                    }
+                }
             });
         }
-        let mut out = pr.time("mb.project", || self.project.run(&d, hw, Act::None, par, ar));
-        ar.put(d);
-        // Shortcut (always present): avg-pool when strided, 1x1 conv when the width changes.
+        // Shortcut (always present): avg-pool when strided, 1x1 conv when the width changes. An identity (or
+        // pooled) shortcut is the starting value of the projection's accumulate, not a separate pass.
         let pooled = (g.stride > 1).then(|| {
             let (p, ph, pw) = pr.time("mb.shortcut", || {
-                kernels::avgpool_shortcut(x, self.cin, g.h, g.w, g.stride, ar)
+                kernels::avgpool_shortcut(x, self.cin, g.h, g.w, g.stride, ar, par)
             });
             debug_assert_eq!((ph, pw), (ho, wo));
             p
         });
         let sc_in = pooled.as_deref().unwrap_or(x);
-        pr.time("mb.shortcut", || match &self.shortcut {
-            Some(l) => l.run_add(sc_in, hw, &mut out, par),
-            None => out.iter_mut().zip(sc_in).for_each(|(o, s)| *o += s),
+        let mut out = ar.take(self.cout * hw);
+        let identity = self.shortcut.is_none();
+        if identity {
+            out.copy_from_slice(&sc_in[..self.cout * hw]);
+        }
+        pr.time("mb.project", || {
+            let w = scaled_w.as_deref().unwrap_or(&self.project.w);
+            let b = self.project.b.as_deref();
+            kernels::linear(w, b, self.cout, self.cmid, &d, hw, &mut out, identity, Act::None, par)
         });
+        ar.put(d);
+        if let Some(w) = scaled_w {
+            ar.put(w);
+        }
+        if let Some(l) = &self.shortcut {
+            pr.time("mb.shortcut", || l.run_add(sc_in, hw, &mut out, par));
+        }
         if let Some(p) = pooled {
             ar.put(p);
         }

@@ -656,31 +656,59 @@ pub fn conv_dense(
 
 /// The MBConv shortcut pooling: average pool with kernel s, stride s, padding 1 when the side is odd (else 0),
 /// zero pads counted in the average (PyTorch `count_include_pad=True`).
-pub fn avgpool_shortcut(x: &[f32], c: usize, h: usize, w: usize, s: usize, ar: &Arena) -> (Vec<f32>, usize, usize) {
+pub fn avgpool_shortcut(
+    x: &[f32],
+    c: usize,
+    h: usize,
+    w: usize,
+    s: usize,
+    ar: &Arena,
+    par: Par,
+) -> (Vec<f32>, usize, usize) {
     let ph = if h % 2 == 1 { 1 } else { 0 };
     let pw = if w % 2 == 1 { 1 } else { 0 };
     let ho = (h + 2 * ph - s) / s + 1;
     let wo = (w + 2 * pw - s) / s + 1;
     let mut out = ar.take(c * ho * wo);
-    for ch in 0..c {
-        let plane = &x[ch * h * w..(ch + 1) * h * w];
-        for oy in 0..ho {
-            let y0 = (oy * s) as isize - ph as isize;
-            let y1 = (y0 + s as isize).min((h + ph) as isize);
-            for ox in 0..wo {
-                let x0 = (ox * s) as isize - pw as isize;
-                let x1 = (x0 + s as isize).min((w + pw) as isize);
-                let count = ((y1 - y0) * (x1 - x0)) as f32;
-                let mut sum = 0.0f32;
-                for yy in y0.max(0)..y1.min(h as isize) {
-                    for xx in x0.max(0)..x1.min(w as isize) {
-                        sum += plane[yy as usize * w + xx as usize];
+    if c == 0 || ho * wo == 0 {
+        return (out, ho, wo);
+    }
+    let ml = par.min_len(c, h * w);
+    out.par_chunks_mut(ho * wo)
+        .with_min_len(ml)
+        .enumerate()
+        .for_each(|(ch, o)| {
+            let plane = &x[ch * h * w..(ch + 1) * h * w];
+            if s == 2 && ph == 0 && pw == 0 {
+                // The common case: whole 2x2 windows, in pairs so that it vectorises.
+                for (oy, orow) in o.chunks_exact_mut(wo).enumerate() {
+                    let (r0, r1) = (
+                        &plane[2 * oy * w..(2 * oy + 1) * w],
+                        &plane[(2 * oy + 1) * w..(2 * oy + 2) * w],
+                    );
+                    for ((d, a), b) in orow.iter_mut().zip(r0.chunks_exact(2)).zip(r1.chunks_exact(2)) {
+                        *d = (a[0] + a[1] + b[0] + b[1]) * 0.25;
                     }
                 }
-                out[(ch * ho + oy) * wo + ox] = sum / count;
+                return;
             }
-        }
-    }
+            for oy in 0..ho {
+                let y0 = (oy * s) as isize - ph as isize;
+                let y1 = (y0 + s as isize).min((h + ph) as isize);
+                for ox in 0..wo {
+                    let x0 = (ox * s) as isize - pw as isize;
+                    let x1 = (x0 + s as isize).min((w + pw) as isize);
+                    let count = ((y1 - y0) * (x1 - x0)) as f32;
+                    let mut sum = 0.0f32;
+                    for yy in y0.max(0)..y1.min(h as isize) {
+                        for xx in x0.max(0)..x1.min(w as isize) {
+                            sum += plane[yy as usize * w + xx as usize];
+                        }
+                    }
+                    o[oy * wo + ox] = sum / count;
+                }
+            }
+        });
     (out, ho, wo)
 }
 
@@ -721,24 +749,43 @@ multiversion! {
     pub fn dot(a: &[f32], b: &[f32]) -> f32 = dot_impl;
 }
 
+/// Rows `o0 .. o0 + y.len()` of `act(w x + b)`.
 #[inline(always)]
-fn matvec_impl(w: &[f32], b: Option<&[f32]>, cout: usize, cin: usize, x: &[f32], act: Act, fma: bool) -> Vec<f32> {
-    let mut y = Vec::with_capacity(cout);
-    for o in 0..cout {
+fn matvec_rows_impl(
+    w: &[f32],
+    b: Option<&[f32]>,
+    cin: usize,
+    x: &[f32],
+    act: Act,
+    o0: usize,
+    y: &mut [f32],
+    fma: bool,
+) {
+    for (i, yo) in y.iter_mut().enumerate() {
+        let o = o0 + i;
         let bias = b.map_or(0.0, |b| b[o]);
-        y.push(apply_impl(
-            act,
-            dot_impl(&w[o * cin..(o + 1) * cin], x, fma) + bias,
-            fma,
-        ));
+        *yo = apply_impl(act, dot_impl(&w[o * cin..(o + 1) * cin], x, fma) + bias, fma);
     }
-    y
 }
 
 multiversion! {
-    /// `y[o] = act(w[o, :] . x + b[o])` for a small `[cout, cin]` matrix.
-    pub fn matvec(w: &[f32], b: Option<&[f32]>, cout: usize, cin: usize, x: &[f32], act: Act) -> Vec<f32> =
-        matvec_impl;
+    fn matvec_rows(w: &[f32], b: Option<&[f32]>, cin: usize, x: &[f32], act: Act, o0: usize, y: &mut [f32]) =
+        matvec_rows_impl;
+}
+
+/// `y[o] = act(w[o, :] . x + b[o])` for a `[cout, cin]` matrix. The head's are megabytes, read once from memory:
+/// those are split across threads, whose cores each bring their own bandwidth.
+pub fn matvec(w: &[f32], b: Option<&[f32]>, cout: usize, cin: usize, x: &[f32], act: Act, par: Par) -> Vec<f32> {
+    let mut y = vec![0.0; cout];
+    if par.threads > 1 && cout * cin >= 1 << 18 {
+        let rows = cout.div_ceil(par.threads * 4).max(1);
+        y.par_chunks_mut(rows)
+            .enumerate()
+            .for_each(|(t, yc)| matvec_rows(w, b, cin, x, act, t * rows, yc));
+    } else {
+        matvec_rows(w, b, cin, x, act, 0, &mut y);
+    }
+    y
 }
 
 #[inline(always)]
@@ -1186,7 +1233,7 @@ mod tests {
     fn avgpool_odd_counts_pads() {
         // 3x3 input, kernel 2 stride 2 pad 1: corners average one real value over a 2x2 window.
         let x: Vec<f32> = (1..=9).map(|v| v as f32).collect();
-        let (out, ho, wo) = avgpool_shortcut(&x, 1, 3, 3, 2, &Arena::default());
+        let (out, ho, wo) = avgpool_shortcut(&x, 1, 3, 3, 2, &Arena::default(), Par { threads: 1 });
         assert_eq!((ho, wo), (2, 2));
         assert_eq!(
             out,
