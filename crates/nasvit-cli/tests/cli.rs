@@ -113,3 +113,61 @@ fn import_official_writes_a_checkpoint_and_reports_bad_keys() {
     assert!(err.contains("first_conv.conv.conv.weight"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn bench_profile_splits_a_run_into_ops() {
+    let golden = golden_dir();
+    let dir = std::env::temp_dir().join(format!("nasvit-cli-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ckpt = dir.join("mini.safetensors");
+    let space = golden.join("space.json");
+    let weights = golden.join("weights.safetensors");
+    let args = [
+        "import-official",
+        weights.to_str().unwrap(),
+        "--space",
+        space.to_str().unwrap(),
+    ];
+    let out = nasvit(&[&args[..], &["--out", ckpt.to_str().unwrap()]].concat());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let model = dir.join("model");
+    let args = [
+        "export",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--arch",
+        "max",
+        "--no-onnx",
+    ];
+    let out = nasvit(&[&args[..], &["--out", model.to_str().unwrap()]].concat());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let args = [
+        "bench",
+        "--model",
+        model.to_str().unwrap(),
+        "--threads",
+        "2",
+        "--warmup",
+        "1",
+    ];
+    let out = nasvit(&[&args[..], &["--iters", "5", "--profile", "--json"]].concat());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let ops = v["profile_ms_per_run"].as_object().expect("a profile");
+    for op in [
+        "stem",
+        "mb.dw",
+        "mb.project",
+        "tf.qkv",
+        "tf.attn.probs",
+        "tf.mlp.fc1",
+        "head",
+    ] {
+        assert!(ops[op].as_f64().unwrap() > 0.0, "{op} in {ops:?}");
+    }
+    // The ops run one after the other inside a run: together they cannot take longer than the run.
+    let total: f64 = ops.values().map(|t| t.as_f64().unwrap()).sum();
+    let mean = v["mean_ms"].as_f64().unwrap();
+    assert!(total > 0.0 && total <= mean * 1.01, "ops {total} ms vs run {mean} ms");
+    std::fs::remove_dir_all(&dir).ok();
+}
