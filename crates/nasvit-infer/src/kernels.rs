@@ -365,11 +365,84 @@ pub fn linear(
     };
     if tasks == 1 {
         run(0, out);
+    } else if n >= 2 * cout && n >= 256 * par.threads {
+        linear_by_columns(w, bias, cout, cin, x, n, out, accumulate, act, par.threads);
     } else {
         out.par_chunks_mut(rows * n)
             .enumerate()
             .for_each(|(t, o)| run(t * rows, o));
     }
+}
+
+/// A pointer that may cross threads; see the SAFETY notes where it is used.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+// SAFETY: only used to write disjoint parts of one buffer from several threads, each part by one thread.
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+/// `linear` for wide maps (the early MBConv stages: few output rows, thousands of columns): each thread takes a
+/// range of columns of every row, so that each packs and reads only its own part of `x`.
+fn linear_by_columns(
+    w: &[f32],
+    bias: Option<&[f32]>,
+    cout: usize,
+    cin: usize,
+    x: &[f32],
+    n: usize,
+    out: &mut [f32],
+    accumulate: bool,
+    act: Act,
+    threads: usize,
+) {
+    assert!(
+        w.len() >= cout * cin && x.len() >= cin * n && out.len() >= cout * n && bias.is_none_or(|b| b.len() >= cout)
+    );
+    let per = n.div_ceil(threads).div_ceil(16) * 16;
+    let cols = ((1 << 15) / cout.max(1)).max(64).div_ceil(16) * 16;
+    let dst = SharedMut(out.as_mut_ptr());
+    (0..n.div_ceil(per)).into_par_iter().for_each(|t| {
+        let dst = dst;
+        let (lo, hi) = (t * per, ((t + 1) * per).min(n));
+        let mut c0 = lo;
+        while c0 < hi {
+            let nb = cols.min(hi - c0);
+            // SAFETY: task t alone touches columns [lo, hi) of the `cout` rows of `out` (row stride n), and every
+            // index the GEMM reads or writes is inside the three buffers by the assert above: w [cout, cin],
+            // x [cin, n] from column c0, out [cout, n] from column c0, with c0 + nb <= n.
+            unsafe {
+                gemm::gemm(
+                    cout,
+                    nb,
+                    cin,
+                    dst.0.add(c0),
+                    1,
+                    n as isize,
+                    accumulate,
+                    w.as_ptr(),
+                    1,
+                    cin as isize,
+                    x.as_ptr().add(c0),
+                    1,
+                    n as isize,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+            if bias.is_some() || act != Act::None {
+                for r in 0..cout {
+                    // SAFETY: columns [c0, c0 + nb) of row r are this task's (see above) and inside `out`.
+                    let seg = unsafe { std::slice::from_raw_parts_mut(dst.0.add(r * n + c0), nb) };
+                    act_row(seg, bias.map_or(0.0, |b| b[r]), act);
+                }
+            }
+            c0 += nb;
+        }
+    });
 }
 
 /// Geometry of a depthwise / stem conv with padding `k / 2`.
