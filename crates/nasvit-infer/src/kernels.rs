@@ -381,6 +381,13 @@ struct SharedMut(*mut f32);
 unsafe impl Send for SharedMut {}
 unsafe impl Sync for SharedMut {}
 
+impl SharedMut {
+    // A method, so that closures capture the whole (Sync) wrapper, not its raw pointer field.
+    fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+
 /// `linear` for wide maps (the early MBConv stages: few output rows, thousands of columns): each thread takes a
 /// range of columns of every row, so that each packs and reads only its own part of `x`.
 fn linear_by_columns(
@@ -402,7 +409,6 @@ fn linear_by_columns(
     let cols = ((1 << 15) / cout.max(1)).max(64).div_ceil(16) * 16;
     let dst = SharedMut(out.as_mut_ptr());
     (0..n.div_ceil(per)).into_par_iter().for_each(|t| {
-        let dst = dst;
         let (lo, hi) = (t * per, ((t + 1) * per).min(n));
         let mut c0 = lo;
         while c0 < hi {
@@ -415,7 +421,7 @@ fn linear_by_columns(
                     cout,
                     nb,
                     cin,
-                    dst.0.add(c0),
+                    dst.at(c0),
                     1,
                     n as isize,
                     accumulate,
@@ -436,7 +442,7 @@ fn linear_by_columns(
             if bias.is_some() || act != Act::None {
                 for r in 0..cout {
                     // SAFETY: columns [c0, c0 + nb) of row r are this task's (see above) and inside `out`.
-                    let seg = unsafe { std::slice::from_raw_parts_mut(dst.0.add(r * n + c0), nb) };
+                    let seg = unsafe { std::slice::from_raw_parts_mut(dst.at(r * n + c0), nb) };
                     act_row(seg, bias.map_or(0.0, |b| b[r]), act);
                 }
             }
