@@ -520,16 +520,24 @@ fn dw_plane_impl(
             row[p + g.w..].fill(0.0);
         }
     } else {
-        pad.clear();
+        // As for s = 1, zeros only where no value lands: the top and bottom rows of each phase, and the margins
+        // of each row.
         pad.resize(s * phase, 0.0);
+        for f in 0..s {
+            pad[f * phase..f * phase + p * wph].fill(0.0);
+            pad[f * phase + (p + g.h) * wph..(f + 1) * phase].fill(0.0);
+        }
         for y in 0..g.h {
             let src = &x[y * g.w..(y + 1) * g.w];
             let row0 = (y + p) * wph;
             // Phase f takes padded columns f + s j, i.e. input columns f + s j - p inside [0, w): a strided read.
             for f in 0..s {
                 let j0 = if p > f { (p - f).div_ceil(s) } else { 0 };
-                let j1 = (p + g.w - f).div_ceil(s).max(j0);
-                let dst = &mut pad[f * phase + row0 + j0..f * phase + row0 + j1];
+                let j1 = (p + g.w - f).div_ceil(s).max(j0).min(wph);
+                let row = &mut pad[f * phase + row0..f * phase + row0 + wph];
+                row[..j0].fill(0.0);
+                row[j1..].fill(0.0);
+                let dst = &mut row[j0..j1];
                 let src = &src[f + s * j0 - p..];
                 if s == 2 {
                     // Pairs, so that the copy vectorises as a de-interleave; the last value may lack its pair.
