@@ -485,94 +485,110 @@ impl ConvGeom {
     }
 }
 
-/// One plane of a depthwise conv: `out[oy, ox] = act(sum w[ky, kx] x[oy*s+ky-p, ox*s+kx-p] + bias)`.
+/// The geometry of a depthwise conv's padded planes, the same for every channel of a call.
 ///
-/// The input is first copied, zero-padded, into `s` column phases (phase f holds padded columns f, f+s, ...), so
+/// Each input plane is copied, zero-padded, into `s` column phases (phase f holds padded columns f, f+s, ...), so
 /// that every tap reads a contiguous run of output-many values: no bounds checks in the inner loop, for any
-/// stride. Blocks of 4 output rows x 16 columns are accumulated in registers across all k*k taps.
-#[inline(always)]
-fn dw_plane_impl(
-    x: &[f32],
-    wk: &[f32],
-    bias: f32,
+/// stride. The zeros of the padding are written once per call: a plane's copy only touches its interior.
+struct DwPlan {
     g: ConvGeom,
-    out: &mut [f32],
-    act: Act,
-    pad: &mut Vec<f32>,
-    fma: bool,
-) {
-    let (ho, wo) = g.out();
-    let (k, s, p) = (g.k, g.stride, g.k / 2);
-    let hp = g.h + 2 * p;
-    // Rows are padded on the right so that outputs can be computed in whole chunks of 8.
-    let wo8 = wo.div_ceil(8) * 8;
-    let wph = wo8 + (k - 1) / s;
-    let phase = hp * wph;
-    if s == 1 {
-        // Only the border needs zeros: every interior value is overwritten below.
-        pad.resize(phase, 0.0);
-        pad[..p * wph].fill(0.0);
-        pad[(p + g.h) * wph..phase].fill(0.0);
-        for y in 0..g.h {
-            let row = &mut pad[(y + p) * wph..(y + p + 1) * wph];
-            row[..p].fill(0.0);
-            row[p..p + g.w].copy_from_slice(&x[y * g.w..(y + 1) * g.w]);
-            row[p + g.w..].fill(0.0);
+    ho: usize,
+    wo: usize,
+    p: usize,
+    /// Row length of the padded phases: outputs are computed in whole chunks of 8.
+    wph: usize,
+    phase: usize,
+    /// Offset in the padded planes of tap (ky, kx) for output row 0; row oy adds oy * s * wph.
+    taps: [usize; 49],
+    max_tap: usize,
+}
+
+impl DwPlan {
+    #[inline(always)]
+    fn new(g: ConvGeom) -> Self {
+        let (ho, wo) = g.out();
+        let (k, s, p) = (g.k, g.stride, g.k / 2);
+        let wph = wo.div_ceil(8) * 8 + (k - 1) / s;
+        let phase = (g.h + 2 * p) * wph;
+        let kk = k * k;
+        let mut taps = [0usize; 49];
+        assert!(kk <= taps.len(), "depthwise kernels up to 7x7");
+        for ky in 0..k {
+            for kx in 0..k {
+                taps[ky * k + kx] = (kx % s) * phase + ky * wph + kx / s;
+            }
         }
-    } else {
-        // As for s = 1, zeros only where no value lands: the top and bottom rows of each phase, and the margins
-        // of each row.
-        pad.resize(s * phase, 0.0);
-        for f in 0..s {
-            pad[f * phase..f * phase + p * wph].fill(0.0);
-            pad[f * phase + (p + g.h) * wph..(f + 1) * phase].fill(0.0);
+        let max_tap = taps[..kk].iter().copied().max().unwrap_or(0);
+        DwPlan {
+            g,
+            ho,
+            wo,
+            p,
+            wph,
+            phase,
+            taps,
+            max_tap,
+        }
+    }
+
+    /// Copies plane `x` into the interior of `pad` (whose padding is already zero).
+    #[inline(always)]
+    fn fill(&self, x: &[f32], pad: &mut [f32]) {
+        let (g, p, wph, phase) = (self.g, self.p, self.wph, self.phase);
+        let s = g.stride;
+        if s == 1 {
+            for (y, src) in x[..g.h * g.w].chunks_exact(g.w).enumerate() {
+                let row0 = (y + p) * wph;
+                pad[row0 + p..row0 + p + g.w].copy_from_slice(src);
+            }
+            return;
         }
         for y in 0..g.h {
             let src = &x[y * g.w..(y + 1) * g.w];
             let row0 = (y + p) * wph;
-            // Phase f takes padded columns f + s j, i.e. input columns f + s j - p inside [0, w): a strided read.
-            for f in 0..s {
-                let j0 = if p > f { (p - f).div_ceil(s) } else { 0 };
-                let j1 = (p + g.w - f).div_ceil(s).max(j0).min(wph);
-                let row = &mut pad[f * phase + row0..f * phase + row0 + wph];
-                row[..j0].fill(0.0);
-                row[j1..].fill(0.0);
-                let dst = &mut row[j0..j1];
-                let src = &src[f + s * j0 - p..];
-                if s == 2 {
-                    // Pairs, so that the copy vectorises as a de-interleave; the last value may lack its pair.
-                    let pairs = src.chunks_exact(2);
-                    let last = pairs.remainder().first().copied();
-                    let n = pairs.len();
-                    for (d, pair) in dst.iter_mut().zip(pairs) {
-                        *d = pair[0];
-                    }
-                    if let (Some(v), Some(d)) = (last, dst.get_mut(n)) {
-                        *d = v;
-                    }
-                } else {
-                    for (d, v) in dst.iter_mut().zip(src.iter().step_by(s)) {
+            if s == 2 {
+                // Input column 2i is padded column 2i + p: phase p % 2, index i + p / 2; column 2i + 1 goes to
+                // the other phase at i + (p + 1) / 2. One pass over pairs, which vectorises as a de-interleave.
+                let (je, jo) = (p / 2, (p + 1) / 2);
+                let (lo, hi) = pad.split_at_mut(phase);
+                let (ph_e, ph_o) = if p % 2 == 0 { (lo, hi) } else { (hi, lo) };
+                let pairs = src.chunks_exact(2);
+                let last = pairs.remainder().first().copied();
+                let n = pairs.len();
+                let de = &mut ph_e[row0 + je..row0 + je + n];
+                let dodd = &mut ph_o[row0 + jo..row0 + jo + n];
+                for ((pair, e), o) in pairs.zip(de.iter_mut()).zip(dodd.iter_mut()) {
+                    *e = pair[0];
+                    *o = pair[1];
+                }
+                if let Some(v) = last {
+                    ph_e[row0 + je + n] = v;
+                }
+            } else {
+                // Phase f takes padded columns f + s j, i.e. input columns f + s j - p inside [0, w).
+                for f in 0..s {
+                    let j0 = if p > f { (p - f).div_ceil(s) } else { 0 };
+                    let j1 = (p + g.w - f).div_ceil(s).max(j0).min(wph);
+                    let dst = &mut pad[f * phase + row0 + j0..f * phase + row0 + j1];
+                    for (d, v) in dst.iter_mut().zip(src[f + s * j0 - p..].iter().step_by(s)) {
                         *d = *v;
                     }
                 }
             }
         }
     }
-    // Start offset in `pad` of tap (ky, kx) for output row 0; row oy adds oy * s * wph.
-    let mut taps = [0usize; 49];
-    let kk = k * k;
-    assert!(kk <= taps.len(), "depthwise kernels up to 7x7");
-    for ky in 0..k {
-        for kx in 0..k {
-            taps[ky * k + kx] = (kx % s) * phase + ky * wph + kx / s;
-        }
-    }
-    let taps = &taps[..kk];
+}
+
+/// One plane of a depthwise conv, `out[oy, ox] = act(sum w[ky, kx] x[oy*s+ky-p, ox*s+kx-p] + bias)`, from its
+/// padded copy (`DwPlan::fill`): blocks of 4 output rows x 16 columns accumulated in registers across all k*k
+/// taps.
+#[inline(always)]
+fn dw_plane_impl(plan: &DwPlan, pad: &[f32], wk: &[f32], bias: f32, out: &mut [f32], act: Act, fma: bool) {
+    let (ho, wo, max_tap) = (plan.ho, plan.wo, plan.max_tap);
+    let kk = plan.g.k * plan.g.k;
+    let taps = &plan.taps[..kk];
     let wk = &wk[..kk];
-    let pad = &pad[..];
-    let row_step = s * wph;
-    // The largest tap offset: with it, one check per chunk covers every read of the chunk.
-    let max_tap = taps.iter().copied().max().unwrap_or(0);
+    let row_step = plan.g.stride * plan.wph;
     // R output rows x L columns in registers; each tap's weight is broadcast once for the R rows.
     #[inline(always)]
     fn chunk<const R: usize, const L: usize>(
@@ -653,13 +669,13 @@ fn dw_plane_impl(
 /// are cheap enough that per-plane call overheads would show.
 #[inline(always)]
 fn dw_planes_impl(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: ConvGeom, out: &mut [f32], act: Act, fma: bool) {
-    let (ho, wo) = g.out();
-    let (hw_in, hw_out, kk) = (g.h * g.w, ho * wo, g.k * g.k);
-    let mut pad = Vec::new();
+    let plan = DwPlan::new(g);
+    let (hw_in, hw_out, kk) = (g.h * g.w, plan.ho * plan.wo, g.k * g.k);
+    let mut pad = vec![0.0f32; g.stride * plan.phase];
     for (ch, o) in out.chunks_exact_mut(hw_out).enumerate() {
         let b = bias.map_or(0.0, |b| b[ch]);
-        let (xc, wc) = (&x[ch * hw_in..(ch + 1) * hw_in], &w[ch * kk..(ch + 1) * kk]);
-        dw_plane_impl(xc, wc, b, g, o, act, &mut pad, fma);
+        plan.fill(&x[ch * hw_in..(ch + 1) * hw_in], &mut pad);
+        dw_plane_impl(&plan, &pad, &w[ch * kk..(ch + 1) * kk], b, o, act, fma);
     }
 }
 
