@@ -549,7 +549,7 @@ impl DwPlan {
             if s == 2 {
                 // Input column 2i is padded column 2i + p: phase p % 2, index i + p / 2; column 2i + 1 goes to
                 // the other phase at i + (p + 1) / 2. One pass over pairs, which vectorises as a de-interleave.
-                let (je, jo) = (p / 2, (p + 1) / 2);
+                let (je, jo) = (p / 2, p.div_ceil(2));
                 let (lo, hi) = pad.split_at_mut(phase);
                 let (ph_e, ph_o) = if p % 2 == 0 { (lo, hi) } else { (hi, lo) };
                 let pairs = src.chunks_exact(2);
