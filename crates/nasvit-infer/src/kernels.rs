@@ -539,7 +539,18 @@ impl DwPlan {
         if s == 1 {
             for (y, src) in x[..g.h * g.w].chunks_exact(g.w).enumerate() {
                 let row0 = (y + p) * wph;
-                pad[row0 + p..row0 + p + g.w].copy_from_slice(src);
+                let dst = &mut pad[row0 + p..row0 + p + g.w];
+                // Whole vectors, then the tail: for the short rows of small maps a `memcpy` call per row costs
+                // more than the copy.
+                let mut d8 = dst.chunks_exact_mut(8);
+                let mut s8 = src.chunks_exact(8);
+                for (d, s) in (&mut d8).zip(&mut s8) {
+                    let v: [f32; 8] = s.try_into().expect("8 values");
+                    d.copy_from_slice(&v);
+                }
+                for (d, s) in d8.into_remainder().iter_mut().zip(s8.remainder()) {
+                    *d = *s;
+                }
             }
             return;
         }
@@ -658,6 +669,10 @@ fn dw_plane_impl(plan: &DwPlan, pad: &[f32], wk: &[f32], bias: f32, out: &mut [f
     while oy + 4 <= ho {
         rows::<4>(pad, taps, max_tap, wk, row_step, bias, out, oy, wo, act, fma);
         oy += 4;
+    }
+    if oy + 2 <= ho {
+        rows::<2>(pad, taps, max_tap, wk, row_step, bias, out, oy, wo, act, fma);
+        oy += 2;
     }
     while oy < ho {
         rows::<1>(pad, taps, max_tap, wk, row_step, bias, out, oy, wo, act, fma);
