@@ -61,17 +61,43 @@ impl Prof<'_> {
 
 /// A 1x1 conv or linear `[cout, cin]` with an optional bias.
 struct Linear {
+    /// Row-major `[cout, cin]`, or after `for_gemm` column-major.
     w: Vec<f32>,
+    col_major: bool,
     b: Option<Vec<f32>>,
     cout: usize,
     cin: usize,
 }
 
 impl Linear {
+    /// Stores the weight column-major: the GEMM then reads it in place instead of packing a copy of it on every
+    /// call (for 16 or 49 tokens, packing cost as much as the product). Done once, at load.
+    fn for_gemm(mut self) -> Self {
+        if !self.col_major {
+            let mut t = vec![0.0f32; self.w.len()];
+            for o in 0..self.cout {
+                for i in 0..self.cin {
+                    t[i * self.cout + o] = self.w[o * self.cin + i];
+                }
+            }
+            self.w = t;
+            self.col_major = true;
+        }
+        self
+    }
+
+    fn mat(&self) -> Mat<'_> {
+        if self.col_major {
+            Mat::cols(&self.w, self.cout)
+        } else {
+            Mat::rows(&self.w, self.cin)
+        }
+    }
+
     fn run(&self, x: &[f32], n: usize, act: Act, par: Par, ar: &Arena) -> Vec<f32> {
         let mut out = ar.take(self.cout * n);
         kernels::conv1x1(
-            &self.w,
+            self.mat(),
             self.b.as_deref(),
             self.cout,
             self.cin,
@@ -87,7 +113,7 @@ impl Linear {
     /// `acc += W x + b` (the residual branches).
     fn run_add(&self, x: &[f32], n: usize, acc: &mut [f32], par: Par) {
         kernels::linear(
-            &self.w,
+            self.mat(),
             self.b.as_deref(),
             self.cout,
             self.cin,
@@ -102,6 +128,7 @@ impl Linear {
 
     /// Matrix-vector product for the tiny SE / head layers.
     fn matvec(&self, x: &[f32], act: Act, par: Par) -> Vec<f32> {
+        assert!(!self.col_major, "matvec reads row-major weights");
         kernels::matvec(&self.w, self.b.as_deref(), self.cout, self.cin, x, act, par)
     }
 }
@@ -203,6 +230,7 @@ fn linear(model: &ExportedModel, prefix: &str, bias: bool) -> Result<Linear> {
     let cin = t.numel() / cout.max(1);
     Ok(Linear {
         w: t.data.clone(),
+        col_major: false,
         b: if bias {
             Some(take(model, &format!("{prefix}.bias"))?)
         } else {
@@ -213,8 +241,9 @@ fn linear(model: &ExportedModel, prefix: &str, bias: bool) -> Result<Linear> {
     })
 }
 
-/// Multiplies row `o` of a linear (weight and bias) by `s[o]`.
+/// Multiplies row `o` of a (row-major) linear, weight and bias, by `s[o]`.
 fn scale_rows(mut l: Linear, s: &[f32]) -> Linear {
+    assert!(!l.col_major);
     for (o, &g) in s.iter().enumerate() {
         l.w[o * l.cin..(o + 1) * l.cin].iter_mut().for_each(|v| *v *= g);
         if let Some(b) = &mut l.b {
@@ -268,7 +297,7 @@ impl Engine {
                         expand: if no_expand {
                             None
                         } else {
-                            Some(linear(model, &format!("{p}.expand"), true)?)
+                            Some(linear(model, &format!("{p}.expand"), true)?.for_gemm())
                         },
                         dw_w: take(model, &format!("{p}.dw.weight"))?,
                         dw_b: take(model, &format!("{p}.dw.bias"))?,
@@ -279,9 +308,9 @@ impl Engine {
                             )),
                             None => None,
                         },
-                        project: linear(model, &format!("{p}.project"), true)?,
+                        project: linear(model, &format!("{p}.project"), true)?.for_gemm(),
                         shortcut: if cin != cout {
-                            Some(linear(model, &format!("{p}.shortcut"), false)?)
+                            Some(linear(model, &format!("{p}.shortcut"), false)?.for_gemm())
                         } else {
                             None
                         },
@@ -317,8 +346,8 @@ impl Engine {
                         let mlp = |m: &str| -> Result<Mlp> {
                             Ok(Mlp {
                                 hidden: mlp_ratio * c,
-                                fc1: linear(model, &format!("{p}.{m}.fc1"), true)?,
-                                fc2: scale_rows(linear(model, &format!("{p}.{m}.fc2"), true)?, &gm),
+                                fc1: linear(model, &format!("{p}.{m}.fc1"), true)?.for_gemm(),
+                                fc2: scale_rows(linear(model, &format!("{p}.{m}.fc2"), true)?, &gm).for_gemm(),
                                 dw: if mlp_dwconv {
                                     Some(take(model, &format!("{p}.{m}.dw.weight"))?)
                                 } else {
@@ -340,16 +369,18 @@ impl Engine {
                             norms: [norm(1)?, norm(2)?, norm(3)?],
                             qkv: Linear {
                                 w,
+                                col_major: false,
                                 b: Some(bias),
                                 cout: (2 + V_EXPAND) * c,
                                 cin: c,
-                            },
+                            }
+                            .for_gemm(),
                             vconv: take(model, &format!("{p}.attn.vconv.weight"))?,
                             rpb,
                             rpb_compact,
                             proj_l: linear(model, &format!("{p}.attn.proj_l"), true)?,
                             proj_w: linear(model, &format!("{p}.attn.proj_w"), true)?,
-                            proj: scale_rows(linear(model, &format!("{p}.attn.proj"), true)?, &ga),
+                            proj: scale_rows(linear(model, &format!("{p}.attn.proj"), true)?, &ga).for_gemm(),
                             mlp1: mlp("mlp1")?,
                             mlp2: mlp("mlp2")?,
                         }))
@@ -372,7 +403,7 @@ impl Engine {
                 stride: sh.stem_stride,
             },
             stages,
-            head_expand: linear(model, "head.expand", true)?,
+            head_expand: linear(model, "head.expand", true)?.for_gemm(),
             head_mix: linear(model, "head.mix", false)?,
             classifier: linear(model, "classifier", true)?,
             threads,
@@ -568,12 +599,14 @@ impl MbConv {
                 let r = reduce.matvec(&m, Act::Relu, par);
                 let s = expand.matvec(&r, Act::HardSigmoid, par);
                 if self.cout < hw {
+                    // Column-major: input channel i is the contiguous column i.
                     let mut w = ar.take(self.cout * self.cmid);
-                    for (wr, pr) in w
-                        .chunks_exact_mut(self.cmid)
-                        .zip(self.project.w.chunks_exact(self.cmid))
+                    for ((wc, pc), &sv) in w
+                        .chunks_exact_mut(self.cout)
+                        .zip(self.project.w.chunks_exact(self.cout))
+                        .zip(&s)
                     {
-                        for ((o, &v), &sv) in wr.iter_mut().zip(pr).zip(&s) {
+                        for (o, &v) in wc.iter_mut().zip(pc) {
                             *o = v * sv;
                         }
                     }
@@ -601,7 +634,9 @@ impl MbConv {
             out.copy_from_slice(&sc_in[..self.cout * hw]);
         }
         pr.time("mb.project", || {
-            let w = scaled_w.as_deref().unwrap_or(&self.project.w);
+            let w = scaled_w
+                .as_deref()
+                .map_or(self.project.mat(), |w| Mat::cols(w, self.cout));
             let b = self.project.b.as_deref();
             kernels::linear(w, b, self.cout, self.cmid, &d, hw, &mut out, identity, Act::None, par)
         });

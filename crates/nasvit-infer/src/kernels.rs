@@ -288,7 +288,7 @@ pub fn bias_act(x: &mut [f32], n: usize, bias: Option<&[f32]>, act: Act, par: Pa
 /// walks its rows in column blocks small enough to stay in L2 and applies bias and activation to a block right
 /// after its GEMM, instead of a second pass over the whole output. The GEMMs inside run single-threaded.
 pub fn conv1x1(
-    w: &[f32],
+    w: Mat,
     bias: Option<&[f32]>,
     cout: usize,
     cin: usize,
@@ -303,7 +303,7 @@ pub fn conv1x1(
 
 /// See `conv1x1`.
 pub fn linear(
-    w: &[f32],
+    w: Mat,
     bias: Option<&[f32]>,
     cout: usize,
     cin: usize,
@@ -329,18 +329,22 @@ pub fn linear(
     } else {
         1
     };
-    // Rows per task, a multiple of 8 where there are enough (the GEMM's register tiles are 8 or 16 rows high).
+    // Rows per task, a multiple of 16 (the GEMM's register tiles are 16 rows high, and it reads a column-major
+    // weight in place, without packing it, only for such row counts).
     let rows = if tasks == 1 {
         cout
     } else {
-        cout.div_ceil(tasks).div_ceil(8) * 8
+        cout.div_ceil(tasks).div_ceil(16) * 16
     };
     // Columns per block: about 128 KiB of output, at least 64 columns.
     let cols = ((1 << 15) / rows.max(1)).max(64).div_ceil(16) * 16;
     let serial = Par { threads: 1 };
     let run = |r0: usize, o: &mut [f32]| {
         let m = o.len() / n;
-        let wr = &w[r0 * cin..(r0 + m) * cin];
+        let wr = Mat {
+            data: &w.data[r0 * w.rs..],
+            ..w
+        };
         let mut c0 = 0;
         while c0 < n {
             let nb = cols.min(n - c0);
@@ -348,7 +352,7 @@ pub fn linear(
                 m,
                 nb,
                 cin,
-                Mat::rows(wr, cin),
+                wr,
                 Mat::rows(&x[c0..], n),
                 &mut o[c0..],
                 n,
@@ -391,7 +395,7 @@ impl SharedMut {
 /// `linear` for wide maps (the early MBConv stages: few output rows, thousands of columns): each thread takes a
 /// range of columns of every row, so that each packs and reads only its own part of `x`.
 fn linear_by_columns(
-    w: &[f32],
+    w: Mat,
     bias: Option<&[f32]>,
     cout: usize,
     cin: usize,
@@ -403,7 +407,10 @@ fn linear_by_columns(
     threads: usize,
 ) {
     assert!(
-        w.len() >= cout * cin && x.len() >= cin * n && out.len() >= cout * n && bias.is_none_or(|b| b.len() >= cout)
+        w.data.len() > (cout - 1) * w.rs + (cin.max(1) - 1) * w.cs
+            && x.len() >= cin * n
+            && out.len() >= cout * n
+            && bias.is_none_or(|b| b.len() >= cout)
     );
     let per = n.div_ceil(threads).div_ceil(16) * 16;
     let cols = ((1 << 15) / cout.max(1)).max(64).div_ceil(16) * 16;
@@ -414,7 +421,8 @@ fn linear_by_columns(
         while c0 < hi {
             let nb = cols.min(hi - c0);
             // SAFETY: task t alone touches columns [lo, hi) of the `cout` rows of `out` (row stride n), and every
-            // index the GEMM reads or writes is inside the three buffers by the assert above: w [cout, cin],
+            // index the GEMM reads or writes is inside the three buffers by the assert above: w [cout, cin] (any
+            // strides),
             // x [cin, n] from column c0, out [cout, n] from column c0, with c0 + nb <= n.
             unsafe {
                 gemm::gemm(
@@ -425,9 +433,9 @@ fn linear_by_columns(
                     1,
                     n as isize,
                     accumulate,
-                    w.as_ptr(),
-                    1,
-                    cin as isize,
+                    w.data.as_ptr(),
+                    w.cs as isize,
+                    w.rs as isize,
                     x.as_ptr().add(c0),
                     1,
                     n as isize,
@@ -768,7 +776,17 @@ pub fn conv_dense(
                 }
             }
         });
-    conv1x1(w, Some(bias), cout, cin * kk, &cols, n, out, act, par);
+    conv1x1(
+        Mat::rows(w, cin * kk),
+        Some(bias),
+        cout,
+        cin * kk,
+        &cols,
+        n,
+        out,
+        act,
+        par,
+    );
     ar.put(cols);
 }
 
@@ -1382,15 +1400,26 @@ mod tests {
                     want[o * n + j] = s as f32 + b[o];
                 }
             }
-            for threads in [1, 2, 3] {
+            // The weight row-major, and transposed (column-major, as the engine keeps its GEMM weights).
+            let mut wt = vec![0.0f32; cout * cin];
+            for o in 0..cout {
+                for i in 0..cin {
+                    wt[i * cout + o] = w[o * cin + i];
+                }
+            }
+            for (wm, threads) in [
+                (Mat::rows(&w, cin), 1),
+                (Mat::rows(&w, cin), 2),
+                (Mat::cols(&wt, cout), 3),
+            ] {
                 let par = Par { threads };
                 let mut out = vec![f32::NAN; cout * n];
-                conv1x1(&w, Some(&b), cout, cin, &x, n, &mut out, Act::Relu, par);
+                conv1x1(wm, Some(&b), cout, cin, &x, n, &mut out, Act::Relu, par);
                 for (g, w) in out.iter().zip(&want) {
                     assert!((g - w.max(0.0)).abs() < 1e-5, "{cout}x{cin}x{n} t{threads}");
                 }
                 let mut acc = vec![1.0f32; cout * n];
-                linear(&w, Some(&b), cout, cin, &x, n, &mut acc, true, Act::None, par);
+                linear(wm, Some(&b), cout, cin, &x, n, &mut acc, true, Act::None, par);
                 for (g, w) in acc.iter().zip(&want) {
                     assert!((g - (w + 1.0)).abs() < 1e-5, "acc {cout}x{cin}x{n} t{threads}");
                 }
