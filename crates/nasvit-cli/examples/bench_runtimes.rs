@@ -4,8 +4,11 @@
 //! the supernet's own initialisation (the BN after each MBConv projection at gamma 0, switchable scales 1e-4),
 //! and `random`, `nasvit_infer::random_state_dict` (BN near identity, scales near 1: every branch active).
 //!
-//! `cargo run --release -p nasvit-cli --example bench_runtimes [-- THREADS ITERS]` (defaults: 2 threads, 30 runs);
-//! set `RAYON_NUM_THREADS` to the same thread count so that burn uses it too.
+//! `cargo run --release -p nasvit-cli --example bench_runtimes [-- THREADS ITERS ROUNDS]` (defaults: 2 threads, 30
+//! runs, 3 rounds); set `RAYON_NUM_THREADS` to the same thread count so that burn uses it too.
+//!
+//! On a shared machine a burst of load can hit one runtime's measurement and not the other's: so the engine and
+//! onnxruntime are measured in alternation, ROUNDS times each, and each cell is the median of the rounds' medians.
 
 use std::process::Command;
 use std::time::Instant;
@@ -27,6 +30,7 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let threads: usize = args.first().map(|s| s.parse()).transpose()?.unwrap_or(2);
     let iters: usize = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(30);
+    let rounds: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(3).max(1);
     let device = Device::flex();
     let space = SearchSpace::builtin("official")?;
     let init_net = SupernetConfig::new(space.clone()).init(&device);
@@ -45,7 +49,7 @@ fn main() -> anyhow::Result<()> {
     let random_file = dir.join("random.safetensors");
     save_safetensors(&random_file, &random_sd, None)?;
     let random_net = import_official(&random_file, &space, &device)?;
-    println!("batch 1, 224 px, {threads} threads, median of {iters} runs (ms)");
+    println!("batch 1, 224 px, {threads} threads, median over {rounds} alternating rounds of the median of {iters} runs (ms)");
     println!(
         "{:<8} {:<8} {:>8} {:>12} {:>12} {:>12}",
         "subnet", "weights", "MMACs", "nasvit-infer", "onnxruntime", "burn-flex"
@@ -63,25 +67,33 @@ fn main() -> anyhow::Result<()> {
                     ..Default::default()
                 },
             )?;
-            let ours = bench(&engine, &BenchOptions { warmup: 5, iters })?.median_ms;
-
             let onnx = dir.join(format!("{name}-{weights}.onnx"));
             save_onnx(&model, &onnx)?;
-            let out = Command::new("python3")
-                .args([
-                    "scripts/bench_ort.py",
-                    &onnx.display().to_string(),
-                    "--threads",
-                    &threads.to_string(),
-                ])
-                .args(["--iters", &iters.to_string()])
-                .output()?;
-            let text = String::from_utf8_lossy(&out.stdout);
-            let ort = text
-                .split_whitespace()
-                .skip_while(|w| !w.starts_with("median"))
-                .nth(1)
-                .and_then(|w| w.trim_end_matches("ms").parse::<f64>().ok());
+            let (mut ours, mut orts, mut ort_err) = (Vec::new(), Vec::new(), String::new());
+            for _ in 0..rounds {
+                ours.push(bench(&engine, &BenchOptions { warmup: 5, iters })?.median_ms);
+                let out = Command::new("python3")
+                    .args([
+                        "scripts/bench_ort.py",
+                        &onnx.display().to_string(),
+                        "--threads",
+                        &threads.to_string(),
+                    ])
+                    .args(["--iters", &iters.to_string()])
+                    .output()?;
+                let text = String::from_utf8_lossy(&out.stdout);
+                match text
+                    .split_whitespace()
+                    .skip_while(|w| !w.starts_with("median"))
+                    .nth(1)
+                    .and_then(|w| w.trim_end_matches("ms").parse::<f64>().ok())
+                {
+                    Some(v) => orts.push(v),
+                    None => ort_err = String::from_utf8_lossy(&out.stderr).trim().to_string(),
+                }
+            }
+            let ours = median(ours);
+            let ort = (!orts.is_empty()).then(|| median(orts));
 
             let static_net = net.extract(&arch)?;
             let x = Tensor::<4>::random([1, 3, 224, 224], Distribution::Normal(0.0, 1.0), &device);
@@ -96,7 +108,7 @@ fn main() -> anyhow::Result<()> {
             let flex = median(times);
             let ort = ort
                 .map(|v| format!("{v:.2}"))
-                .unwrap_or_else(|| format!("n/a ({})", String::from_utf8_lossy(&out.stderr).trim()));
+                .unwrap_or_else(|| format!("n/a ({ort_err})"));
             println!("{name:<8} {weights:<8} {mmacs:>8.1} {ours:>12.2} {ort:>12} {flex:>12.2}");
         }
     }
