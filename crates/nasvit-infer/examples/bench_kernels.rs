@@ -25,6 +25,19 @@ fn time(name: &str, work: f64, unit: &str, mut f: impl FnMut()) {
 
 fn main() {
     let par = Par { threads: 1 };
+    // 1x1 convs of the official min subnet at 224 px (expand, project, qkv), weights column-major as the engine
+    // keeps them.
+    for (cout, cin, n) in [(64, 16, 12544), (96, 24, 3136), (24, 96, 3136), (128, 32, 784), (384, 64, 196), (960, 160, 49)] {
+        let (w, x, b) = (vec![0.01f32; cout * cin], vec![0.02f32; cin * n], vec![0.1f32; cout]);
+        let mut out = vec![0.0f32; cout * n];
+        let macs = (cout * cin * n) as f64;
+        time(&format!("1x1 {cout}x{cin} n {n} + swish"), macs, "MAC", || {
+            kernels::conv1x1(kernels::Mat::cols(&w, cout), Some(&b), cout, cin, &x, n, &mut out, Act::Swish, par)
+        });
+        time(&format!("1x1 {cout}x{cin} n {n}"), macs, "MAC", || {
+            kernels::conv1x1(kernels::Mat::cols(&w, cout), Some(&b), cout, cin, &x, n, &mut out, Act::None, par)
+        });
+    }
     for (c, h, k, s, act) in [
         (192, 56, 5, 1, Act::Swish),
         (192, 56, 3, 1, Act::Swish),
