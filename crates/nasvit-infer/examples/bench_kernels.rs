@@ -27,15 +27,42 @@ fn main() {
     let par = Par { threads: 1 };
     // 1x1 convs of the official min subnet at 224 px (expand, project, qkv), weights column-major as the engine
     // keeps them.
-    for (cout, cin, n) in [(64, 16, 12544), (96, 24, 3136), (24, 96, 3136), (128, 32, 784), (384, 64, 196), (960, 160, 49)] {
+    for (cout, cin, n) in [
+        (64, 16, 12544),
+        (96, 24, 3136),
+        (24, 96, 3136),
+        (128, 32, 784),
+        (384, 64, 196),
+        (960, 160, 49),
+    ] {
         let (w, x, b) = (vec![0.01f32; cout * cin], vec![0.02f32; cin * n], vec![0.1f32; cout]);
         let mut out = vec![0.0f32; cout * n];
         let macs = (cout * cin * n) as f64;
         time(&format!("1x1 {cout}x{cin} n {n} + swish"), macs, "MAC", || {
-            kernels::conv1x1(kernels::Mat::cols(&w, cout), Some(&b), cout, cin, &x, n, &mut out, Act::Swish, par)
+            kernels::conv1x1(
+                kernels::Mat::cols(&w, cout),
+                Some(&b),
+                cout,
+                cin,
+                &x,
+                n,
+                &mut out,
+                Act::Swish,
+                par,
+            )
         });
         time(&format!("1x1 {cout}x{cin} n {n}"), macs, "MAC", || {
-            kernels::conv1x1(kernels::Mat::cols(&w, cout), Some(&b), cout, cin, &x, n, &mut out, Act::None, par)
+            kernels::conv1x1(
+                kernels::Mat::cols(&w, cout),
+                Some(&b),
+                cout,
+                cin,
+                &x,
+                n,
+                &mut out,
+                Act::None,
+                par,
+            )
         });
     }
     for (c, h, k, s, act) in [
@@ -60,6 +87,25 @@ fn main() {
         let macs = (c * ho * wo * k * k) as f64;
         time(&format!("dw c{c} {h}x{h} k{k} s{s} {act:?}"), macs, "MAC", || {
             kernels::dwconv(&x, c, g, &w, Some(&b), &mut out, act, par)
+        });
+    }
+    {
+        // The stem: 3 -> 24 channels, 3x3 stride 2 at 224 px, then swish.
+        let g = ConvGeom {
+            h: 224,
+            w: 224,
+            k: 3,
+            stride: 2,
+        };
+        let (ho, wo) = g.out();
+        let x: Vec<f32> = (0..3 * 224 * 224).map(|i| ((i * 37) % 11) as f32 * 0.1 - 0.5).collect();
+        let w: Vec<f32> = (0..24 * 27).map(|i| ((i * 13) % 7) as f32 * 0.1 - 0.3).collect();
+        let b = vec![0.1; 24];
+        let mut out = vec![0.0; 24 * ho * wo];
+        let ar = kernels::Arena::default();
+        let macs = (24 * 27 * ho * wo) as f64;
+        time("stem 3->24 224px k3 s2 Swish", macs, "MAC", || {
+            kernels::conv_dense(&x, 3, g, &w, 24, &b, &mut out, Act::Swish, par, &ar)
         });
     }
     let mut x: Vec<f32> = (0..192 * 56 * 56).map(|i| ((i * 37) % 11) as f32 * 0.1 - 0.5).collect();

@@ -476,21 +476,6 @@ impl ConvGeom {
             (self.w + 2 * p - self.k) / self.stride + 1,
         )
     }
-
-    /// Output columns `ox` whose input column `ox * s + kx - p` lies inside `[0, w)`.
-    #[inline]
-    fn valid_cols(&self, kx: usize, wo: usize) -> (usize, usize) {
-        let p = self.k / 2;
-        let s = self.stride;
-        // ox * s + kx >= p  and  ox * s + kx - p <= w - 1
-        let lo = if kx >= p { 0 } else { (p - kx).div_ceil(s) };
-        let hi = if self.w + p > kx {
-            ((self.w + p - kx - 1) / s + 1).min(wo)
-        } else {
-            0
-        };
-        (lo, hi.max(lo))
-    }
 }
 
 /// The geometry of a depthwise conv's padded planes, the same for every channel of a call.
@@ -598,15 +583,22 @@ impl DwPlan {
     }
 }
 
-/// One plane of a depthwise conv, `out[oy, ox] = act(sum w[ky, kx] x[oy*s+ky-p, ox*s+kx-p] + bias)`, from its
-/// padded copy (`DwPlan::fill`): blocks of 4 output rows x 16 columns accumulated in registers across all k*k
-/// taps.
+/// One output plane `out[oy, ox] = act(sum_t wk[t] pad[taps[t] + oy * row_step + ox] + bias)` from padded input
+/// planes (`DwPlan::fill`): a depthwise conv (taps over one plane) or the dense stem (taps over all input planes).
+/// Blocks of 4 output rows x 16 columns are accumulated in registers across all taps.
 #[inline(always)]
-fn dw_plane_impl(plan: &DwPlan, pad: &[f32], wk: &[f32], bias: f32, out: &mut [f32], act: Act, fma: bool) {
-    let (ho, wo, max_tap) = (plan.ho, plan.wo, plan.max_tap);
-    let kk = plan.g.k * plan.g.k;
-    let taps = &plan.taps[..kk];
-    let wk = &wk[..kk];
+fn dw_plane_impl(
+    plan: &DwPlan,
+    (taps, max_tap): (&[usize], usize),
+    pad: &[f32],
+    wk: &[f32],
+    bias: f32,
+    out: &mut [f32],
+    act: Act,
+    fma: bool,
+) {
+    let (ho, wo) = (plan.ho, plan.wo);
+    let wk = &wk[..taps.len()];
     let row_step = plan.g.stride * plan.wph;
     // R output rows x L columns in registers; each tap's weight is broadcast once for the R rows.
     #[inline(always)]
@@ -698,7 +690,16 @@ fn dw_planes_impl(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: ConvGeom, out: 
     for (ch, o) in out.chunks_exact_mut(hw_out).enumerate() {
         let b = bias.map_or(0.0, |b| b[ch]);
         plan.fill(&x[ch * hw_in..(ch + 1) * hw_in], &mut pad);
-        dw_plane_impl(&plan, &pad, &w[ch * kk..(ch + 1) * kk], b, o, act, fma);
+        dw_plane_impl(
+            &plan,
+            (&plan.taps[..kk], plan.max_tap),
+            &pad,
+            &w[ch * kk..(ch + 1) * kk],
+            b,
+            o,
+            act,
+            fma,
+        );
     }
 }
 
@@ -735,7 +736,66 @@ pub fn dwconv(x: &[f32], c: usize, g: ConvGeom, w: &[f32], bias: Option<&[f32]>,
         });
 }
 
-/// Full 3x3 (or k x k) conv with padding k/2 as im2col + GEMM: the stem (few input channels).
+#[inline(always)]
+fn fill_planes_impl(x: &[f32], g: ConvGeom, pads: &mut [f32], _fma: bool) {
+    let plan = DwPlan::new(g);
+    let plane = g.stride * plan.phase;
+    for (ci, pad) in pads.chunks_exact_mut(plane).enumerate() {
+        plan.fill(&x[ci * g.h * g.w..(ci + 1) * g.h * g.w], pad);
+    }
+}
+
+multiversion! {
+    fn fill_planes(x: &[f32], g: ConvGeom, pads: &mut [f32]) = fill_planes_impl;
+}
+
+#[inline(always)]
+fn dense_planes_impl(
+    g: ConvGeom,
+    taps: &[usize],
+    max_tap: usize,
+    pads: &[f32],
+    w: &[f32],
+    bias: &[f32],
+    co0: usize,
+    out: &mut [f32],
+    act: Act,
+    fma: bool,
+) {
+    let plan = DwPlan::new(g);
+    let (n, kt) = (plan.ho * plan.wo, taps.len());
+    for (i, o) in out.chunks_exact_mut(n).enumerate() {
+        let co = co0 + i;
+        dw_plane_impl(
+            &plan,
+            (taps, max_tap),
+            pads,
+            &w[co * kt..(co + 1) * kt],
+            bias[co],
+            o,
+            act,
+            fma,
+        );
+    }
+}
+
+multiversion! {
+    fn dense_planes(
+        g: ConvGeom,
+        taps: &[usize],
+        max_tap: usize,
+        pads: &[f32],
+        w: &[f32],
+        bias: &[f32],
+        co0: usize,
+        out: &mut [f32],
+        act: Act,
+    ) = dense_planes_impl;
+}
+
+/// Full k x k conv with padding k/2 on few input channels (the stem): the input planes are padded once (as for
+/// the depthwise conv), then each output plane accumulates its `cin k^2` taps in registers, as a depthwise plane
+/// does its `k^2`. No im2col copy and no GEMM with K = 27.
 pub fn conv_dense(
     x: &[f32],
     cin: usize,
@@ -748,46 +808,27 @@ pub fn conv_dense(
     par: Par,
     ar: &Arena,
 ) {
-    let (ho, wo) = g.out();
-    let n = ho * wo;
-    let kk = g.k * g.k;
-    let mut cols = ar.take(cin * kk * n);
-    let p = g.k / 2;
-    let ml = par.min_len(cin * kk, n);
-    cols.par_chunks_mut(n)
-        .with_min_len(ml)
+    let plan = DwPlan::new(g);
+    let (n, kk) = (plan.ho * plan.wo, g.k * g.k);
+    assert!(x.len() >= cin * g.h * g.w && w.len() >= cout * cin * kk && bias.len() >= cout && out.len() >= cout * n);
+    if cout == 0 || n == 0 {
+        return;
+    }
+    let plane = g.stride * plan.phase;
+    let mut pads = ar.take(cin * plane);
+    // The arena's buffer is stale: the padding must be zero.
+    pads.fill(0.0);
+    fill_planes(x, g, &mut pads);
+    let taps: Vec<usize> = (0..cin)
+        .flat_map(|ci| plan.taps[..kk].iter().map(move |&t| ci * plane + t))
+        .collect();
+    let max_tap = taps.iter().copied().max().unwrap_or(0);
+    let per = par.min_len(cout, n * cin * kk);
+    out[..cout * n]
+        .par_chunks_mut(per * n)
         .enumerate()
-        .for_each(|(r, col)| {
-            let (ci, ky, kx) = (r / kk, (r % kk) / g.k, r % g.k);
-            let plane = &x[ci * g.h * g.w..(ci + 1) * g.h * g.w];
-            let (lo, hi) = g.valid_cols(kx, wo);
-            for oy in 0..ho {
-                let dst = &mut col[oy * wo..(oy + 1) * wo];
-                let iy = oy * g.stride + ky;
-                if iy < p || iy - p >= g.h {
-                    dst.fill(0.0);
-                    continue;
-                }
-                let src = &plane[(iy - p) * g.w..(iy - p + 1) * g.w];
-                dst[..lo].fill(0.0);
-                dst[hi..].fill(0.0);
-                for ox in lo..hi {
-                    dst[ox] = src[ox * g.stride + kx - p];
-                }
-            }
-        });
-    conv1x1(
-        Mat::rows(w, cin * kk),
-        Some(bias),
-        cout,
-        cin * kk,
-        &cols,
-        n,
-        out,
-        act,
-        par,
-    );
-    ar.put(cols);
+        .for_each(|(i, o)| dense_planes(g, &taps, max_tap, &pads, w, bias, i * per, o, act));
+    ar.put(pads);
 }
 
 /// The MBConv shortcut pooling: average pool with kernel s, stride s, padding 1 when the side is odd (else 0),
