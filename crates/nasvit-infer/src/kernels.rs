@@ -1544,4 +1544,44 @@ mod tests {
         assert!(rpb_table(&odd, 2, 16).is_none());
         assert!(rpb_table(&odd[..2 * 15 * 15], 2, 15).is_none());
     }
+
+    #[test]
+    fn dense_conv_matches_naive() {
+        for (cin, cout, h, k, st) in [(3, 5, 9, 3, 2), (2, 3, 8, 3, 1), (3, 2, 17, 5, 2)] {
+            let g = ConvGeom { h, w: h, k, stride: st };
+            let (ho, wo) = g.out();
+            let x = values(cin * h * h, 11);
+            let w = values(cout * cin * k * k, 12);
+            let b = values(cout, 13);
+            let p = (k / 2) as isize;
+            let mut want = vec![0.0f64; cout * ho * wo];
+            for co in 0..cout {
+                for oy in 0..ho {
+                    for ox in 0..wo {
+                        let mut acc = b[co] as f64;
+                        for ci in 0..cin {
+                            for ky in 0..k {
+                                for kx in 0..k {
+                                    let (iy, ix) = ((oy * st + ky) as isize - p, (ox * st + kx) as isize - p);
+                                    if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < h {
+                                        acc += w[((co * cin + ci) * k + ky) * k + kx] as f64
+                                            * x[(ci * h + iy as usize) * h + ix as usize] as f64;
+                                    }
+                                }
+                            }
+                        }
+                        want[(co * ho + oy) * wo + ox] = acc;
+                    }
+                }
+            }
+            let ar = Arena::default();
+            // A stale arena buffer first: the padding must not depend on what the arena held.
+            ar.put(vec![f32::NAN; 4096]);
+            let mut out = vec![0.0f32; cout * ho * wo];
+            conv_dense(&x, cin, g, &w, cout, &b, &mut out, Act::None, Par { threads: 2 }, &ar);
+            for (g, w) in out.iter().zip(&want) {
+                assert!((*g as f64 - w).abs() < 1e-5, "cin {cin} h {h} k {k} s {st}: {g} vs {w}");
+            }
+        }
+    }
 }
