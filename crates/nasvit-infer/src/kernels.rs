@@ -1027,20 +1027,12 @@ fn softmax_row_impl(row: &mut [f32], fma: bool) {
         }
     }
     let m = rest.iter().chain(&m).copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut s = [0.0f32; 16];
-    let mut chunks = row.chunks_exact_mut(16);
-    for ch in &mut chunks {
-        for i in 0..16 {
-            ch[i] = exp_impl(ch[i] - m, fma);
-            s[i] += ch[i];
-        }
-    }
-    let mut sum: f32 = 0.0;
-    for v in chunks.into_remainder() {
+    for v in row.iter_mut() {
         *v = exp_impl(*v - m, fma);
-        sum += *v;
     }
-    let inv = 1.0 / (sum + s.iter().sum::<f32>());
+    // The sum as a second pass over the (L1) row: accumulated in the exp loop, the partial sums lived on the
+    // stack, one store-to-load chain per vector.
+    let inv = 1.0 / sum8_impl(row);
     for v in row.iter_mut() {
         *v *= inv;
     }
