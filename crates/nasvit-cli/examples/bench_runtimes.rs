@@ -60,13 +60,7 @@ fn main() -> anyhow::Result<()> {
         let mmacs = space.cost(&arch).mmacs;
         for (weights, sd, net) in sets {
             let model = ExportedModel::from_state_dict(sd, &space, &arch)?;
-            let engine = Engine::new(
-                &model,
-                EngineOptions {
-                    threads,
-                    ..Default::default()
-                },
-            )?;
+            let engine = Engine::new(&model, EngineOptions::with_threads(threads))?;
             let onnx = dir.join(format!("{name}-{weights}.onnx"));
             save_onnx(&model, &onnx)?;
             let (mut ours, mut orts, mut ort_err) = (Vec::new(), Vec::new(), String::new());

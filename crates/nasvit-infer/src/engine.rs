@@ -32,6 +32,16 @@ pub struct EngineOptions {
     pub profile: bool,
 }
 
+impl EngineOptions {
+    /// `threads` workers (0: one per core), no profile.
+    pub fn with_threads(threads: usize) -> Self {
+        EngineOptions {
+            threads,
+            profile: false,
+        }
+    }
+}
+
 /// Wall time per kind of op, summed over the runs since the last `Engine::profile` call.
 #[derive(Default)]
 struct Profile(std::sync::Mutex<Vec<(&'static str, f64, usize)>>);

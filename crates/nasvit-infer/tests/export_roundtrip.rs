@@ -27,26 +27,14 @@ fn write_read_gives_the_same_logits() {
     assert_eq!(back.labels, (0..10).map(|k| k.to_string()).collect::<Vec<_>>());
     assert_eq!(back.tensors, model.tensors);
     let x = input(3, arch.resolution, 1);
-    let a = Engine::new(
-        &model,
-        EngineOptions {
-            threads: 1,
-            ..Default::default()
-        },
-    )
-    .unwrap()
-    .run(&x)
-    .unwrap();
-    let b = Engine::load(
-        &dir,
-        EngineOptions {
-            threads: 2,
-            ..Default::default()
-        },
-    )
-    .unwrap()
-    .run(&x)
-    .unwrap();
+    let a = Engine::new(&model, EngineOptions::with_threads(1))
+        .unwrap()
+        .run(&x)
+        .unwrap();
+    let b = Engine::load(&dir, EngineOptions::with_threads(2))
+        .unwrap()
+        .run(&x)
+        .unwrap();
     assert_eq!(a.shape, vec![2, 10]);
     for (u, v) in a.data.iter().zip(&b.data) {
         assert!((u - v).abs() <= 1e-5 * (1.0 + u.abs()), "{u} vs {v}");
@@ -119,14 +107,7 @@ fn checkpoint_with_space_metadata_exports() {
     save_safetensors(&path, &sd, Some(md)).unwrap();
     let arch = space.max_arch();
     let model = ExportedModel::from_checkpoint(&path, None, &arch).unwrap();
-    let e = Engine::new(
-        &model,
-        EngineOptions {
-            threads: 2,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let e = Engine::new(&model, EngineOptions::with_threads(2)).unwrap();
     let y = e.run(&input(3, 32, 2)).unwrap();
     assert!(y.data.iter().all(|v| v.is_finite()));
     // A checkpoint without the metadata needs the space.
@@ -154,14 +135,7 @@ fn paper_genes_run() {
         );
         assert_eq!(model.tensors["stages.3.1.mlp1.fc1.weight"].shape, vec![64 * ratio, 64]);
         assert_eq!(model.tensors.contains_key("stages.3.1.mlp2.dw.weight"), dw);
-        let e = Engine::new(
-            &model,
-            EngineOptions {
-                threads: 2,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let e = Engine::new(&model, EngineOptions::with_threads(2)).unwrap();
         let y = e.run(&input(3, 224, 4)).unwrap();
         assert!(y.data.iter().all(|v| v.is_finite()), "{windows} {ratio} {dw}");
     }
@@ -173,14 +147,7 @@ fn engine_is_shareable_across_threads() {
     assert_send_sync::<Engine>();
     let space = common::golden_space();
     let model = ExportedModel::from_state_dict(&common::golden_weights(), &space, &space.min_arch()).unwrap();
-    let engine = Engine::new(
-        &model,
-        EngineOptions {
-            threads: 2,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let engine = Engine::new(&model, EngineOptions::with_threads(2)).unwrap();
     let x = input(3, 192, 9);
     let want = engine.run(&x).unwrap();
     std::thread::scope(|s| {

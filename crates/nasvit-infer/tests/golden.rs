@@ -64,14 +64,7 @@ fn engine_matches_every_eval_case() {
             assert!(n > 0, "{}: bn_override without statistics", case.name);
         }
         let model = ExportedModel::from_state_dict(&sd, &space, &case.arch).unwrap();
-        let engine = Engine::new(
-            &model,
-            EngineOptions {
-                threads: 2,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let engine = Engine::new(&model, EngineOptions::with_threads(2)).unwrap();
         let input = &tensors[&format!("{}.input", case.name)];
         let out = engine.run_with_taps(input).unwrap();
         let (err, ok) = compare(&out.logits, &tensors[&format!("{}.logits", case.name)]);

@@ -37,14 +37,7 @@ fn bad_files_fail_alone_and_are_named() {
     let mut model = ExportedModel::from_state_dict(&common::golden_weights(), &space, &space.min_arch()).unwrap();
     model.preprocess.resize = 73;
     model.preprocess.crop = 64;
-    let engine = Engine::new(
-        &model,
-        EngineOptions {
-            threads: 2,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let engine = Engine::new(&model, EngineOptions::with_threads(2)).unwrap();
     let dir = common::scratch("images");
     let (good, bad) = write_images(&dir);
     let mut paths = Vec::new();

@@ -197,14 +197,7 @@ fn onnxruntime_matches_the_engine_on_every_eval_case() {
     for case in &all {
         let sd = case_weights(&weights, &tensors, case);
         let model = ExportedModel::from_state_dict(&sd, &space, &case.arch).unwrap();
-        let engine = Engine::new(
-            &model,
-            EngineOptions {
-                threads: 2,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let engine = Engine::new(&model, EngineOptions::with_threads(2)).unwrap();
         let input = at_resolution(&tensors[&format!("{}.input", case.name)], case.arch.resolution);
         let want = engine.run(&input).unwrap();
         // Batch 1 per sample (the default export), then the whole batch through the dynamic-batch export.
@@ -266,14 +259,7 @@ fn paper_genes_match_the_engine() {
     let r = arch.resolution;
     let mut rng = SplitMix::new(3);
     let input = Tensor::new(vec![1, 3, r, r], (0..3 * r * r).map(|_| rng.uniform()).collect());
-    let engine = Engine::new(
-        &model,
-        EngineOptions {
-            threads: 2,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let engine = Engine::new(&model, EngineOptions::with_threads(2)).unwrap();
     let want = engine.run(&input).unwrap();
     let got = run_ort(&tmp, &path, &input);
     let (err, ok) = compare(&got, &want);

@@ -473,13 +473,7 @@ pub fn measure_latency_stat(
     stat: Statistic,
 ) -> Result<f64> {
     let model = ExportedModel::from_state_dict(sd, space, arch)?;
-    let engine = Engine::new(
-        &model,
-        EngineOptions {
-            threads,
-            ..Default::default()
-        },
-    )?;
+    let engine = Engine::new(&model, EngineOptions::with_threads(threads))?;
     let (c, r) = (space.in_channels, arch.resolution);
     let n = c * r * r;
     let x = InferTensor::new(

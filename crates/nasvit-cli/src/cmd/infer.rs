@@ -26,14 +26,8 @@ pub struct InferArgs {
 }
 
 pub fn run(args: InferArgs) -> anyhow::Result<()> {
-    let engine = Engine::load(
-        &args.model,
-        EngineOptions {
-            threads: args.threads,
-            ..Default::default()
-        },
-    )
-    .with_context(|| format!("loading the model {}", args.model.display()))?;
+    let engine = Engine::load(&args.model, EngineOptions::with_threads(args.threads))
+        .with_context(|| format!("loading the model {}", args.model.display()))?;
     let results = classify(&engine, &args.images, args.top);
     let mut failed = 0;
     for (path, result) in args.images.iter().zip(results) {
