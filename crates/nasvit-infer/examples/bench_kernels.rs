@@ -113,16 +113,28 @@ fn main() {
     time("bias + swish 602k", n, "elem", || {
         kernels::bias_act(&mut x, 3136, None, Act::Swish, par)
     });
-    let mut a: Vec<f32> = (0..8 * 196 * 196).map(|i| ((i * 37) % 11) as f32 * 0.1 - 0.5).collect();
-    let n = a.len() as f64;
-    time("softmax 8x196 rows of 196", n, "elem", || {
-        kernels::softmax_rows(&mut a, 196, par)
-    });
-    let mut a: Vec<f32> = (0..24 * 49 * 49).map(|i| ((i * 37) % 11) as f32 * 0.1 - 0.5).collect();
-    let n = a.len() as f64;
-    time("softmax 24x49 rows of 49", n, "elem", || {
-        kernels::softmax_rows(&mut a, 49, par)
-    });
+    // Attention probabilities (scores, talking-head mixes, softmax) of the max subnet's 14x14 and 7x7 stages.
+    for (h, side) in [(9, 14), (23, 7)] {
+        let tn = side * side;
+        let m = 2 * side - 1;
+        let val = |n: usize| -> Vec<f32> { (0..n).map(|i| ((i * 37) % 11) as f32 * 0.1 - 0.5).collect() };
+        let (q, k, rev) = (val(h * 8 * tn), val(h * 8 * tn), val(h * m * m));
+        let (wl, bl, ww, bw) = (val(h * h), val(h), val(h * h), val(h));
+        let th = kernels::TalkingHeads {
+            heads: h,
+            head_dim: 8,
+            rpb: kernels::Rpb::Table { rev: &rev, side },
+            wl: &wl,
+            bl: &bl,
+            ww: &ww,
+            bw: &bw,
+        };
+        let mut out = vec![0.0; tn * h * tn];
+        let macs = (h * tn * tn * (8 + 2 * h)) as f64;
+        time(&format!("attention probs {h} heads, {tn} tokens"), macs, "MAC", || {
+            kernels::attention_probs(&th, &q, &k, tn, &mut out, par)
+        });
+    }
     let t: Vec<f32> = (0..192 * 196).map(|i| ((i * 37) % 11) as f32 * 0.1 - 0.5).collect();
     let mut u = vec![0.0; t.len()];
     let (gm, bt) = (vec![1.0; 192], vec![0.0; 192]);

@@ -176,7 +176,8 @@ struct TfLayer {
     /// `[h, T, T]`, T = tokens per window; or, when it is a function of the offset (always for exported models),
     /// its compact table (`kernels::Rpb::Table`), which stays in cache where the dense one streams from memory.
     rpb: Vec<f32>,
-    rpb_compact: bool,
+    /// The window side when `rpb` is the table.
+    rpb_side: Option<usize>,
     proj_l: Linear,
     proj_w: Linear,
     /// Rows already multiplied by `g_a`.
@@ -348,9 +349,9 @@ impl Engine {
                         let ga = take(model, &format!("{p}.scale_attn"))?;
                         let dense = take(model, &format!("{p}.attn.rpb"))?;
                         let tw = grid * grid / windows;
-                        let (rpb, rpb_compact) = match kernels::rpb_table(&dense, heads, tw) {
-                            Some(t) => (t, true),
-                            None => (dense, false),
+                        let (rpb, rpb_side) = match kernels::rpb_table(&dense, heads, tw) {
+                            Some(t) => (t, Some((tw as f64).sqrt().round() as usize)),
+                            None => (dense, None),
                         };
                         let gm = take(model, &format!("{p}.scale_mlp"))?;
                         let mlp = |m: &str| -> Result<Mlp> {
@@ -387,7 +388,7 @@ impl Engine {
                             .for_gemm(),
                             vconv: take(model, &format!("{p}.attn.vconv.weight"))?,
                             rpb,
-                            rpb_compact,
+                            rpb_side,
                             proj_l: linear(model, &format!("{p}.attn.proj_l"), true)?,
                             proj_w: linear(model, &format!("{p}.attn.proj_w"), true)?,
                             proj: scale_rows(linear(model, &format!("{p}.attn.proj"), true)?, &ga).for_gemm(),
@@ -775,19 +776,14 @@ impl TfLayer {
         let h = self.heads;
         let tt = tn * tn;
         let dv = V_EXPAND * HEAD_DIM;
-        let serial = Par { threads: 1 };
         // Probabilities `[query, head, key]`.
         let mut a = ar.take(h * tt);
         let th = kernels::TalkingHeads {
             heads: h,
             head_dim: HEAD_DIM,
-            rpb: if self.rpb_compact {
-                kernels::Rpb::Table {
-                    rev: &self.rpb,
-                    side: (tn as f64).sqrt().round() as usize,
-                }
-            } else {
-                kernels::Rpb::Dense(&self.rpb)
+            rpb: match self.rpb_side {
+                Some(side) => kernels::Rpb::Table { rev: &self.rpb, side },
+                None => kernels::Rpb::Dense(&self.rpb),
             },
             wl: &self.proj_l.w,
             bl: self.proj_l.b.as_deref().unwrap_or(&[]),
@@ -807,7 +803,7 @@ impl TfLayer {
                         rs: 1,
                         cs: h * tn,
                     };
-                    kernels::matmul(dv, tn, tn, vj, aj, oj, tn, false, serial);
+                    kernels::matmul(dv, tn, tn, vj, aj, oj, tn, false);
                 })
         });
         ar.put(a);

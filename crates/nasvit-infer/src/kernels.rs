@@ -189,15 +189,6 @@ pub struct Par {
 }
 
 impl Par {
-    fn gemm(self, work: usize) -> gemm::Parallelism {
-        // Small products lose more to the fork/join than they gain.
-        if self.threads > 1 && work >= 1 << 16 {
-            gemm::Parallelism::Rayon(self.threads)
-        } else {
-            gemm::Parallelism::None
-        }
-    }
-
     /// Minimum items per rayon task so that tiny loops are not split.
     fn min_len(self, items: usize, item_cost: usize) -> usize {
         if self.threads <= 1 {
@@ -227,8 +218,9 @@ impl<'a> Mat<'a> {
     }
 }
 
-/// `dst[m, n] (+)= a[m, k] x b[k, n]`, dst row-major with leading dimension `ldd`.
-pub fn matmul(m: usize, n: usize, k: usize, a: Mat, b: Mat, dst: &mut [f32], ldd: usize, accumulate: bool, par: Par) {
+/// `dst[m, n] (+)= a[m, k] x b[k, n]`, dst row-major with leading dimension `ldd`, on the calling thread (callers
+/// split the work across threads themselves, see `linear`).
+pub fn matmul(m: usize, n: usize, k: usize, a: Mat, b: Mat, dst: &mut [f32], ldd: usize, accumulate: bool) {
     if m == 0 || n == 0 {
         return;
     }
@@ -264,7 +256,7 @@ pub fn matmul(m: usize, n: usize, k: usize, a: Mat, b: Mat, dst: &mut [f32], ldd
             false,
             false,
             false,
-            par.gemm(m * n * k),
+            gemm::Parallelism::None,
         );
     }
 }
@@ -338,7 +330,6 @@ pub fn linear(
     };
     // Columns per block: about 128 KiB of output, at least 64 columns.
     let cols = ((1 << 15) / rows.max(1)).max(64).div_ceil(16) * 16;
-    let serial = Par { threads: 1 };
     let run = |r0: usize, o: &mut [f32]| {
         let m = o.len() / n;
         let wr = Mat {
@@ -348,17 +339,7 @@ pub fn linear(
         let mut c0 = 0;
         while c0 < n {
             let nb = cols.min(n - c0);
-            matmul(
-                m,
-                nb,
-                cin,
-                wr,
-                Mat::rows(&x[c0..], n),
-                &mut o[c0..],
-                n,
-                accumulate,
-                serial,
-            );
+            matmul(m, nb, cin, wr, Mat::rows(&x[c0..], n), &mut o[c0..], n, accumulate);
             if bias.is_some() || act != Act::None {
                 for (i, row) in o.chunks_exact_mut(n).enumerate() {
                     act_row(&mut row[c0..c0 + nb], bias.map_or(0.0, |b| b[r0 + i]), act);
@@ -922,10 +903,6 @@ fn dot_impl(a: &[f32], b: &[f32], fma: bool) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-multiversion! {
-    pub fn dot(a: &[f32], b: &[f32]) -> f32 = dot_impl;
-}
-
 /// Rows `o0 .. o0 + y.len()` of `act(w x + b)`.
 #[inline(always)]
 fn matvec_rows_impl(
@@ -1036,17 +1013,6 @@ fn softmax_row_impl(row: &mut [f32], fma: bool) {
     for v in row.iter_mut() {
         *v *= inv;
     }
-}
-
-multiversion! {
-    fn softmax_row(row: &mut [f32]) = softmax_row_impl;
-}
-
-/// Softmax over each row of `x: [rows, n]`, in place.
-pub fn softmax_rows(x: &mut [f32], n: usize, par: Par) {
-    let rows = x.len() / n;
-    let ml = par.min_len(rows, n * 4);
-    x.par_chunks_mut(n).with_min_len(ml).for_each(softmax_row);
 }
 
 /// The relative position bias of attention over a `side x side` grid of tokens.
