@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use nasvit_infer::kernels::{self, Act, ConvGeom, Par};
+use nasvit_infer::kernels::{self, nhwc, Act, ConvGeom, Par};
 
 fn time(name: &str, work: f64, unit: &str, mut f: impl FnMut()) {
     f();
@@ -64,6 +64,10 @@ fn main() {
                 par,
             )
         });
+        // The same product channel-minor (`[n, cin] x [cin, cout]`), as the MBConv stages run it.
+        time(&format!("1x1 nhwc {cout}x{cin} n {n} + swish"), macs, "MAC", || {
+            nhwc::pointwise(&w, Some(&b), cin, cout, &x, n, &mut out, false, Act::Swish, par)
+        });
     }
     for (c, h, k, s, act) in [
         (192, 56, 5, 1, Act::Swish),
@@ -87,6 +91,10 @@ fn main() {
         let macs = (c * ho * wo * k * k) as f64;
         time(&format!("dw c{c} {h}x{h} k{k} s{s} {act:?}"), macs, "MAC", || {
             kernels::dwconv(&x, c, g, &w, Some(&b), &mut out, act, par)
+        });
+        let wt = nhwc::dw_weights(&w, c, k * k);
+        time(&format!("dw nhwc c{c} {h}x{h} k{k} s{s} {act:?}"), macs, "MAC", || {
+            nhwc::dwconv(&x, c, g, &wt, Some(&b), &mut out, act, par)
         });
     }
     {

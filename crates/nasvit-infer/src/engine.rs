@@ -19,7 +19,7 @@ use rayon::prelude::*;
 
 use crate::error::{InferError, Result};
 use crate::export::{ExportedModel, Preprocess};
-use crate::kernels::{self, Act, Arena, ConvGeom, Mat, Par};
+use crate::kernels::{self, nhwc, Act, Arena, ConvGeom, Mat, Par};
 use crate::resize::bicubic;
 use crate::state::Tensor;
 
@@ -96,6 +96,18 @@ impl Linear {
         self
     }
 
+    /// The layout for a planar product `W[cout, cin] x X[cin, N]` (token linears, the head): row-major where the
+    /// engine's own AVX-512 GEMM runs, which reads each weight row as one sequential stream (the column-major
+    /// weight was read at a stride of `cout` floats, one cache miss per step while the weights are cold: the qkv
+    /// GEMM ran at a third of its warm speed), column-major for the `gemm` crate elsewhere.
+    fn for_planar(self) -> Self {
+        if kernels::own_gemm() {
+            self
+        } else {
+            self.for_gemm()
+        }
+    }
+
     fn mat(&self) -> Mat<'_> {
         if self.col_major {
             Mat::cols(&self.w, self.cout)
@@ -149,7 +161,8 @@ struct MbConv {
     cout: usize,
     geom: ConvGeom,
     expand: Option<Linear>,
-    dw_w: Vec<f32>,
+    /// Tap-major `[k*k, cmid]` (`nhwc::dw_weights`).
+    dw_wt: Vec<f32>,
     dw_b: Vec<f32>,
     se: Option<(Linear, Linear)>,
     project: Linear,
@@ -252,6 +265,25 @@ fn linear(model: &ExportedModel, prefix: &str, bias: bool) -> Result<Linear> {
     })
 }
 
+/// Sets this thread's floating-point mode to flush denormal results and inputs to zero (x86 MXCSR FTZ + DAZ; a
+/// no-op elsewhere). The engine's worker threads run with it: with the supernet's initial layer scales (1e-4)
+/// products fall into the denormal range, where every Intel core takes a microcode assist per operation (the
+/// engine ran 1.4x slower than onnxruntime on a Xeon because of it, and level with it on an EPYC). Values below
+/// 1.2e-38 become 0, far under the tolerances the engine is held to.
+pub fn flush_denormals() {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let mut csr: u32 = 0;
+        // SAFETY: stmxcsr / ldmxcsr read and write only the 4-byte local `csr` and this thread's MXCSR; the bits
+        // set change how later float operations of this thread round denormals, nothing about memory.
+        unsafe {
+            std::arch::asm!("stmxcsr [{}]", in(reg) &mut csr, options(nostack, preserves_flags));
+            csr |= (1 << 15) | (1 << 6);
+            std::arch::asm!("ldmxcsr [{}]", in(reg) &csr, options(nostack, preserves_flags));
+        }
+    }
+}
+
 /// Multiplies row `o` of a (row-major) linear, weight and bias, by `s[o]`.
 fn scale_rows(mut l: Linear, s: &[f32]) -> Linear {
     assert!(!l.col_major);
@@ -276,6 +308,7 @@ impl Engine {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("nasvit-infer-{i}"))
+            .start_handler(|_| flush_denormals())
             .build()
             .map_err(|e| InferError::Threads(e.to_string()))?;
         let sh = SubnetShape::new(&model.space, &model.arch);
@@ -310,7 +343,7 @@ impl Engine {
                         } else {
                             Some(linear(model, &format!("{p}.expand"), true)?.for_gemm())
                         },
-                        dw_w: take(model, &format!("{p}.dw.weight"))?,
+                        dw_wt: nhwc::dw_weights(&take(model, &format!("{p}.dw.weight"))?, cmid, kernel * kernel),
                         dw_b: take(model, &format!("{p}.dw.bias"))?,
                         se: match se_mid {
                             Some(_) => Some((
@@ -357,8 +390,8 @@ impl Engine {
                         let mlp = |m: &str| -> Result<Mlp> {
                             Ok(Mlp {
                                 hidden: mlp_ratio * c,
-                                fc1: linear(model, &format!("{p}.{m}.fc1"), true)?.for_gemm(),
-                                fc2: scale_rows(linear(model, &format!("{p}.{m}.fc2"), true)?, &gm).for_gemm(),
+                                fc1: linear(model, &format!("{p}.{m}.fc1"), true)?.for_planar(),
+                                fc2: scale_rows(linear(model, &format!("{p}.{m}.fc2"), true)?, &gm).for_planar(),
                                 dw: if mlp_dwconv {
                                     Some(take(model, &format!("{p}.{m}.dw.weight"))?)
                                 } else {
@@ -385,13 +418,13 @@ impl Engine {
                                 cout: (2 + V_EXPAND) * c,
                                 cin: c,
                             }
-                            .for_gemm(),
+                            .for_planar(),
                             vconv: take(model, &format!("{p}.attn.vconv.weight"))?,
                             rpb,
                             rpb_side,
                             proj_l: linear(model, &format!("{p}.attn.proj_l"), true)?,
                             proj_w: linear(model, &format!("{p}.attn.proj_w"), true)?,
-                            proj: scale_rows(linear(model, &format!("{p}.attn.proj"), true)?, &ga).for_gemm(),
+                            proj: scale_rows(linear(model, &format!("{p}.attn.proj"), true)?, &ga).for_planar(),
                             mlp1: mlp("mlp1")?,
                             mlp2: mlp("mlp2")?,
                         }))
@@ -414,7 +447,7 @@ impl Engine {
                 stride: sh.stem_stride,
             },
             stages,
-            head_expand: linear(model, "head.expand", true)?.for_gemm(),
+            head_expand: linear(model, "head.expand", true)?.for_planar(),
             head_mix: linear(model, "head.mix", false)?,
             classifier: linear(model, "classifier", true)?,
             threads,
@@ -546,52 +579,99 @@ impl Engine {
         if let Some(t) = taps {
             t.push(("stem".into(), vec![ch, side, side], cur.clone()));
         }
+        // MBConv blocks run channel-minor (`[H*W, C]`), transformer layers on planar tokens (`[C, N]`): `cur` is
+        // transposed where the kind of block changes (once per stage at most, on maps of 14x14 or smaller after
+        // the stem).
+        let mut channel_minor = false;
+        let relayout = |cur: &mut Vec<f32>, ch: usize, hw: usize, to_minor: bool| {
+            pr.time("relayout", || {
+                let mut t = ar.take(ch * hw);
+                if to_minor {
+                    nhwc::transpose_par(cur, ch, hw, &mut t, par);
+                } else {
+                    nhwc::transpose_par(cur, hw, ch, &mut t, par);
+                }
+                ar.put(std::mem::replace(cur, t));
+            })
+        };
         for (name, blocks) in &self.stages {
             for b in blocks {
                 match b {
                     Block::Mb(m) => {
+                        if !channel_minor {
+                            relayout(&mut cur, ch, side * side, true);
+                            channel_minor = true;
+                        }
                         let (out, s) = m.forward(&cur, par, ar, pr);
                         ar.put(std::mem::replace(&mut cur, out));
                         side = s;
                         ch = m.cout;
                     }
-                    Block::Tf(t) => t.forward(&mut cur, par, ar, pr),
+                    Block::Tf(t) => {
+                        if channel_minor {
+                            relayout(&mut cur, ch, side * side, false);
+                            channel_minor = false;
+                        }
+                        t.forward(&mut cur, par, ar, pr)
+                    }
                 }
             }
             if let Some(t) = taps {
-                t.push((name.clone(), vec![ch, side, side], cur.clone()));
+                let data = if channel_minor {
+                    let mut planar = vec![0.0; cur.len()];
+                    nhwc::transpose(&cur, side * side, ch, &mut planar);
+                    planar
+                } else {
+                    cur.clone()
+                };
+                t.push((name.clone(), vec![ch, side, side], data));
             }
         }
         let hw = side * side;
-        pr.time("head", || {
-            let e = self.head_expand.run(&cur, hw, Act::Swish, par, ar);
-            let pooled = kernels::row_means(&e, hw);
-            ar.put(e);
-            ar.put(cur);
-            let mixed = self.head_mix.matvec(&pooled, Act::Swish, par);
-            self.classifier.matvec(&mixed, Act::None, par)
-        })
+        if channel_minor {
+            relayout(&mut cur, ch, hw, false);
+        }
+        let e = pr.time("head.expand", || self.head_expand.run(&cur, hw, Act::Swish, par, ar));
+        let pooled = kernels::row_means(&e, hw);
+        ar.put(e);
+        ar.put(cur);
+        let mixed = pr.time("head.mix", || self.head_mix.matvec(&pooled, Act::Swish, par));
+        pr.time("head.classifier", || self.classifier.matvec(&mixed, Act::None, par))
     }
 }
 
 impl MbConv {
-    /// `x: [cin, hin*hin]` -> (`[cout, hout*hout]`, hout).
+    /// Channel-minor: `x: [hin*hin, cin]` -> (`[hout*hout, cout]`, hout).
     fn forward(&self, x: &[f32], par: Par, ar: &Arena, pr: Prof) -> (Vec<f32>, usize) {
         let g = self.geom;
         let hw_in = g.h * g.w;
         let (ho, wo) = g.out();
         let hw = ho * wo;
-        let expanded = self
-            .expand
-            .as_ref()
-            .map(|l| pr.time("mb.expand", || l.run(x, hw_in, Act::Swish, par, ar)));
-        let mut d = ar.take(self.cmid * hw);
+        let expanded = self.expand.as_ref().map(|l| {
+            pr.time("mb.expand", || {
+                let mut e = ar.take(hw_in * self.cmid);
+                nhwc::pointwise(
+                    &l.w,
+                    l.b.as_deref(),
+                    self.cin,
+                    self.cmid,
+                    x,
+                    hw_in,
+                    &mut e,
+                    false,
+                    Act::Swish,
+                    par,
+                );
+                e
+            })
+        });
+        let mut d = ar.take(hw * self.cmid);
         pr.time(if g.stride == 1 { "mb.dw" } else { "mb.dw.s2" }, || {
-            kernels::dwconv(
+            nhwc::dwconv(
                 expanded.as_deref().unwrap_or(x),
                 self.cmid,
                 g,
-                &self.dw_w,
+                &self.dw_wt,
                 Some(&self.dw_b),
                 &mut d,
                 Act::Swish,
@@ -602,15 +682,15 @@ impl MbConv {
             ar.put(e);
         }
         // SE: scale the projection's input channels, or, where that is fewer multiplies (maps larger than the
-        // output width), the projection's weight columns instead.
+        // output width), the projection's weight rows instead.
         let mut scaled_w = None;
         if let Some((reduce, expand)) = &self.se {
             pr.time("mb.se", || {
-                let m = kernels::row_means(&d, hw);
+                let m = nhwc::channel_means(&d, self.cmid);
                 let r = reduce.matvec(&m, Act::Relu, par);
                 let s = expand.matvec(&r, Act::HardSigmoid, par);
                 if self.cout < hw {
-                    // Column-major: input channel i is the contiguous column i.
+                    // `[cmid, cout]`: input channel i is the contiguous row i.
                     let mut w = ar.take(self.cout * self.cmid);
                     for ((wc, pc), &sv) in w
                         .chunks_exact_mut(self.cout)
@@ -623,9 +703,7 @@ impl MbConv {
                     }
                     scaled_w = Some(w);
                 } else {
-                    for (row, &sv) in d.chunks_exact_mut(hw).zip(&s) {
-                        row.iter_mut().for_each(|v| *v *= sv);
-                    }
+                    nhwc::scale_channels(&mut d, &s);
                 }
             });
         }
@@ -633,30 +711,41 @@ impl MbConv {
         // pooled) shortcut is the starting value of the projection's accumulate, not a separate pass.
         let pooled = (g.stride > 1).then(|| {
             let (p, ph, pw) = pr.time("mb.shortcut", || {
-                kernels::avgpool_shortcut(x, self.cin, g.h, g.w, g.stride, ar, par)
+                nhwc::avgpool_shortcut(x, self.cin, g.h, g.w, g.stride, ar)
             });
             debug_assert_eq!((ph, pw), (ho, wo));
             p
         });
         let sc_in = pooled.as_deref().unwrap_or(x);
-        let mut out = ar.take(self.cout * hw);
+        let mut out = ar.take(hw * self.cout);
         let identity = self.shortcut.is_none();
         if identity {
-            out.copy_from_slice(&sc_in[..self.cout * hw]);
+            out.copy_from_slice(&sc_in[..hw * self.cout]);
         }
         pr.time("mb.project", || {
-            let w = scaled_w
-                .as_deref()
-                .map_or(self.project.mat(), |w| Mat::cols(w, self.cout));
+            let w = scaled_w.as_deref().unwrap_or(&self.project.w);
             let b = self.project.b.as_deref();
-            kernels::linear(w, b, self.cout, self.cmid, &d, hw, &mut out, identity, Act::None, par)
+            nhwc::pointwise(w, b, self.cmid, self.cout, &d, hw, &mut out, identity, Act::None, par)
         });
         ar.put(d);
         if let Some(w) = scaled_w {
             ar.put(w);
         }
         if let Some(l) = &self.shortcut {
-            pr.time("mb.shortcut", || l.run_add(sc_in, hw, &mut out, par));
+            pr.time("mb.shortcut", || {
+                nhwc::pointwise(
+                    &l.w,
+                    None,
+                    self.cin,
+                    self.cout,
+                    sc_in,
+                    hw,
+                    &mut out,
+                    true,
+                    Act::None,
+                    par,
+                )
+            });
         }
         if let Some(p) = pooled {
             ar.put(p);

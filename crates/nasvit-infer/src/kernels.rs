@@ -147,6 +147,11 @@ multiversion! {
     pub fn act_row(row: &mut [f32], bias: f32, act: Act) = act_row_impl;
 }
 
+// After the macro: it is in scope for the module by text order.
+#[cfg(target_arch = "x86_64")]
+mod gemm512;
+pub mod nhwc;
+
 /// Reused activation buffers. Fresh large `Vec`s are mmapped and page-faulted in on every run (measured at 7% of
 /// batch-1 time), so a forward pass takes its buffers from here and gives them back.
 #[derive(Default)]
@@ -218,6 +223,19 @@ impl<'a> Mat<'a> {
     }
 }
 
+/// Whether `matmul` runs the engine's own AVX-512 kernel (`gemm512`) when `b` is row-major, rather than the
+/// `gemm` crate.
+pub fn own_gemm() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// `dst[m, n] (+)= a[m, k] x b[k, n]`, dst row-major with leading dimension `ldd`, on the calling thread (callers
 /// split the work across threads themselves, see `linear`).
 pub fn matmul(m: usize, n: usize, k: usize, a: Mat, b: Mat, dst: &mut [f32], ldd: usize, accumulate: bool) {
@@ -233,6 +251,28 @@ pub fn matmul(m: usize, n: usize, k: usize, a: Mat, b: Mat, dst: &mut [f32], ldd
                 dst[i * ldd..i * ldd + n].fill(0.0);
             }
         }
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if b.cs == 1 && own_gemm() {
+        // SAFETY: the CPU has AVX-512F; the asserts above keep every index of a (rows i < m at stride rs, columns
+        // p < k at stride cs), b (row-major, row stride rs) and dst (row-major, ldd) inside the three slices, and
+        // `dst` is a unique borrow, so it overlaps neither input.
+        unsafe {
+            gemm512::gemm(
+                m,
+                n,
+                k,
+                a.data.as_ptr(),
+                a.rs,
+                a.cs,
+                b.data.as_ptr(),
+                b.rs,
+                dst.as_mut_ptr(),
+                ldd,
+                accumulate,
+            )
+        };
         return;
     }
     // SAFETY: the asserts above keep every index the kernel touches inside the three slices.
@@ -1348,6 +1388,56 @@ mod tests {
             let mut portable = vec![0.0; c * ho * wo];
             dw_planes_impl(&x, &w, None, g, &mut portable, Act::None, false);
             assert_eq!(portable, out, "portable h {h} k {k} s {s}");
+        }
+    }
+
+    #[test]
+    fn matmul_tiles_match_naive() {
+        // Every tile shape of the AVX-512 kernel (row tiles of 16/12/8, 4 and 1; panels of 1..3 vectors, masked
+        // tails) and the `gemm` crate's path (b column-major), with a at both strides, accumulate or not.
+        for m in [1, 3, 4, 7, 8, 9, 12, 13, 16, 17, 21] {
+            for n in [1, 8, 15, 16, 17, 33, 47, 48, 49, 97] {
+                for k in [1, 5, 16] {
+                    let a = values(m * k, 1);
+                    let b = values(k * n, 2);
+                    let start = values(m * n, 3);
+                    let mut bt = vec![0.0; k * n];
+                    for p in 0..k {
+                        for j in 0..n {
+                            bt[j * k + p] = b[p * n + j];
+                        }
+                    }
+                    let mut at = vec![0.0; m * k];
+                    for i in 0..m {
+                        for p in 0..k {
+                            at[p * m + i] = a[i * k + p];
+                        }
+                    }
+                    for acc in [false, true] {
+                        let mut want = if acc { start.clone() } else { vec![0.0; m * n] };
+                        for i in 0..m {
+                            for j in 0..n {
+                                let s: f64 = (0..k).map(|p| a[i * k + p] as f64 * b[p * n + j] as f64).sum();
+                                want[i * n + j] += s as f32;
+                            }
+                        }
+                        for (am, bm) in [
+                            (Mat::rows(&a, k), Mat::rows(&b, n)),
+                            (Mat::cols(&at, m), Mat::rows(&b, n)),
+                            (Mat::rows(&a, k), Mat::cols(&bt, k)),
+                        ] {
+                            let mut got = start.clone();
+                            matmul(m, n, k, am, bm, &mut got, n, acc);
+                            for (g, w) in got.iter().zip(&want) {
+                                assert!(
+                                    (g - w).abs() <= 1e-5 * w.abs().max(1.0),
+                                    "m {m} n {n} k {k}: {g} vs {w}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
         }
     }
 

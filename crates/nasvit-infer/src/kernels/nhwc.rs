@@ -1,0 +1,748 @@
+//! Kernels on channel-minor buffers `[H*W, C]` (NHWC, one sample): the MBConv stages.
+//!
+//! Why a second layout: in the planar `[C, H*W]` layout a depthwise conv vectorises along a row of one channel,
+//! which is short on the 14x14 .. 7x7 maps and strided at stride 2. Channel-minor, a depthwise tap is a vector
+//! FMA over 16 neighbouring channels, whatever the map size or stride (onnxruntime's NCHW16c does the same), and
+//! a 1x1 conv is `X[N, Cin] x Wt[Cin, Cout]`, split across threads by whole pixel rows: each thread reads and
+//! writes contiguous slices. The transformer layers keep the planar token layout; the engine transposes the (small)
+//! maps where the two meet.
+
+use rayon::prelude::*;
+
+use super::{act_row_impl, apply_impl, madd, matmul, Act, Arena, ConvGeom, Mat, Par};
+
+/// `out[cols, rows] = x[rows, cols]^T`.
+pub fn transpose(x: &[f32], rows: usize, cols: usize, out: &mut [f32]) {
+    transpose_cols(x, rows, cols, 0, &mut out[..rows * cols]);
+}
+
+/// `transpose` split by columns of `x` (rows of `out`, contiguous) across threads: the stem's output is 200k values.
+pub fn transpose_par(x: &[f32], rows: usize, cols: usize, out: &mut [f32], par: Par) {
+    if rows * cols < 1 << 16 || par.threads <= 1 || cols < 2 {
+        return transpose(x, rows, cols, out);
+    }
+    let per = cols.div_ceil(par.threads);
+    out[..rows * cols]
+        .par_chunks_mut(per * rows)
+        .enumerate()
+        .for_each(|(t, o)| transpose_cols(x, rows, cols, t * per, o));
+}
+
+/// Rows `c0 ..` of `x^T` (as many as `out` holds): 8 rows of `x` are read side by side and each output row gets
+/// 8 consecutive values at a time.
+fn transpose_cols(x: &[f32], rows: usize, cols: usize, c0: usize, out: &mut [f32]) {
+    assert!(x.len() >= rows * cols && out.len().is_multiple_of(rows.max(1)));
+    let n = out.len() / rows.max(1);
+    assert!(c0 + n <= cols);
+    let mut r0 = 0;
+    while r0 + 8 <= rows {
+        let src: [&[f32]; 8] = std::array::from_fn(|i| &x[(r0 + i) * cols + c0..(r0 + i) * cols + c0 + n]);
+        for (j, dst) in out.chunks_exact_mut(rows).enumerate() {
+            let v: [f32; 8] = std::array::from_fn(|i| src[i][j]);
+            dst[r0..r0 + 8].copy_from_slice(&v);
+        }
+        r0 += 8;
+    }
+    for r in r0..rows {
+        let src = &x[r * cols + c0..r * cols + c0 + n];
+        for (dst, &v) in out.chunks_exact_mut(rows).zip(src) {
+            dst[r] = v;
+        }
+    }
+}
+
+/// `row[i] = act(row[i] + bias[i])` for each row of `x: [rows, c]`.
+#[inline(always)]
+fn bias_act_rows_impl(x: &mut [f32], c: usize, bias: Option<&[f32]>, act: Act, fma: bool) {
+    match bias {
+        Some(b) => {
+            let b = &b[..c];
+            for row in x.chunks_exact_mut(c) {
+                // Plain loops per activation (see `act_row_impl`): the match outside, the vector loop inside.
+                match act {
+                    Act::None => {
+                        for (v, &bv) in row.iter_mut().zip(b) {
+                            *v += bv;
+                        }
+                    }
+                    Act::Swish => {
+                        for (v, &bv) in row.iter_mut().zip(b) {
+                            *v = apply_impl(Act::Swish, *v + bv, fma);
+                        }
+                    }
+                    _ => {
+                        for (v, &bv) in row.iter_mut().zip(b) {
+                            *v = apply_impl(act, *v + bv, fma);
+                        }
+                    }
+                }
+            }
+        }
+        None => act_row_impl(x, 0.0, act, fma),
+    }
+}
+
+multiversion! {
+    fn bias_act_rows(x: &mut [f32], c: usize, bias: Option<&[f32]>, act: Act) = bias_act_rows_impl;
+}
+
+/// A 1x1 conv on `x: [n, cin]`: `out[n, cout] = act(x wt + bias)` with `wt: [cin, cout]` (the engine's
+/// column-major GEMM weight), or with `accumulate`, `out += x wt + bias` (then `act` must be `None`).
+///
+/// Threads take contiguous ranges of pixels; each walks its range in blocks of about 64 KiB of output and applies
+/// bias and activation to a block right after its GEMM, while it is in cache.
+pub fn pointwise(
+    wt: &[f32],
+    bias: Option<&[f32]>,
+    cin: usize,
+    cout: usize,
+    x: &[f32],
+    n: usize,
+    out: &mut [f32],
+    accumulate: bool,
+    act: Act,
+    par: Par,
+) {
+    assert!(!accumulate || act == Act::None, "an activation after an accumulate");
+    assert!(wt.len() >= cin * cout && x.len() >= n * cin && out.len() >= n * cout);
+    assert!(bias.is_none_or(|b| b.len() >= cout));
+    if n == 0 || cout == 0 {
+        return;
+    }
+    let out = &mut out[..n * cout];
+    let block = ((1 << 14) / cout).clamp(16, 512);
+    let run = |p0: usize, o: &mut [f32]| {
+        let m = o.len() / cout;
+        let mut i = 0;
+        while i < m {
+            let nb = block.min(m - i);
+            let ob = &mut o[i * cout..(i + nb) * cout];
+            matmul(
+                nb,
+                cout,
+                cin,
+                Mat::rows(&x[(p0 + i) * cin..], cin),
+                Mat::rows(wt, cout),
+                ob,
+                cout,
+                accumulate,
+            );
+            if bias.is_some() || act != Act::None {
+                bias_act_rows(ob, cout, bias, act);
+            }
+            i += nb;
+        }
+    };
+    // Below ~100k MACs a fork/join costs more than it saves.
+    let tasks = if par.threads > 1 && n * cin * cout >= 1 << 17 {
+        par.threads.min(n.div_ceil(16))
+    } else {
+        1
+    };
+    if tasks == 1 {
+        run(0, out);
+        return;
+    }
+    let per = n.div_ceil(tasks);
+    out.par_chunks_mut(per * cout)
+        .enumerate()
+        .for_each(|(t, o)| run(t * per, o));
+}
+
+/// One output row's depthwise block: `R` neighbouring output pixels x `L` channels from `c0`, accumulated in
+/// registers over the taps of the rows `kys` (the ones inside the map) and all `k` columns, which the caller
+/// guarantees are inside the map for every pixel of the block (`ix0`: input column of tap kx = 0 of pixel 0).
+#[inline(always)]
+fn dw_block<const R: usize, const L: usize>(
+    x: &[f32],
+    wt: &[f32],
+    c: usize,
+    w_in: usize,
+    k: usize,
+    s: usize,
+    iy0: usize,
+    kys: (usize, usize),
+    ix0: usize,
+    c0: usize,
+    init: &[f32; L],
+    fma: bool,
+) -> [[f32; L]; R] {
+    let mut acc = [*init; R];
+    if kys.0 >= kys.1 {
+        return acc;
+    }
+    // Largest index read: the last valid row, the last column of the last pixel, channel c0 + L - 1.
+    let last_x = ((iy0 + kys.1 - 1) * w_in + ix0 + (R - 1) * s + k - 1) * c + c0 + L;
+    let last_w = (kys.1 * k - 1) * c + c0 + L;
+    assert!(last_x <= x.len() && last_w <= wt.len());
+    let (xp, wp) = (x.as_ptr(), wt.as_ptr());
+    for ky in kys.0..kys.1 {
+        let row = (iy0 + ky) * w_in;
+        for kx in 0..k {
+            let wo = (ky * k + kx) * c + c0;
+            // SAFETY: ky < kys.1 and kx < k, so wo + L <= last_w <= wt.len() by the assert above. Whole arrays
+            // (unaligned reads), not slices: with slices LLVM left the L lanes as scalar FMAs.
+            let wv: [f32; L] = unsafe { std::ptr::read_unaligned(wp.add(wo) as *const [f32; L]) };
+            for (r, a) in acc.iter_mut().enumerate() {
+                let xo = (row + ix0 + r * s + kx) * c + c0;
+                // SAFETY: ky < kys.1, r < R and kx < k, so xo + L <= last_x <= x.len() by the assert above.
+                let xv: [f32; L] = unsafe { std::ptr::read_unaligned(xp.add(xo) as *const [f32; L]) };
+                for i in 0..L {
+                    a[i] = madd(fma, wv[i], xv[i], a[i]);
+                }
+            }
+        }
+    }
+    acc
+}
+
+/// Output rows `oy0 ..` of a depthwise conv (as many as `out` holds), channel-minor.
+#[inline(always)]
+fn dw_rows_impl(
+    x: &[f32],
+    c: usize,
+    g: ConvGeom,
+    wt: &[f32],
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    oy0: usize,
+    act: Act,
+    fma: bool,
+) {
+    let (ho, wo) = g.out();
+    let (k, s, p) = (g.k, g.stride, g.k / 2);
+    // Output columns whose k taps all fall inside the map: [ox_lo, ox_hi).
+    let ox_lo = p.div_ceil(s).min(wo);
+    let ox_hi = if g.w + p >= k {
+        ((g.w + p - k) / s + 1).min(wo)
+    } else {
+        0
+    }
+    .max(ox_lo);
+    let zero = [0.0f32; 16];
+    for (dy, orow) in out.chunks_exact_mut(wo * c).enumerate() {
+        let oy = oy0 + dy;
+        if oy >= ho {
+            break;
+        }
+        // Taps rows inside the map: iy = oy s - p + ky in [0, h).
+        let ky0 = p.saturating_sub(oy * s);
+        let ky1 = (g.h + p).saturating_sub(oy * s).min(k).max(ky0);
+        // The blocks count tap rows from ky0 (input row iy_base), so that every index stays unsigned.
+        let (iy_base, kys) = (oy * s + ky0 - p, (0, ky1 - ky0));
+        let wt_rows = &wt[ky0 * k * c..];
+        let mut c0 = 0;
+        while c0 < c {
+            let l = if c - c0 >= 16 {
+                16
+            } else if c - c0 >= 8 {
+                8
+            } else {
+                1
+            };
+            let b: [f32; 16] = match bias {
+                Some(b) => {
+                    let mut v = zero;
+                    v[..l].copy_from_slice(&b[c0..c0 + l]);
+                    v
+                }
+                None => zero,
+            };
+            // Interior pixels in blocks of 4, then singly.
+            let mut ox = ox_lo;
+            macro_rules! interior {
+                ($r:literal, $l:literal) => {{
+                    let init: &[f32; $l] = b[..$l].try_into().expect("lanes");
+                    let acc = dw_block::<$r, $l>(x, wt_rows, c, g.w, k, s, iy_base, kys, ox * s - p, c0, init, fma);
+                    for (r, a) in acc.iter().enumerate() {
+                        let o = (ox + r) * c + c0;
+                        orow[o..o + $l].copy_from_slice(a);
+                    }
+                }};
+            }
+            while ox + 4 <= ox_hi {
+                match l {
+                    16 => interior!(4, 16),
+                    8 => interior!(4, 8),
+                    _ => interior!(4, 1),
+                }
+                ox += 4;
+            }
+            while ox < ox_hi {
+                match l {
+                    16 => interior!(1, 16),
+                    8 => interior!(1, 8),
+                    _ => interior!(1, 1),
+                }
+                ox += 1;
+            }
+            // Border pixels: taps checked one by one (a few pixels per row).
+            for ox in (0..ox_lo).chain(ox_hi..wo) {
+                let mut acc = b;
+                for ky in kys.0..kys.1 {
+                    let iy = iy_base + ky;
+                    for kx in 0..k {
+                        let ix = (ox * s + kx) as isize - p as isize;
+                        if ix < 0 || ix as usize >= g.w {
+                            continue;
+                        }
+                        let xo = (iy * g.w + ix as usize) * c + c0;
+                        let wo = ((ky0 + ky) * k + kx) * c + c0;
+                        for i in 0..l {
+                            acc[i] = madd(fma, wt[wo + i], x[xo + i], acc[i]);
+                        }
+                    }
+                }
+                orow[ox * c + c0..ox * c + c0 + l].copy_from_slice(&acc[..l]);
+            }
+            c0 += l;
+        }
+        // The activation while the row is in L1.
+        if act != Act::None {
+            act_row_impl(orow, 0.0, act, fma);
+        }
+    }
+}
+
+multiversion! {
+    fn dw_rows(
+        x: &[f32],
+        c: usize,
+        g: ConvGeom,
+        wt: &[f32],
+        bias: Option<&[f32]>,
+        out: &mut [f32],
+        oy0: usize,
+        act: Act,
+    ) = dw_rows_impl;
+}
+
+/// Depthwise k x k conv, stride s, padding k/2 on `x: [h*w, c]` with weights `wt: [k*k, c]` (tap-major, see
+/// `dw_weights`): `out[ho*wo, c]`. Threads take contiguous ranges of output rows.
+pub fn dwconv(x: &[f32], c: usize, g: ConvGeom, wt: &[f32], bias: Option<&[f32]>, out: &mut [f32], act: Act, par: Par) {
+    let (ho, wo) = g.out();
+    assert!(g.stride >= 1 && g.k % 2 == 1 && x.len() >= g.h * g.w * c && wt.len() >= g.k * g.k * c);
+    assert!(out.len() >= ho * wo * c && bias.is_none_or(|b| b.len() >= c));
+    if c == 0 || ho * wo == 0 {
+        return;
+    }
+    let out = &mut out[..ho * wo * c];
+    let rows = par.min_len(ho, wo * c * g.k * g.k);
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        out.par_chunks_mut(rows * wo * c).enumerate().for_each(|(i, o)| {
+            for (dy, orow) in o.chunks_exact_mut(wo * c).enumerate() {
+                // SAFETY: the CPU has AVX-512F (checked above); the shapes were checked at the top of this function
+                // and `orow` is one whole output row.
+                unsafe {
+                    match (g.stride, g.k) {
+                        (1, 3) => avx512::dw_row_k::<1, 3>(x, c, g, wt, bias, orow, i * rows + dy),
+                        (1, 5) => avx512::dw_row_k::<1, 5>(x, c, g, wt, bias, orow, i * rows + dy),
+                        (1, 7) => avx512::dw_row_k::<1, 7>(x, c, g, wt, bias, orow, i * rows + dy),
+                        (2, 3) => avx512::dw_row_k::<2, 3>(x, c, g, wt, bias, orow, i * rows + dy),
+                        (2, 5) => avx512::dw_row_k::<2, 5>(x, c, g, wt, bias, orow, i * rows + dy),
+                        (2, 7) => avx512::dw_row_k::<2, 7>(x, c, g, wt, bias, orow, i * rows + dy),
+                        _ => avx512::dw_row(x, c, g, wt, bias, orow, i * rows + dy),
+                    }
+                };
+                if act != Act::None {
+                    // The activation while the row is in L1.
+                    super::act_row(orow, 0.0, act);
+                }
+            }
+        });
+        return;
+    }
+    out.par_chunks_mut(rows * wo * c)
+        .enumerate()
+        .for_each(|(i, o)| dw_rows(x, c, g, wt, bias, o, i * rows, act));
+}
+
+/// The depthwise row in AVX-512 intrinsics. The portable `dw_rows_impl` computes the same, but LLVM turned its
+/// 16-lane blocks into a mix of scalar and short-vector FMAs (measured at 4-10 MAC/ns against 25-40 here).
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::ConvGeom;
+
+    /// `dw_row` for stride `S` and kernel `K`: blocks of 4 pixels across the whole row, border ones included,
+    /// each input vector of a tap row loaded once for all the taps and pixels that read it (`3 S + K` loads for
+    /// `4 K` FMAs); taps outside the map are masked-off loads, which read nothing and give zeros.
+    ///
+    /// # Safety
+    /// As `dw_row`, with `g.stride == S` and `g.k == K`.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn dw_row_k<const S: usize, const K: usize>(
+        x: &[f32],
+        c: usize,
+        g: ConvGeom,
+        wt: &[f32],
+        bias: Option<&[f32]>,
+        orow: &mut [f32],
+        oy: usize,
+    ) {
+        const MAXJ: usize = 3 * 2 + 7;
+        let j_n = 3 * S + K;
+        let (ho, wo) = g.out();
+        let p = K / 2;
+        assert!(g.stride == S && g.k == K && j_n <= MAXJ);
+        assert!(oy < ho && orow.len() == wo * c && x.len() >= g.h * g.w * c && wt.len() >= K * K * c);
+        assert!(bias.is_none_or(|b| b.len() >= c));
+        let ky0 = p.saturating_sub(oy * S);
+        let ky1 = (g.h + p).saturating_sub(oy * S).min(K).max(ky0);
+        let iy0 = oy * S + ky0 - p;
+        let nky = ky1 - ky0;
+        let (xp, op) = (x.as_ptr(), orow.as_mut_ptr());
+        let wp = wt.as_ptr().add(ky0 * K * c);
+        let mut c0 = 0;
+        while c0 < c {
+            let l = (c - c0).min(16);
+            let m: __mmask16 = if l == 16 { 0xFFFF } else { ((1u32 << l) - 1) as u16 };
+            let b = match bias {
+                Some(b) => _mm512_maskz_loadu_ps(m, b.as_ptr().add(c0)),
+                None => _mm512_setzero_ps(),
+            };
+            let mut ox = 0;
+            while ox < wo {
+                // Input column of load j: ix0 + j. Loads outside [0, w) get an all-zero mask.
+                let ix0 = (ox * S) as isize - p as isize;
+                let mut mj = [0 as __mmask16; MAXJ];
+                for (j, mk) in mj.iter_mut().enumerate().take(j_n) {
+                    let ix = ix0 + j as isize;
+                    if ix >= 0 && (ix as usize) < g.w {
+                        *mk = m;
+                    }
+                }
+                let mut a = [b; 4];
+                for ky in 0..nky {
+                    // SAFETY (of the loads): a load with a lane enabled reads x[((iy0 + ky) w + ix) c + ch] with
+                    // iy0 + ky < h, ix in [0, w) and ch < c, inside x; a load whose mask is zero touches no memory
+                    // (its address may be outside x, hence wrapping_offset).
+                    let row = xp.wrapping_add((iy0 + ky) * g.w * c + c0);
+                    let mut xs = [_mm512_setzero_ps(); MAXJ];
+                    for (j, xv) in xs.iter_mut().enumerate().take(j_n) {
+                        *xv = _mm512_maskz_loadu_ps(mj[j], row.wrapping_offset((ix0 + j as isize) * c as isize));
+                    }
+                    for kx in 0..K {
+                        let wv = _mm512_maskz_loadu_ps(m, wp.add((ky * K + kx) * c + c0));
+                        for (r, ar) in a.iter_mut().enumerate() {
+                            *ar = _mm512_fmadd_ps(wv, xs[r * S + kx], *ar);
+                        }
+                    }
+                }
+                // Pixels past the row's end were computed from masked (zero) or in-map loads and are dropped.
+                for (r, ar) in a.iter().enumerate().take((wo - ox).min(4)) {
+                    _mm512_mask_storeu_ps(op.add((ox + r) * c + c0), m, *ar);
+                }
+                ox += 4;
+            }
+            c0 += l;
+        }
+    }
+
+    /// Output row `oy` (`orow: [wo, c]`) of `dwconv`, without activation: each block of 16 channels (the last
+    /// one masked) for 4 neighbouring pixels at a time in registers, pixels next to the border one at a time
+    /// with their taps checked.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F, and the shapes must be those `dwconv` checks: `x: [h*w, c]`, `wt: [k*k, c]`,
+    /// `bias: [c]`, `orow: [wo, c]`, `oy < ho`.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn dw_row(
+        x: &[f32],
+        c: usize,
+        g: ConvGeom,
+        wt: &[f32],
+        bias: Option<&[f32]>,
+        orow: &mut [f32],
+        oy: usize,
+    ) {
+        let (ho, wo) = g.out();
+        let (k, s, p) = (g.k, g.stride, g.k / 2);
+        assert!(oy < ho && orow.len() == wo * c && x.len() >= g.h * g.w * c && wt.len() >= k * k * c);
+        assert!(bias.is_none_or(|b| b.len() >= c));
+        // Tap rows inside the map (iy = oy s - p + ky in [0, h)) and the output columns whose taps all are.
+        let ky0 = p.saturating_sub(oy * s);
+        let ky1 = (g.h + p).saturating_sub(oy * s).min(k).max(ky0);
+        let iy0 = oy * s + ky0 - p;
+        let ox_lo = p.div_ceil(s).min(wo);
+        let ox_hi = if g.w + p >= k {
+            ((g.w + p - k) / s + 1).min(wo)
+        } else {
+            0
+        }
+        .max(ox_lo);
+        let (xp, op) = (x.as_ptr(), orow.as_mut_ptr());
+        let wp = wt.as_ptr().add(ky0 * k * c);
+        let nky = ky1 - ky0;
+        // Every read below is x[((iy0 + ky) w + ix) c + ch] with ky < nky (so iy0 + ky < h), ix in [0, w) and
+        // ch < c; wt[(ky0 + ky) k + kx) c + ch] with kx < k; writes are orow[ox c + ch] with ox < wo: inside the
+        // asserted lengths. Lanes past c are masked off in loads and stores.
+        let mut c0 = 0;
+        while c0 < c {
+            let l = (c - c0).min(16);
+            let m: __mmask16 = if l == 16 { 0xFFFF } else { ((1u32 << l) - 1) as u16 };
+            let b = match bias {
+                Some(b) => _mm512_maskz_loadu_ps(m, b.as_ptr().add(c0)),
+                None => _mm512_setzero_ps(),
+            };
+            let mut ox = ox_lo;
+            while ox + 4 <= ox_hi {
+                let (mut a0, mut a1, mut a2, mut a3) = (b, b, b, b);
+                let ix = ox * s - p;
+                for ky in 0..nky {
+                    let xr = xp.add(((iy0 + ky) * g.w + ix) * c + c0);
+                    let wr = wp.add(ky * k * c + c0);
+                    for kx in 0..k {
+                        let wv = _mm512_maskz_loadu_ps(m, wr.add(kx * c));
+                        let xq = xr.add(kx * c);
+                        a0 = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, xq), a0);
+                        a1 = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, xq.add(s * c)), a1);
+                        a2 = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, xq.add(2 * s * c)), a2);
+                        a3 = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, xq.add(3 * s * c)), a3);
+                    }
+                }
+                let o = op.add(ox * c + c0);
+                _mm512_mask_storeu_ps(o, m, a0);
+                _mm512_mask_storeu_ps(o.add(c), m, a1);
+                _mm512_mask_storeu_ps(o.add(2 * c), m, a2);
+                _mm512_mask_storeu_ps(o.add(3 * c), m, a3);
+                ox += 4;
+            }
+            // The rest: the interior's last pixels and the border ones.
+            for ox in (0..ox_lo).chain(ox..wo) {
+                let mut a = b;
+                for ky in 0..nky {
+                    for kx in 0..k {
+                        let ix = (ox * s + kx) as isize - p as isize;
+                        if ix < 0 || ix as usize >= g.w {
+                            continue;
+                        }
+                        let xv = _mm512_maskz_loadu_ps(m, xp.add(((iy0 + ky) * g.w + ix as usize) * c + c0));
+                        let wv = _mm512_maskz_loadu_ps(m, wp.add((ky * k + kx) * c + c0));
+                        a = _mm512_fmadd_ps(wv, xv, a);
+                    }
+                }
+                _mm512_mask_storeu_ps(op.add(ox * c + c0), m, a);
+            }
+            c0 += l;
+        }
+    }
+}
+
+/// The engine's depthwise weight layout: `[c, k*k]` (PyTorch) -> `[k*k, c]`.
+pub fn dw_weights(w: &[f32], c: usize, kk: usize) -> Vec<f32> {
+    let mut t = vec![0.0; c * kk];
+    transpose(w, c, kk, &mut t);
+    t
+}
+
+#[inline(always)]
+fn channel_means_impl(x: &[f32], c: usize, _fma: bool) -> Vec<f32> {
+    let mut m = vec![0.0f32; c];
+    let rows = x.len() / c.max(1);
+    for row in x.chunks_exact(c) {
+        for (a, &v) in m.iter_mut().zip(row) {
+            *a += v;
+        }
+    }
+    let inv = 1.0 / rows.max(1) as f32;
+    m.iter_mut().for_each(|v| *v *= inv);
+    m
+}
+
+multiversion! {
+    /// Mean over the pixels of `x: [n, c]`, per channel (the SE squeeze, the global pool).
+    pub fn channel_means(x: &[f32], c: usize) -> Vec<f32> = channel_means_impl;
+}
+
+#[inline(always)]
+fn scale_channels_impl(x: &mut [f32], s: &[f32], _fma: bool) {
+    for row in x.chunks_exact_mut(s.len()) {
+        for (v, &f) in row.iter_mut().zip(s) {
+            *v *= f;
+        }
+    }
+}
+
+multiversion! {
+    /// `x[p, i] *= s[i]` for `x: [n, s.len()]` (the SE excitation).
+    pub fn scale_channels(x: &mut [f32], s: &[f32]) = scale_channels_impl;
+}
+
+/// The MBConv shortcut pooling on `x: [h*w, c]`, as `kernels::avgpool_shortcut` (kernel and stride s, padding 1
+/// on odd sides, pads counted in the average): `([ho*wo, c], ho, wo)`.
+pub fn avgpool_shortcut(x: &[f32], c: usize, h: usize, w: usize, s: usize, ar: &Arena) -> (Vec<f32>, usize, usize) {
+    let ph = h % 2;
+    let pw = w % 2;
+    let ho = (h + 2 * ph - s) / s + 1;
+    let wo = (w + 2 * pw - s) / s + 1;
+    let mut out = ar.take(ho * wo * c);
+    out.fill(0.0);
+    for oy in 0..ho {
+        let y0 = (oy * s) as isize - ph as isize;
+        let y1 = (y0 + s as isize).min((h + ph) as isize);
+        for ox in 0..wo {
+            let x0 = (ox * s) as isize - pw as isize;
+            let x1 = (x0 + s as isize).min((w + pw) as isize);
+            let inv = 1.0 / ((y1 - y0) * (x1 - x0)) as f32;
+            let o = &mut out[(oy * wo + ox) * c..(oy * wo + ox + 1) * c];
+            for yy in y0.max(0)..y1.min(h as isize) {
+                for xx in x0.max(0)..x1.min(w as isize) {
+                    let src = &x[(yy as usize * w + xx as usize) * c..][..c];
+                    for (d, &v) in o.iter_mut().zip(src) {
+                        *d += v;
+                    }
+                }
+            }
+            o.iter_mut().for_each(|v| *v *= inv);
+        }
+    }
+    (out, ho, wo)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: usize) -> Vec<f32> {
+        (0..n).map(|i| ((i * 37 + seed * 11) % 23) as f32 - 11.0).collect()
+    }
+
+    /// The planar kernel's answer, in this layout.
+    fn planar_dw(x: &[f32], c: usize, g: ConvGeom, w: &[f32], bias: Option<&[f32]>, act: Act) -> Vec<f32> {
+        let (ho, wo) = g.out();
+        let mut xp = vec![0.0; x.len()];
+        transpose(x, g.h * g.w, c, &mut xp);
+        let mut op = vec![0.0; c * ho * wo];
+        super::super::dwconv(&xp, c, g, w, bias, &mut op, act, Par { threads: 1 });
+        let mut o = vec![0.0; op.len()];
+        transpose(&op, c, ho * wo, &mut o);
+        o
+    }
+
+    #[test]
+    fn dwconv_matches_planar() {
+        // Channel counts with 16-, 8- and 1-wide blocks; maps smaller than the kernel; strides 1 and 2; odd sides.
+        for (c, h, k, s) in [
+            (16, 7, 3, 1),
+            (24, 7, 3, 2),
+            (40, 8, 5, 2),
+            (3, 9, 5, 1),
+            (33, 1, 3, 1),
+            (17, 2, 5, 2),
+            (8, 5, 3, 2),
+            (32, 37, 3, 1),
+            (16, 14, 7, 1),
+            (25, 15, 7, 2),
+            (48, 4, 5, 1),
+        ] {
+            let g = ConvGeom { h, w: h, k, stride: s };
+            let x = values(h * h * c, 1);
+            let w = values(c * k * k, 2);
+            let b = values(c, 3);
+            let wt = dw_weights(&w, c, k * k);
+            let (ho, wo) = g.out();
+            for threads in [1, 3] {
+                let mut out = vec![f32::NAN; ho * wo * c];
+                dwconv(&x, c, g, &wt, Some(&b), &mut out, Act::None, Par { threads });
+                // Small integers: both orders of summation are exact.
+                assert_eq!(
+                    out,
+                    planar_dw(&x, c, g, &w, Some(&b), Act::None),
+                    "c {c} h {h} k {k} s {s}"
+                );
+            }
+            // With the swish, and in the portable build.
+            let mut out = vec![0.0; ho * wo * c];
+            dwconv(&x, c, g, &wt, Some(&b), &mut out, Act::Swish, Par { threads: 2 });
+            let want = planar_dw(&x, c, g, &w, Some(&b), Act::Swish);
+            for (a, e) in out.iter().zip(&want) {
+                assert!(
+                    (a - e).abs() <= 1e-5 * e.abs().max(1.0),
+                    "swish c {c} h {h}: {a} vs {e}"
+                );
+            }
+            let mut portable = vec![0.0; ho * wo * c];
+            dw_rows_impl(&x, c, g, &wt, None, &mut portable, 0, Act::None, false);
+            assert_eq!(
+                portable,
+                planar_dw(&x, c, g, &w, None, Act::None),
+                "portable c {c} h {h} k {k} s {s}"
+            );
+        }
+    }
+
+    #[test]
+    fn pointwise_matches_naive() {
+        // Both sides of the threading threshold, with and without accumulate.
+        for (n, cin, cout) in [(7, 5, 13), (3136, 16, 24), (196, 72, 200), (50, 9, 9)] {
+            let (x, wt, b) = (values(n * cin, 1), values(cin * cout, 2), values(cout, 3));
+            let start = values(n * cout, 4);
+            for (acc, act) in [(false, Act::None), (false, Act::Relu), (true, Act::None)] {
+                let mut want = start.clone();
+                for p in 0..n {
+                    for o in 0..cout {
+                        let s: f32 = (0..cin).map(|i| x[p * cin + i] * wt[i * cout + o]).sum::<f32>() + b[o];
+                        let v = if acc { want[p * cout + o] + s } else { s };
+                        want[p * cout + o] = if act == Act::Relu { v.max(0.0) } else { v };
+                    }
+                }
+                for threads in [1, 2, 3] {
+                    let mut out = start.clone();
+                    pointwise(&wt, Some(&b), cin, cout, &x, n, &mut out, acc, act, Par { threads });
+                    assert_eq!(out, want, "n {n} cin {cin} cout {cout} acc {acc} threads {threads}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn avgpool_matches_planar() {
+        for (c, h, s) in [(5, 8, 2), (3, 7, 2), (17, 3, 2), (4, 9, 3)] {
+            let x = values(h * h * c, 5);
+            let ar = Arena::default();
+            let (got, ho, wo) = avgpool_shortcut(&x, c, h, h, s, &ar);
+            let mut xp = vec![0.0; x.len()];
+            transpose(&x, h * h, c, &mut xp);
+            let (planar, pho, pwo) = super::super::avgpool_shortcut(&xp, c, h, h, s, &ar, Par { threads: 1 });
+            assert_eq!((ho, wo), (pho, pwo));
+            let mut want = vec![0.0; planar.len()];
+            transpose(&planar, c, ho * wo, &mut want);
+            for (a, e) in got.iter().zip(&want) {
+                assert!(
+                    (a - e).abs() <= 1e-6 * e.abs().max(1.0),
+                    "c {c} h {h} s {s}: {a} vs {e}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn se_helpers_and_transpose() {
+        // [2 pixels, 3 channels]
+        let x = [1.0, 2.0, 3.0, 5.0, 6.0, 7.0];
+        assert_eq!(channel_means(&x, 3), vec![3.0, 4.0, 5.0]);
+        let mut y = x;
+        scale_channels(&mut y, &[2.0, 0.0, -1.0]);
+        assert_eq!(y, [2.0, 0.0, -3.0, 10.0, 0.0, -7.0]);
+        let mut t = [0.0; 6];
+        transpose(&x, 2, 3, &mut t);
+        assert_eq!(t, [1.0, 5.0, 2.0, 6.0, 3.0, 7.0]);
+        let x: Vec<f32> = (0..19 * 11).map(|v| v as f32).collect();
+        let (mut t, mut back) = (vec![0.0; x.len()], vec![0.0; x.len()]);
+        transpose(&x, 19, 11, &mut t);
+        transpose(&t, 11, 19, &mut back);
+        assert_eq!(back, x);
+        assert_eq!(t[3 * 19 + 5], x[5 * 11 + 3]);
+        // Split across threads, above the size where it splits.
+        let (rows, cols) = (24, 12545);
+        let x: Vec<f32> = (0..rows * cols).map(|v| v as f32).collect();
+        let (mut serial, mut split) = (vec![0.0; x.len()], vec![0.0; x.len()]);
+        transpose(&x, rows, cols, &mut serial);
+        transpose_par(&x, rows, cols, &mut split, Par { threads: 3 });
+        assert_eq!(serial, split);
+        assert_eq!(split[777 * rows + 13], x[13 * cols + 777]);
+    }
+}
