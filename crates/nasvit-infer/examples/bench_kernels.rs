@@ -24,6 +24,26 @@ fn time(name: &str, work: f64, unit: &str, mut f: impl FnMut()) {
 }
 
 fn main() {
+    {
+        // Cost of one fork/join of 2 tiny tasks on rayon's pool, after 50 us of serial work (the gaps between ops).
+        use rayon::prelude::*;
+        let mut v = vec![0.0f32; 32];
+        let spin = |us: u64| {
+            let t = Instant::now();
+            while t.elapsed().as_micros() < us as u128 {
+                std::hint::spin_loop();
+            }
+        };
+        for gap in [0u64, 50, 200] {
+            let t = Instant::now();
+            for _ in 0..1000 {
+                spin(gap);
+                v.par_chunks_mut(16).for_each(|c| c[0] += 1.0);
+            }
+            let per = t.elapsed().as_secs_f64() * 1e3 - gap as f64;
+            println!("rayon fork/join of 2 tasks after {gap} us serial work: {per:.1} us");
+        }
+    }
     let par = Par { threads: 1 };
     // 1x1 convs of the official min subnet at 224 px (expand, project, qkv), weights column-major as the engine
     // keeps them.
@@ -68,6 +88,25 @@ fn main() {
         time(&format!("1x1 nhwc {cout}x{cin} n {n} + swish"), macs, "MAC", || {
             nhwc::pointwise(&w, Some(&b), cin, cout, &x, n, &mut out, false, Act::Swish, par)
         });
+        time(
+            &format!("1x1 nhwc {cout}x{cin} n {n} + swish, 2 threads"),
+            macs,
+            "MAC",
+            || {
+                nhwc::pointwise(
+                    &w,
+                    Some(&b),
+                    cin,
+                    cout,
+                    &x,
+                    n,
+                    &mut out,
+                    false,
+                    Act::Swish,
+                    Par { threads: 2 },
+                )
+            },
+        );
     }
     for (c, h, k, s, act) in [
         (192, 56, 5, 1, Act::Swish),
@@ -117,6 +156,12 @@ fn main() {
         });
     }
     let mut x: Vec<f32> = (0..192 * 56 * 56).map(|i| ((i * 37) % 11) as f32 * 0.1 - 0.5).collect();
+    let mut small = x[..4096].to_vec();
+    time("swish 4k (in L1), x100", 409_600.0, "elem", || {
+        for _ in 0..100 {
+            kernels::act_row(&mut small, 0.0, Act::Swish)
+        }
+    });
     let n = x.len() as f64;
     time("bias + swish 602k", n, "elem", || {
         kernels::bias_act(&mut x, 3136, None, Act::Swish, par)

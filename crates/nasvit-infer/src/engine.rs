@@ -15,7 +15,6 @@
 use std::path::Path;
 
 use nasvit_space::{Arch, BlockShape, SearchSpace, SubnetShape, HEAD_DIM, V_EXPAND};
-use rayon::prelude::*;
 
 use crate::error::{InferError, Result};
 use crate::export::{ExportedModel, Preprocess};
@@ -881,19 +880,16 @@ impl TfLayer {
         };
         pr.time("tf.attn.probs", || kernels::attention_probs(&th, q, k, tn, &mut a, par));
         pr.time("tf.attn.av", || {
-            o[..h * dv * tn]
-                .par_chunks_mut(dv * tn)
-                .enumerate()
-                .for_each(|(j, oj)| {
-                    let vj = Mat::rows(&v[j * dv * tn..], tn);
-                    // (key, query) -> a[query, j, key]
-                    let aj = Mat {
-                        data: &a[j * tn..],
-                        rs: 1,
-                        cs: h * tn,
-                    };
-                    kernels::matmul(dv, tn, tn, vj, aj, oj, tn, false);
-                })
+            par.chunks_mut(&mut o[..h * dv * tn], dv * tn, &|j, oj| {
+                let vj = Mat::rows(&v[j * dv * tn..], tn);
+                // (key, query) -> a[query, j, key]
+                let aj = Mat {
+                    data: &a[j * tn..],
+                    rs: 1,
+                    cs: h * tn,
+                };
+                kernels::matmul(dv, tn, tn, vj, aj, oj, tn, false);
+            })
         });
         ar.put(a);
     }

@@ -8,8 +8,6 @@
 // Kernels take shapes, buffers and options as plain arguments on purpose: no per-call structs in hot paths.
 #![allow(clippy::too_many_arguments)]
 
-use rayon::prelude::*;
-
 /// Activation fused after a conv / linear.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Act {
@@ -151,6 +149,7 @@ multiversion! {
 #[cfg(target_arch = "x86_64")]
 mod gemm512;
 pub mod nhwc;
+pub mod pool;
 
 /// Reused activation buffers. Fresh large `Vec`s are mmapped and page-faulted in on every run (measured at 7% of
 /// batch-1 time), so a forward pass takes its buffers from here and gives them back.
@@ -194,7 +193,12 @@ pub struct Par {
 }
 
 impl Par {
-    /// Minimum items per rayon task so that tiny loops are not split.
+    /// `f(i, chunk)` for each chunk of `chunk_len` values of `out`, on up to `threads` threads (`pool`).
+    pub fn chunks_mut(self, out: &mut [f32], chunk_len: usize, f: &(dyn Fn(usize, &mut [f32]) + Sync)) {
+        pool::chunks_mut(self.threads, out, chunk_len, f)
+    }
+
+    /// Minimum items per task so that tiny loops are not split.
     fn min_len(self, items: usize, item_cost: usize) -> usize {
         if self.threads <= 1 {
             return items.max(1);
@@ -308,8 +312,10 @@ pub fn bias_act(x: &mut [f32], n: usize, bias: Option<&[f32]>, act: Act, par: Pa
     }
     let rows = x.len() / n;
     let ml = par.min_len(rows, n);
-    x.par_chunks_mut(n).with_min_len(ml).enumerate().for_each(|(r, row)| {
-        act_row(row, bias.map_or(0.0, |b| b[r]), act);
+    par.chunks_mut(x, ml * n, &|t, rs| {
+        for (i, row) in rs.chunks_exact_mut(n).enumerate() {
+            act_row(row, bias.map_or(0.0, |b| b[t * ml + i]), act);
+        }
     });
 }
 
@@ -393,9 +399,7 @@ pub fn linear(
     } else if n >= 2 * cout && n >= 256 * par.threads {
         linear_by_columns(w, bias, cout, cin, x, n, out, accumulate, act, par.threads);
     } else {
-        out.par_chunks_mut(rows * n)
-            .enumerate()
-            .for_each(|(t, o)| run(t * rows, o));
+        par.chunks_mut(out, rows * n, &|t, o| run(t * rows, o));
     }
 }
 
@@ -436,7 +440,7 @@ fn linear_by_columns(
     let per = n.div_ceil(threads).div_ceil(16) * 16;
     let cols = ((1 << 15) / cout.max(1)).max(64).div_ceil(16) * 16;
     let dst = SharedMut(out.as_mut_ptr());
-    (0..n.div_ceil(per)).into_par_iter().for_each(|t| {
+    pool::run(threads, n.div_ceil(per), &|t| {
         let (lo, hi) = (t * per, ((t + 1) * per).min(n));
         let mut c0 = lo;
         while c0 < hi {
@@ -739,22 +743,19 @@ pub fn dwconv(x: &[f32], c: usize, g: ConvGeom, w: &[f32], bias: Option<&[f32]>,
     }
     // Channel ranges of equal size, one or a few per thread.
     let per = par.min_len(c, hw_out * kk);
-    out[..c * hw_out]
-        .par_chunks_mut(per * hw_out)
-        .enumerate()
-        .for_each(|(i, o)| {
-            let c0 = i * per;
-            let n = o.len() / hw_out;
-            let b = bias.map(|b| &b[c0..c0 + n]);
-            dw_planes(
-                &x[c0 * hw_in..(c0 + n) * hw_in],
-                &w[c0 * kk..(c0 + n) * kk],
-                b,
-                g,
-                o,
-                act,
-            );
-        });
+    par.chunks_mut(&mut out[..c * hw_out], per * hw_out, &|i, o| {
+        let c0 = i * per;
+        let n = o.len() / hw_out;
+        let b = bias.map(|b| &b[c0..c0 + n]);
+        dw_planes(
+            &x[c0 * hw_in..(c0 + n) * hw_in],
+            &w[c0 * kk..(c0 + n) * kk],
+            b,
+            g,
+            o,
+            act,
+        );
+    });
 }
 
 #[inline(always)]
@@ -845,10 +846,9 @@ pub fn conv_dense(
         .collect();
     let max_tap = taps.iter().copied().max().unwrap_or(0);
     let per = par.min_len(cout, n * cin * kk);
-    out[..cout * n]
-        .par_chunks_mut(per * n)
-        .enumerate()
-        .for_each(|(i, o)| dense_planes(g, &taps, max_tap, &pads, w, bias, i * per, o, act));
+    par.chunks_mut(&mut out[..cout * n], per * n, &|i, o| {
+        dense_planes(g, &taps, max_tap, &pads, w, bias, i * per, o, act)
+    });
     ar.put(pads);
 }
 
@@ -872,10 +872,9 @@ pub fn avgpool_shortcut(
         return (out, ho, wo);
     }
     let ml = par.min_len(c, h * w);
-    out.par_chunks_mut(ho * wo)
-        .with_min_len(ml)
-        .enumerate()
-        .for_each(|(ch, o)| {
+    par.chunks_mut(&mut out, ml * ho * wo, &|t, planes| {
+        for (i, o) in planes.chunks_exact_mut(ho * wo).enumerate() {
+            let ch = t * ml + i;
             let plane = &x[ch * h * w..(ch + 1) * h * w];
             if s == 2 && ph == 0 && pw == 0 {
                 // The common case: whole 2x2 windows, in pairs so that it vectorises.
@@ -888,7 +887,7 @@ pub fn avgpool_shortcut(
                         *d = (a[0] + a[1] + b[0] + b[1]) * 0.25;
                     }
                 }
-                return;
+                continue;
             }
             for oy in 0..ho {
                 let y0 = (oy * s) as isize - ph as isize;
@@ -906,7 +905,8 @@ pub fn avgpool_shortcut(
                     o[oy * wo + ox] = sum / count;
                 }
             }
-        });
+        }
+    });
     (out, ho, wo)
 }
 
@@ -973,9 +973,7 @@ pub fn matvec(w: &[f32], b: Option<&[f32]>, cout: usize, cin: usize, x: &[f32], 
     let mut y = vec![0.0; cout];
     if par.threads > 1 && cout * cin >= 1 << 18 {
         let rows = cout.div_ceil(par.threads * 4).max(1);
-        y.par_chunks_mut(rows)
-            .enumerate()
-            .for_each(|(t, yc)| matvec_rows(w, b, cin, x, act, t * rows, yc));
+        par.chunks_mut(&mut y, rows, &|t, yc| matvec_rows(w, b, cin, x, act, t * rows, yc));
     } else {
         matvec_rows(w, b, cin, x, act, 0, &mut y);
     }
@@ -1320,13 +1318,12 @@ pub fn attention_probs(th: &TalkingHeads, q: &[f32], k: &[f32], tn: usize, out: 
         return;
     }
     let ml = par.min_len(tn.div_ceil(QB), QB * h * tn * (th.head_dim + 2 * h));
-    out[..tn * h * tn]
-        .par_chunks_mut(QB * h * tn)
-        .with_min_len(ml)
-        .enumerate()
-        .for_each_init(Vec::new, |scratch, (b, o)| {
-            attention_block(th, q, k, tn, b * QB, o, scratch)
-        });
+    par.chunks_mut(&mut out[..tn * h * tn], ml * QB * h * tn, &|t, blocks| {
+        let mut scratch = Vec::new();
+        for (i, o) in blocks.chunks_mut(QB * h * tn).enumerate() {
+            attention_block(th, q, k, tn, (t * ml + i) * QB, o, &mut scratch)
+        }
+    });
 }
 
 #[cfg(test)]

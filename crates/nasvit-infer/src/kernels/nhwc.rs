@@ -7,8 +7,6 @@
 //! writes contiguous slices. The transformer layers keep the planar token layout; the engine transposes the (small)
 //! maps where the two meet.
 
-use rayon::prelude::*;
-
 use super::{act_row_impl, apply_impl, madd, matmul, Act, Arena, ConvGeom, Mat, Par};
 
 /// `out[cols, rows] = x[rows, cols]^T`.
@@ -22,10 +20,9 @@ pub fn transpose_par(x: &[f32], rows: usize, cols: usize, out: &mut [f32], par: 
         return transpose(x, rows, cols, out);
     }
     let per = cols.div_ceil(par.threads);
-    out[..rows * cols]
-        .par_chunks_mut(per * rows)
-        .enumerate()
-        .for_each(|(t, o)| transpose_cols(x, rows, cols, t * per, o));
+    par.chunks_mut(&mut out[..rows * cols], per * rows, &|t, o| {
+        transpose_cols(x, rows, cols, t * per, o)
+    });
 }
 
 /// Rows `c0 ..` of `x^T` (as many as `out` holds): 8 rows of `x` are read side by side and each output row gets
@@ -144,9 +141,7 @@ pub fn pointwise(
         return;
     }
     let per = n.div_ceil(tasks);
-    out.par_chunks_mut(per * cout)
-        .enumerate()
-        .for_each(|(t, o)| run(t * per, o));
+    par.chunks_mut(out, per * cout, &|t, o| run(t * per, o));
 }
 
 /// One output row's depthwise block: `R` neighbouring output pixels x `L` channels from `c0`, accumulated in
@@ -330,7 +325,7 @@ pub fn dwconv(x: &[f32], c: usize, g: ConvGeom, wt: &[f32], bias: Option<&[f32]>
     let rows = par.min_len(ho, wo * c * g.k * g.k);
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx512f") {
-        out.par_chunks_mut(rows * wo * c).enumerate().for_each(|(i, o)| {
+        par.chunks_mut(out, rows * wo * c, &|i, o| {
             for (dy, orow) in o.chunks_exact_mut(wo * c).enumerate() {
                 // SAFETY: the CPU has AVX-512F (checked above); the shapes were checked at the top of this function
                 // and `orow` is one whole output row.
@@ -353,9 +348,7 @@ pub fn dwconv(x: &[f32], c: usize, g: ConvGeom, wt: &[f32], bias: Option<&[f32]>
         });
         return;
     }
-    out.par_chunks_mut(rows * wo * c)
-        .enumerate()
-        .for_each(|(i, o)| dw_rows(x, c, g, wt, bias, o, i * rows, act));
+    par.chunks_mut(out, rows * wo * c, &|i, o| dw_rows(x, c, g, wt, bias, o, i * rows, act));
 }
 
 /// The depthwise row in AVX-512 intrinsics. The portable `dw_rows_impl` computes the same, but LLVM turned its
