@@ -25,9 +25,10 @@ fn time(name: &str, work: f64, unit: &str, mut f: impl FnMut()) {
 
 fn main() {
     {
-        // Cost of one fork/join of 2 tiny tasks on rayon's pool, after 50 us of serial work (the gaps between ops).
+        // Cost of one fork/join of 2 tiny tasks after some serial work (the gaps between ops): rayon's pool, whose
+        // idle workers sleep, and the engine's spinning pool.
         use rayon::prelude::*;
-        let mut v = vec![0.0f32; 32];
+        let mut v = [0.0f32; 32];
         let spin = |us: u64| {
             let t = Instant::now();
             while t.elapsed().as_micros() < us as u128 {
@@ -40,8 +41,14 @@ fn main() {
                 spin(gap);
                 v.par_chunks_mut(16).for_each(|c| c[0] += 1.0);
             }
-            let per = t.elapsed().as_secs_f64() * 1e3 - gap as f64;
-            println!("rayon fork/join of 2 tasks after {gap} us serial work: {per:.1} us");
+            let rayon_us = t.elapsed().as_secs_f64() * 1e3 - gap as f64;
+            let t = Instant::now();
+            for _ in 0..1000 {
+                spin(gap);
+                Par { threads: 2 }.chunks_mut(&mut v, 16, &|_, c| c[0] += 1.0);
+            }
+            let spin_us = t.elapsed().as_secs_f64() * 1e3 - gap as f64;
+            println!("fork/join of 2 tasks after {gap:>3} us of serial work: rayon {rayon_us:.1} us, kernels::pool {spin_us:.1} us");
         }
     }
     let par = Par { threads: 1 };
