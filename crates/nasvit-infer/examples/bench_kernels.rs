@@ -91,29 +91,17 @@ fn main() {
                 par,
             )
         });
-        // The same product channel-minor (`[n, cin] x [cin, cout]`), as the MBConv stages run it.
-        time(&format!("1x1 nhwc {cout}x{cin} n {n} + swish"), macs, "MAC", || {
-            nhwc::pointwise(&w, Some(&b), cin, cout, &x, n, &mut out, false, Act::Swish, par)
-        });
-        time(
-            &format!("1x1 nhwc {cout}x{cin} n {n} + swish, 2 threads"),
-            macs,
-            "MAC",
-            || {
-                nhwc::pointwise(
-                    &w,
-                    Some(&b),
-                    cin,
-                    cout,
-                    &x,
-                    n,
-                    &mut out,
-                    false,
-                    Act::Swish,
-                    Par { threads: 2 },
-                )
-            },
-        );
+        // The same product channel-minor (`[n, cin] x [cin, cout]`), as the MBConv stages and the token linears
+        // run it, with the weight packed as the engine packs it.
+        let pw = nhwc::PwWeight::new(&w, cout, cin);
+        for threads in [1, 2] {
+            time(
+                &format!("1x1 nhwc {cout}x{cin} n {n} + swish, {threads} thr"),
+                macs,
+                "MAC",
+                || nhwc::pointwise(pw.view(), Some(&b), &x, n, &mut out, false, Act::Swish, Par { threads }),
+            );
+        }
     }
     for (c, h, k, s, act) in [
         (192, 56, 5, 1, Act::Swish),
@@ -192,7 +180,7 @@ fn main() {
         let mut out = vec![0.0; tn * h * tn];
         let macs = (h * tn * tn * (8 + 2 * h)) as f64;
         time(&format!("attention probs {h} heads, {tn} tokens"), macs, "MAC", || {
-            kernels::attention_probs(&th, &q, &k, tn, &mut out, par)
+            kernels::attention_probs(&th, (&q, 1, tn), &k, tn, &mut out, par)
         });
     }
     let t: Vec<f32> = (0..192 * 196).map(|i| ((i * 37) % 11) as f32 * 0.1 - 0.5).collect();

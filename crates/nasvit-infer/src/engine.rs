@@ -68,88 +68,46 @@ impl Prof<'_> {
     }
 }
 
-/// A 1x1 conv or linear `[cout, cin]` with an optional bias.
+/// A 1x1 conv or linear `[cout, cin]` (row-major) with an optional bias.
 struct Linear {
-    /// Row-major `[cout, cin]`, or after `for_gemm` column-major.
     w: Vec<f32>,
-    col_major: bool,
     b: Option<Vec<f32>>,
     cout: usize,
     cin: usize,
 }
 
-impl Linear {
-    /// Stores the weight column-major: the GEMM then reads it in place instead of packing a copy of it on every
-    /// call (for 16 or 49 tokens, packing cost as much as the product). Done once, at load.
-    fn for_gemm(mut self) -> Self {
-        if !self.col_major {
-            let mut t = vec![0.0f32; self.w.len()];
-            for o in 0..self.cout {
-                for i in 0..self.cin {
-                    t[i * self.cout + o] = self.w[o * self.cin + i];
-                }
-            }
-            self.w = t;
-            self.col_major = true;
-        }
-        self
-    }
+/// A 1x1 conv or token linear on channel-minor / token-major activations, its weight packed for the GEMM at
+/// load (`nhwc::PwWeight`).
+struct Pointwise {
+    w: nhwc::PwWeight,
+    b: Option<Vec<f32>>,
+}
 
-    /// The layout for a planar product `W[cout, cin] x X[cin, N]` (token linears, the head): row-major where the
-    /// engine's own AVX-512 GEMM runs, which reads each weight row as one sequential stream (the column-major
-    /// weight was read at a stride of `cout` floats, one cache miss per step while the weights are cold: the qkv
-    /// GEMM ran at a third of its warm speed), column-major for the `gemm` crate elsewhere.
-    fn for_planar(self) -> Self {
-        if kernels::own_gemm() {
-            self
-        } else {
-            self.for_gemm()
-        }
-    }
-
-    fn mat(&self) -> Mat<'_> {
-        if self.col_major {
-            Mat::cols(&self.w, self.cout)
-        } else {
-            Mat::rows(&self.w, self.cin)
-        }
-    }
-
+impl Pointwise {
+    /// `act(x W^T + b)` on `x: [n, cin]` -> `[n, cout]`.
     fn run(&self, x: &[f32], n: usize, act: Act, par: Par, ar: &Arena) -> Vec<f32> {
-        let mut out = ar.take(self.cout * n);
-        kernels::conv1x1(
-            self.mat(),
-            self.b.as_deref(),
-            self.cout,
-            self.cin,
-            x,
-            n,
-            &mut out,
-            act,
-            par,
-        );
+        let mut out = ar.take(n * self.w.cout);
+        nhwc::pointwise(self.w.view(), self.b.as_deref(), x, n, &mut out, false, act, par);
         out
     }
 
-    /// `acc += W x + b` (the residual branches).
+    /// `acc += x W^T + b` (the residual branches).
     fn run_add(&self, x: &[f32], n: usize, acc: &mut [f32], par: Par) {
-        kernels::linear(
-            self.mat(),
-            self.b.as_deref(),
-            self.cout,
-            self.cin,
-            x,
-            n,
-            acc,
-            true,
-            Act::None,
-            par,
-        );
+        nhwc::pointwise(self.w.view(), self.b.as_deref(), x, n, acc, true, Act::None, par);
+    }
+}
+
+impl Linear {
+    /// Packs the weight for the GEMM, once, at load.
+    fn pointwise(self) -> Pointwise {
+        Pointwise {
+            w: nhwc::PwWeight::new(&self.w, self.cout, self.cin),
+            b: self.b,
+        }
     }
 
     /// Matrix-vector product for the tiny SE / head layers.
     fn matvec(&self, x: &[f32], act: Act, par: Par) -> Vec<f32> {
-        assert!(!self.col_major, "matvec reads row-major weights");
         kernels::matvec(&self.w, self.b.as_deref(), self.cout, self.cin, x, act, par)
     }
 }
@@ -159,20 +117,21 @@ struct MbConv {
     cmid: usize,
     cout: usize,
     geom: ConvGeom,
-    expand: Option<Linear>,
+    expand: Option<Pointwise>,
     /// Tap-major `[k*k, cmid]` (`nhwc::dw_weights`).
     dw_wt: Vec<f32>,
     dw_b: Vec<f32>,
     se: Option<(Linear, Linear)>,
-    project: Linear,
-    shortcut: Option<Linear>,
+    project: Pointwise,
+    shortcut: Option<Pointwise>,
 }
 
 struct Mlp {
     hidden: usize,
-    fc1: Linear,
+    fc1: Pointwise,
     /// Rows already multiplied by `g_m`.
-    fc2: Linear,
+    fc2: Pointwise,
+    /// Tap-major `[9, hidden]`.
     dw: Option<Vec<f32>>,
 }
 
@@ -182,8 +141,11 @@ struct TfLayer {
     grid: usize,
     windows: usize,
     norms: [(Vec<f32>, Vec<f32>); 3],
-    /// q (pre-scaled by 8^-0.5), k, v stacked: `[6C, C]`.
-    qkv: Linear,
+    /// q (pre-scaled by 8^-0.5) and k stacked: `[2C, C]`.
+    qk: Pointwise,
+    /// `[4C, C]`
+    v: Pointwise,
+    /// Tap-major `[9, 4C]`.
     vconv: Vec<f32>,
     /// `[h, T, T]`, T = tokens per window; or, when it is a function of the offset (always for exported models),
     /// its compact table (`kernels::Rpb::Table`), which stays in cache where the dense one streams from memory.
@@ -193,7 +155,7 @@ struct TfLayer {
     proj_l: Linear,
     proj_w: Linear,
     /// Rows already multiplied by `g_a`.
-    proj: Linear,
+    proj: Pointwise,
     mlp1: Mlp,
     mlp2: Mlp,
 }
@@ -216,7 +178,7 @@ pub struct Engine {
     stem: Linear,
     stem_geom: ConvGeom,
     stages: Vec<(String, Vec<Block>)>,
-    head_expand: Linear,
+    head_expand: Pointwise,
     head_mix: Linear,
     classifier: Linear,
     threads: usize,
@@ -253,7 +215,6 @@ fn linear(model: &ExportedModel, prefix: &str, bias: bool) -> Result<Linear> {
     let cin = t.numel() / cout.max(1);
     Ok(Linear {
         w: t.data.clone(),
-        col_major: false,
         b: if bias {
             Some(take(model, &format!("{prefix}.bias"))?)
         } else {
@@ -285,7 +246,6 @@ pub fn flush_denormals() {
 
 /// Multiplies row `o` of a (row-major) linear, weight and bias, by `s[o]`.
 fn scale_rows(mut l: Linear, s: &[f32]) -> Linear {
-    assert!(!l.col_major);
     for (o, &g) in s.iter().enumerate() {
         l.w[o * l.cin..(o + 1) * l.cin].iter_mut().for_each(|v| *v *= g);
         if let Some(b) = &mut l.b {
@@ -340,7 +300,7 @@ impl Engine {
                         expand: if no_expand {
                             None
                         } else {
-                            Some(linear(model, &format!("{p}.expand"), true)?.for_gemm())
+                            Some(linear(model, &format!("{p}.expand"), true)?.pointwise())
                         },
                         dw_wt: nhwc::dw_weights(&take(model, &format!("{p}.dw.weight"))?, cmid, kernel * kernel),
                         dw_b: take(model, &format!("{p}.dw.bias"))?,
@@ -351,9 +311,9 @@ impl Engine {
                             )),
                             None => None,
                         },
-                        project: linear(model, &format!("{p}.project"), true)?.for_gemm(),
+                        project: linear(model, &format!("{p}.project"), true)?.pointwise(),
                         shortcut: if cin != cout {
-                            Some(linear(model, &format!("{p}.shortcut"), false)?.for_gemm())
+                            Some(linear(model, &format!("{p}.shortcut"), false)?.pointwise())
                         } else {
                             None
                         },
@@ -370,14 +330,12 @@ impl Engine {
                         let k = linear(model, &format!("{p}.attn.k"), true)?;
                         let v = linear(model, &format!("{p}.attn.v"), true)?;
                         let qs = (HEAD_DIM as f32).powf(-0.5);
-                        let mut w = Vec::with_capacity(6 * c * c);
-                        let mut bias = Vec::with_capacity(6 * c);
+                        let mut w = Vec::with_capacity(2 * c * c);
+                        let mut bias = Vec::with_capacity(2 * c);
                         w.extend(q.w.iter().map(|x| x * qs));
                         bias.extend(q.b.as_ref().expect("bias").iter().map(|x| x * qs));
                         w.extend_from_slice(&k.w);
                         bias.extend_from_slice(k.b.as_ref().expect("bias"));
-                        w.extend_from_slice(&v.w);
-                        bias.extend_from_slice(v.b.as_ref().expect("bias"));
                         let ga = take(model, &format!("{p}.scale_attn"))?;
                         let dense = take(model, &format!("{p}.attn.rpb"))?;
                         let tw = grid * grid / windows;
@@ -389,10 +347,11 @@ impl Engine {
                         let mlp = |m: &str| -> Result<Mlp> {
                             Ok(Mlp {
                                 hidden: mlp_ratio * c,
-                                fc1: linear(model, &format!("{p}.{m}.fc1"), true)?.for_planar(),
-                                fc2: scale_rows(linear(model, &format!("{p}.{m}.fc2"), true)?, &gm).for_planar(),
+                                fc1: linear(model, &format!("{p}.{m}.fc1"), true)?.pointwise(),
+                                fc2: scale_rows(linear(model, &format!("{p}.{m}.fc2"), true)?, &gm).pointwise(),
                                 dw: if mlp_dwconv {
-                                    Some(take(model, &format!("{p}.{m}.dw.weight"))?)
+                                    let w = take(model, &format!("{p}.{m}.dw.weight"))?;
+                                    Some(nhwc::dw_weights(&w, mlp_ratio * c, 9))
                                 } else {
                                     None
                                 },
@@ -410,20 +369,20 @@ impl Engine {
                             grid,
                             windows,
                             norms: [norm(1)?, norm(2)?, norm(3)?],
-                            qkv: Linear {
+                            qk: Linear {
                                 w,
-                                col_major: false,
                                 b: Some(bias),
-                                cout: (2 + V_EXPAND) * c,
+                                cout: 2 * c,
                                 cin: c,
                             }
-                            .for_planar(),
-                            vconv: take(model, &format!("{p}.attn.vconv.weight"))?,
+                            .pointwise(),
+                            v: v.pointwise(),
+                            vconv: nhwc::dw_weights(&take(model, &format!("{p}.attn.vconv.weight"))?, V_EXPAND * c, 9),
                             rpb,
                             rpb_side,
                             proj_l: linear(model, &format!("{p}.attn.proj_l"), true)?,
                             proj_w: linear(model, &format!("{p}.attn.proj_w"), true)?,
-                            proj: scale_rows(linear(model, &format!("{p}.attn.proj"), true)?, &ga).for_planar(),
+                            proj: scale_rows(linear(model, &format!("{p}.attn.proj"), true)?, &ga).pointwise(),
                             mlp1: mlp("mlp1")?,
                             mlp2: mlp("mlp2")?,
                         }))
@@ -446,7 +405,7 @@ impl Engine {
                 stride: sh.stem_stride,
             },
             stages,
-            head_expand: linear(model, "head.expand", true)?.for_planar(),
+            head_expand: linear(model, "head.expand", true)?.pointwise(),
             head_mix: linear(model, "head.mix", false)?,
             classifier: linear(model, "classifier", true)?,
             threads,
@@ -578,60 +537,33 @@ impl Engine {
         if let Some(t) = taps {
             t.push(("stem".into(), vec![ch, side, side], cur.clone()));
         }
-        // MBConv blocks run channel-minor (`[H*W, C]`), transformer layers on planar tokens (`[C, N]`): `cur` is
-        // transposed where the kind of block changes (once per stage at most, on maps of 14x14 or smaller after
-        // the stem).
-        let mut channel_minor = false;
-        let relayout = |cur: &mut Vec<f32>, ch: usize, hw: usize, to_minor: bool| {
-            pr.time("relayout", || {
-                let mut t = ar.take(ch * hw);
-                if to_minor {
-                    nhwc::transpose_par(cur, ch, hw, &mut t, par);
-                } else {
-                    nhwc::transpose_par(cur, hw, ch, &mut t, par);
-                }
-                ar.put(std::mem::replace(cur, t));
-            })
-        };
+        // Everything after the stem is channel-minor (`[H*W, C]`, token-major in the transformer layers).
+        pr.time("relayout", || {
+            let mut t = ar.take(ch * side * side);
+            nhwc::transpose_par(&cur, ch, side * side, &mut t, par);
+            ar.put(std::mem::replace(&mut cur, t));
+        });
         for (name, blocks) in &self.stages {
             for b in blocks {
                 match b {
                     Block::Mb(m) => {
-                        if !channel_minor {
-                            relayout(&mut cur, ch, side * side, true);
-                            channel_minor = true;
-                        }
                         let (out, s) = m.forward(&cur, par, ar, pr);
                         ar.put(std::mem::replace(&mut cur, out));
                         side = s;
                         ch = m.cout;
                     }
-                    Block::Tf(t) => {
-                        if channel_minor {
-                            relayout(&mut cur, ch, side * side, false);
-                            channel_minor = false;
-                        }
-                        t.forward(&mut cur, par, ar, pr)
-                    }
+                    Block::Tf(t) => t.forward(&mut cur, par, ar, pr),
                 }
             }
             if let Some(t) = taps {
-                let data = if channel_minor {
-                    let mut planar = vec![0.0; cur.len()];
-                    nhwc::transpose(&cur, side * side, ch, &mut planar);
-                    planar
-                } else {
-                    cur.clone()
-                };
-                t.push((name.clone(), vec![ch, side, side], data));
+                let mut planar = vec![0.0; cur.len()];
+                nhwc::transpose(&cur, side * side, ch, &mut planar);
+                t.push((name.clone(), vec![ch, side, side], planar));
             }
         }
         let hw = side * side;
-        if channel_minor {
-            relayout(&mut cur, ch, hw, false);
-        }
         let e = pr.time("head.expand", || self.head_expand.run(&cur, hw, Act::Swish, par, ar));
-        let pooled = kernels::row_means(&e, hw);
+        let pooled = nhwc::channel_means(&e, self.head_expand.w.cout);
         ar.put(e);
         ar.put(cur);
         let mixed = pr.time("head.mix", || self.head_mix.matvec(&pooled, Act::Swish, par));
@@ -646,24 +578,10 @@ impl MbConv {
         let hw_in = g.h * g.w;
         let (ho, wo) = g.out();
         let hw = ho * wo;
-        let expanded = self.expand.as_ref().map(|l| {
-            pr.time("mb.expand", || {
-                let mut e = ar.take(hw_in * self.cmid);
-                nhwc::pointwise(
-                    &l.w,
-                    l.b.as_deref(),
-                    self.cin,
-                    self.cmid,
-                    x,
-                    hw_in,
-                    &mut e,
-                    false,
-                    Act::Swish,
-                    par,
-                );
-                e
-            })
-        });
+        let expanded = self
+            .expand
+            .as_ref()
+            .map(|l| pr.time("mb.expand", || l.run(x, hw_in, Act::Swish, par, ar)));
         let mut d = ar.take(hw * self.cmid);
         pr.time(if g.stride == 1 { "mb.dw" } else { "mb.dw.s2" }, || {
             nhwc::dwconv(
@@ -682,25 +600,14 @@ impl MbConv {
         }
         // SE: scale the projection's input channels, or, where that is fewer multiplies (maps larger than the
         // output width), the projection's weight rows instead.
-        let mut scaled_w = None;
+        let mut se_scale = None;
         if let Some((reduce, expand)) = &self.se {
             pr.time("mb.se", || {
                 let m = nhwc::channel_means(&d, self.cmid);
                 let r = reduce.matvec(&m, Act::Relu, par);
                 let s = expand.matvec(&r, Act::HardSigmoid, par);
                 if self.cout < hw {
-                    // `[cmid, cout]`: input channel i is the contiguous row i.
-                    let mut w = ar.take(self.cout * self.cmid);
-                    for ((wc, pc), &sv) in w
-                        .chunks_exact_mut(self.cout)
-                        .zip(self.project.w.chunks_exact(self.cout))
-                        .zip(&s)
-                    {
-                        for (o, &v) in wc.iter_mut().zip(pc) {
-                            *o = v * sv;
-                        }
-                    }
-                    scaled_w = Some(w);
+                    se_scale = Some(s);
                 } else {
                     nhwc::scale_channels(&mut d, &s);
                 }
@@ -722,29 +629,20 @@ impl MbConv {
             out.copy_from_slice(&sc_in[..hw * self.cout]);
         }
         pr.time("mb.project", || {
-            let w = scaled_w.as_deref().unwrap_or(&self.project.w);
+            let mut buf = None;
+            let w = match &se_scale {
+                Some(s) => self.project.w.scaled(s, buf.insert(ar.take(self.cout * self.cmid))),
+                None => self.project.w.view(),
+            };
             let b = self.project.b.as_deref();
-            nhwc::pointwise(w, b, self.cmid, self.cout, &d, hw, &mut out, identity, Act::None, par)
+            nhwc::pointwise(w, b, &d, hw, &mut out, identity, Act::None, par);
+            if let Some(b) = buf {
+                ar.put(b);
+            }
         });
         ar.put(d);
-        if let Some(w) = scaled_w {
-            ar.put(w);
-        }
         if let Some(l) = &self.shortcut {
-            pr.time("mb.shortcut", || {
-                nhwc::pointwise(
-                    &l.w,
-                    None,
-                    self.cin,
-                    self.cout,
-                    sc_in,
-                    hw,
-                    &mut out,
-                    true,
-                    Act::None,
-                    par,
-                )
-            });
+            pr.time("mb.shortcut", || l.run_add(sc_in, hw, &mut out, par));
         }
         if let Some(p) = pooled {
             ar.put(p);
@@ -754,14 +652,14 @@ impl MbConv {
 }
 
 impl Mlp {
-    /// `t += fc2(act(fc1(u)))` with the layer scale already in fc2.
+    /// `t += fc2(act(fc1(u)))` with the layer scale already in fc2; token-major `u, t: [N, C]`.
     #[allow(clippy::too_many_arguments)]
     fn forward_add(&self, u: &[f32], n: usize, grid: usize, t: &mut [f32], par: Par, ar: &Arena, pr: Prof) {
         let hdn = match &self.dw {
             None => pr.time("tf.mlp.fc1", || self.fc1.run(u, n, Act::Swish, par, ar)),
             Some(w) => {
                 let pre = pr.time("tf.mlp.fc1", || self.fc1.run(u, n, Act::None, par, ar));
-                let mut out = ar.take(self.hidden * n);
+                let mut out = ar.take(n * self.hidden);
                 let g = ConvGeom {
                     h: grid,
                     w: grid,
@@ -769,7 +667,7 @@ impl Mlp {
                     stride: 1,
                 };
                 pr.time("tf.mlp.dw", || {
-                    kernels::dwconv(&pre, self.hidden, g, w, None, &mut out, Act::Swish, par)
+                    nhwc::dwconv(&pre, self.hidden, g, w, None, &mut out, Act::Swish, par)
                 });
                 ar.put(pre);
                 out
@@ -781,16 +679,21 @@ impl Mlp {
 }
 
 impl TfLayer {
-    /// One NASViT transformer layer on `t: [C, N]` in place.
+    /// One NASViT transformer layer on token-major `t: [N, C]` in place.
     fn forward(&self, t: &mut [f32], par: Par, ar: &Arena, pr: Prof) {
         let (c, n) = (self.c, self.grid * self.grid);
-        let mut u = ar.take(c * n);
+        let mut u = ar.take(n * c);
         pr.time("tf.norm", || {
-            kernels::joint_layernorm(t, c, n, &self.norms[0].0, &self.norms[0].1, &mut u)
+            nhwc::joint_layernorm(t, c, &self.norms[0].0, &self.norms[0].1, &mut u)
         });
-        let mut qkv = pr.time("tf.qkv", || self.qkv.run(&u, n, Act::None, par, ar));
-        let (qk, v) = qkv.split_at_mut(2 * c * n);
-        let mut vc = ar.take(V_EXPAND * c * n);
+        let (qk, v) = pr.time("tf.qkv", || {
+            (
+                self.qk.run(&u, n, Act::None, par, ar),
+                self.v.run(&u, n, Act::None, par, ar),
+            )
+        });
+        let dv_all = V_EXPAND * c;
+        let mut vc = ar.take(n * dv_all);
         let g = ConvGeom {
             h: self.grid,
             w: self.grid,
@@ -798,74 +701,66 @@ impl TfLayer {
             stride: 1,
         };
         pr.time("tf.vconv", || {
-            kernels::dwconv(v, V_EXPAND * c, g, &self.vconv, None, &mut vc, Act::None, par)
+            nhwc::dwconv(&v, dv_all, g, &self.vconv, None, &mut vc, Act::None, par)
         });
-        let (q, k) = qk.split_at(c * n);
-        let mut o = ar.take(V_EXPAND * c * n);
+        ar.put(v);
+        let mut o = ar.take(n * dv_all);
         if self.windows == 1 {
-            self.attend(q, k, &vc, n, &mut o, par, ar, pr);
+            self.attend(&qk, &vc, n, &mut o, par, ar, pr);
         } else {
-            // 2x2 windows: gather each window's tokens, attend inside it, scatter back.
+            // 2x2 windows: gather each window's token rows, attend inside it, scatter the rows back.
             let side = self.grid / 2;
             let tw = side * side;
-            let gather = |src: &[f32], rows: usize, wy: usize, wx: usize| -> Vec<f32> {
-                let mut out = ar.take(rows * tw);
-                for r in 0..rows {
-                    for y in 0..side {
-                        let s = r * n + (wy * side + y) * self.grid + wx * side;
-                        out[r * tw + y * side..r * tw + (y + 1) * side].copy_from_slice(&src[s..s + side]);
-                    }
-                }
-                out
-            };
+            let token = |wy: usize, wx: usize, i: usize| (wy * side + i / side) * self.grid + wx * side + i % side;
             for wy in 0..2 {
                 for wx in 0..2 {
-                    let (qw, kw, vw) = (
-                        gather(q, c, wy, wx),
-                        gather(k, c, wy, wx),
-                        gather(&vc, V_EXPAND * c, wy, wx),
-                    );
-                    let mut ow = ar.take(V_EXPAND * c * tw);
-                    self.attend(&qw, &kw, &vw, tw, &mut ow, par, ar, pr);
-                    for r in 0..V_EXPAND * c {
-                        for y in 0..side {
-                            let d = r * n + (wy * side + y) * self.grid + wx * side;
-                            o[d..d + side].copy_from_slice(&ow[r * tw + y * side..r * tw + (y + 1) * side]);
-                        }
+                    let mut qkw = ar.take(tw * 2 * c);
+                    let mut vw = ar.take(tw * dv_all);
+                    for i in 0..tw {
+                        let r = token(wy, wx, i);
+                        qkw[i * 2 * c..(i + 1) * 2 * c].copy_from_slice(&qk[r * 2 * c..(r + 1) * 2 * c]);
+                        vw[i * dv_all..(i + 1) * dv_all].copy_from_slice(&vc[r * dv_all..(r + 1) * dv_all]);
                     }
-                    for b in [qw, kw, vw, ow] {
+                    let mut ow = ar.take(tw * dv_all);
+                    self.attend(&qkw, &vw, tw, &mut ow, par, ar, pr);
+                    for i in 0..tw {
+                        let r = token(wy, wx, i);
+                        o[r * dv_all..(r + 1) * dv_all].copy_from_slice(&ow[i * dv_all..(i + 1) * dv_all]);
+                    }
+                    for b in [qkw, vw, ow] {
                         ar.put(b);
                     }
                 }
             }
         }
-        ar.put(qkv);
+        ar.put(qk);
         ar.put(vc);
         pr.time("tf.proj", || {
-            kernels::bias_act(&mut o, n, None, Act::Swish, par);
+            kernels::bias_act(&mut o, dv_all, None, Act::Swish, par);
             self.proj.run_add(&o, n, t, par)
         });
         ar.put(o);
         // MLP2 (norm3) first, then MLP1 (norm2), as the released layer does.
         pr.time("tf.norm", || {
-            kernels::joint_layernorm(t, c, n, &self.norms[2].0, &self.norms[2].1, &mut u)
+            nhwc::joint_layernorm(t, c, &self.norms[2].0, &self.norms[2].1, &mut u)
         });
         self.mlp2.forward_add(&u, n, self.grid, t, par, ar, pr);
         pr.time("tf.norm", || {
-            kernels::joint_layernorm(t, c, n, &self.norms[1].0, &self.norms[1].1, &mut u)
+            nhwc::joint_layernorm(t, c, &self.norms[1].0, &self.norms[1].1, &mut u)
         });
         self.mlp1.forward_add(&u, n, self.grid, t, par, ar, pr);
         ar.put(u);
     }
 
-    /// Talking-heads attention over `tn` tokens: q, k `[C, T]`, v `[4C, T]` -> o `[4C, T]`.
+    /// Talking-heads attention over `tn` tokens, token-major: `qk: [T, 2C]` (q then k), `v: [T, 4C]` ->
+    /// `o: [T, 4C]`.
     #[allow(clippy::too_many_arguments)]
-    fn attend(&self, q: &[f32], k: &[f32], v: &[f32], tn: usize, o: &mut [f32], par: Par, ar: &Arena, pr: Prof) {
-        let h = self.heads;
-        let tt = tn * tn;
+    fn attend(&self, qk: &[f32], v: &[f32], tn: usize, o: &mut [f32], par: Par, ar: &Arena, pr: Prof) {
+        let (h, c) = (self.heads, self.c);
         let dv = V_EXPAND * HEAD_DIM;
+        let dv_all = V_EXPAND * c;
         // Probabilities `[query, head, key]`.
-        let mut a = ar.take(h * tt);
+        let mut a = ar.take(h * tn * tn);
         let th = kernels::TalkingHeads {
             heads: h,
             head_dim: HEAD_DIM,
@@ -878,17 +773,27 @@ impl TfLayer {
             ww: &self.proj_w.w,
             bw: self.proj_w.b.as_deref().unwrap_or(&[]),
         };
-        pr.time("tf.attn.probs", || kernels::attention_probs(&th, q, k, tn, &mut a, par));
+        pr.time("tf.attn.probs", || {
+            // The scores read K as `[C, T]` rows; Q is read in place, token-major.
+            let mut kt = ar.take(c * tn);
+            nhwc::transpose_block(qk, tn, 2 * c, c, c, &mut kt);
+            kernels::attention_probs(&th, (qk, 2 * c, 1), &kt, tn, &mut a, par);
+            ar.put(kt);
+        });
         pr.time("tf.attn.av", || {
-            par.chunks_mut(&mut o[..h * dv * tn], dv * tn, &|j, oj| {
-                let vj = Mat::rows(&v[j * dv * tn..], tn);
-                // (key, query) -> a[query, j, key]
-                let aj = Mat {
-                    data: &a[j * tn..],
-                    rs: 1,
-                    cs: h * tn,
-                };
-                kernels::matmul(dv, tn, tn, vj, aj, oj, tn, false);
+            // o[query, j dv ..] = A_j[query, key] V[key, j dv ..], each thread a range of query rows.
+            let rows = tn.div_ceil(par.threads.max(1)).div_ceil(4) * 4;
+            par.chunks_mut(&mut o[..tn * dv_all], rows * dv_all, &|b, orows| {
+                let (q0, m) = (b * rows, orows.len() / dv_all);
+                for j in 0..h {
+                    let aj = Mat {
+                        data: &a[q0 * h * tn + j * tn..],
+                        rs: h * tn,
+                        cs: 1,
+                    };
+                    let vj = Mat::rows(&v[j * dv..], dv_all);
+                    kernels::matmul(m, dv, tn, aj, vj, &mut orows[j * dv..], dv_all, false);
+                }
             })
         });
         ar.put(a);

@@ -147,7 +147,7 @@ multiversion! {
 
 // After the macro: it is in scope for the module by text order.
 #[cfg(target_arch = "x86_64")]
-mod gemm512;
+pub(crate) mod gemm512;
 pub mod nhwc;
 pub mod pool;
 
@@ -271,7 +271,7 @@ pub fn matmul(m: usize, n: usize, k: usize, a: Mat, b: Mat, dst: &mut [f32], ldd
                 a.rs,
                 a.cs,
                 b.data.as_ptr(),
-                b.rs,
+                gemm512::BLayout::RowMajor(b.rs),
                 dst.as_mut_ptr(),
                 ldd,
                 accumulate,
@@ -1111,7 +1111,7 @@ const QB: usize = 4;
 #[inline(always)]
 fn attention_block_impl(
     th: &TalkingHeads,
-    q: &[f32],
+    q: (&[f32], usize, usize),
     k: &[f32],
     tn: usize,
     q0: usize,
@@ -1147,7 +1147,7 @@ fn attention_block_impl(
             nq,
             hd,
             tn,
-            (&q[j * hd * tn + q0..], 1, tn),
+            (&q.0[j * hd * q.2 + q0 * q.1..], q.1, q.2),
             (&k[j * hd * tn..], tn),
             init,
             (&mut s1[j * nq * tn..(j + 1) * nq * tn], tn),
@@ -1293,7 +1293,7 @@ fn small_mm_block<const L: usize, const R: usize>(
 multiversion! {
     fn attention_block(
         th: &TalkingHeads,
-        q: &[f32],
+        q: (&[f32], usize, usize),
         k: &[f32],
         tn: usize,
         q0: usize,
@@ -1303,11 +1303,13 @@ multiversion! {
 }
 
 /// Attention probabilities of talking-heads attention over `tn` tokens, fused per block of query rows so that
-/// scores, both head mixes and the softmax stay in L1: `q`, `k` `[h * head_dim, T]` (q already scaled) ->
-/// `out[query, head, key]`, i.e. `softmax_k(Wl (q_j . k_j + rpb_j) + bl)` mixed again by `Ww`, `bw`.
-pub fn attention_probs(th: &TalkingHeads, q: &[f32], k: &[f32], tn: usize, out: &mut [f32], par: Par) {
+/// scores, both head mixes and the softmax stay in L1: `q` (already scaled) as (data, query stride, channel
+/// stride), so `[C, T]` or token-major `[T, ld]` alike, `k` `[h * head_dim, T]` -> `out[query, head, key]`, i.e.
+/// `softmax_k(Wl (q_j . k_j + rpb_j) + bl)` mixed again by `Ww`, `bw`.
+pub fn attention_probs(th: &TalkingHeads, q: (&[f32], usize, usize), k: &[f32], tn: usize, out: &mut [f32], par: Par) {
     let h = th.heads;
-    assert!(q.len() >= h * th.head_dim * tn && k.len() >= h * th.head_dim * tn);
+    let last_q = (tn.max(1) - 1) * q.1 + (h * th.head_dim).max(1) * q.2 - q.2;
+    assert!((tn == 0 || h == 0 || q.0.len() > last_q) && k.len() >= h * th.head_dim * tn);
     match th.rpb {
         Rpb::Dense(d) => assert!(d.len() >= h * tn * tn),
         Rpb::Table { rev, side } => assert!(side * side == tn && rev.len() >= h * (2 * side - 1).pow(2)),
@@ -1571,13 +1573,23 @@ mod tests {
                     ww: &ww,
                     bw: &bw,
                 };
-                let mut out = vec![f32::NAN; tn * h * tn];
-                attention_probs(&th, &q, &k, tn, &mut out, Par { threads });
-                for i in 0..h {
-                    for a in 0..tn {
-                        for b in 0..tn {
-                            let (g, w) = (out[(a * h + i) * tn + b], s3[(i * tn + a) * tn + b]);
-                            assert!((g as f64 - w).abs() < 1e-5, "h {h} side {side}: {g} vs {w}");
+                // q planar `[C, T]`, and token-major `[T, C]` as the engine passes it.
+                let c = h * hd;
+                let mut qt = vec![0.0f32; c * tn];
+                for ch in 0..c {
+                    for t in 0..tn {
+                        qt[t * c + ch] = q[ch * tn + t];
+                    }
+                }
+                for qv in [(&q[..], 1, tn), (&qt[..], c, 1)] {
+                    let mut out = vec![f32::NAN; tn * h * tn];
+                    attention_probs(&th, qv, &k, tn, &mut out, Par { threads });
+                    for i in 0..h {
+                        for a in 0..tn {
+                            for b in 0..tn {
+                                let (g, w) = (out[(a * h + i) * tn + b], s3[(i * tn + a) * tn + b]);
+                                assert!((g as f64 - w).abs() < 1e-5, "h {h} side {side}: {g} vs {w}");
+                            }
                         }
                     }
                 }

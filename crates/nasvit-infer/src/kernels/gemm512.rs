@@ -21,12 +21,28 @@ fn lanes(nb: usize, v: usize) -> __mmask16 {
     }
 }
 
-/// `c[m, n] (+)= a[m, k] b[k, n]`: `a(i, p) = a[i * ars + p * acs]`, `b(p, j) = b[p * ldb + j]`,
-/// `c(i, j) = c[i * ldc + j]`.
+/// How `b` is stored.
+#[derive(Clone, Copy, Debug)]
+pub enum BLayout {
+    /// `b(p, j) = b[p * ld + j]`.
+    RowMajor(usize),
+    /// In panels of `PANEL` columns (the last one narrower), each `[k, width]` row-major and stored one after the
+    /// other: `b(p, j) = b[j0 k + p w + (j - j0)]` for the panel `j0 = PANEL (j / PANEL)` of width `w`. Every
+    /// panel is one sequential stream: weights packed once at load, read without the strided misses of a cold
+    /// row-major weight (`nhwc::PwWeight`).
+    Panels,
+}
+
+/// Columns per panel of `BLayout::Panels` (3 vectors).
+pub const PANEL: usize = 48;
+
+/// `c[m, n] (+)= a[m, k] b[k, n]`: `a(i, p) = a[i * ars + p * acs]`, `b` as `layout` says, `c(i, j) =
+/// c[i * ldc + j]`.
 ///
 /// # Safety
 /// The CPU must have AVX-512F, and every such index for `i < m`, `p < k`, `j < n` must be inside its buffer
-/// (the callers assert it on slices). `c` must not overlap `a` or `b`.
+/// (the callers assert it on slices). `c` must not overlap `a` or `b`. With `Panels`, `b` points at the start
+/// of a panel.
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn gemm(
@@ -37,7 +53,7 @@ pub unsafe fn gemm(
     ars: usize,
     acs: usize,
     b: *const f32,
-    ldb: usize,
+    layout: BLayout,
     c: *mut f32,
     ldc: usize,
     accumulate: bool,
@@ -46,9 +62,13 @@ pub unsafe fn gemm(
     // accumulators within 24 of the 32 vector registers.
     let mut j = 0;
     while j < n {
-        let nb = (n - j).min(48);
+        let nb = (n - j).min(PANEL);
         let v = nb.div_ceil(16);
-        let (bj, cj) = (b.add(j), c.add(j));
+        let (bj, ldb) = match layout {
+            BLayout::RowMajor(ld) => (b.add(j), ld),
+            BLayout::Panels => (b.add(j * k), nb),
+        };
+        let cj = c.add(j);
         match v {
             3 => rows::<8, 3>(m, nb, k, a, ars, acs, bj, ldb, cj, ldc, accumulate),
             2 => rows::<12, 2>(m, nb, k, a, ars, acs, bj, ldb, cj, ldc, accumulate),

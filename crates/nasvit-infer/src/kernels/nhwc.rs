@@ -48,6 +48,56 @@ fn transpose_cols(x: &[f32], rows: usize, cols: usize, c0: usize, out: &mut [f32
     }
 }
 
+/// `out[cols, rows] = x[:, col0 .. col0 + cols]^T` for `x: [rows, ld]` (one block of columns, e.g. K out of the
+/// token-major `[T, 2C]` q-k buffer).
+pub fn transpose_block(x: &[f32], rows: usize, ld: usize, col0: usize, cols: usize, out: &mut [f32]) {
+    assert!(col0 + cols <= ld && x.len() >= rows * ld && out.len() >= rows * cols);
+    for r0 in (0..rows).step_by(8) {
+        let r1 = (r0 + 8).min(rows);
+        for r in r0..r1 {
+            let src = &x[r * ld + col0..r * ld + col0 + cols];
+            for (j, &v) in src.iter().enumerate() {
+                out[j * rows + r] = v;
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn joint_layernorm_impl(x: &[f32], c: usize, gamma: &[f32], beta: &[f32], out: &mut [f32], fma: bool) {
+    let len = x.len() / c.max(1) * c;
+    // One pass of sum and sum of squares in f64, in 8 lanes so that it vectorises (as the planar kernel).
+    let (mut s, mut q) = ([0.0f64; 8], [0.0f64; 8]);
+    let chunks = x[..len].chunks_exact(8);
+    let rest = chunks.remainder();
+    for ch in chunks {
+        for i in 0..8 {
+            let v = ch[i] as f64;
+            s[i] += v;
+            q[i] += v * v;
+        }
+    }
+    let sum = s.iter().sum::<f64>() + rest.iter().map(|&v| v as f64).sum::<f64>();
+    let sq = q.iter().sum::<f64>() + rest.iter().map(|&v| v as f64 * v as f64).sum::<f64>();
+    let mean = sum / len.max(1) as f64;
+    let var = (sq / len.max(1) as f64 - mean * mean).max(0.0);
+    let inv = 1.0 / (var + 1e-5).sqrt();
+    let scale: Vec<f32> = gamma[..c].iter().map(|&g| (inv * g as f64) as f32).collect();
+    let shift: Vec<f32> = (0..c).map(|ch| beta[ch] - (mean * inv) as f32 * gamma[ch]).collect();
+    for (o, xr) in out[..len].chunks_exact_mut(c).zip(x[..len].chunks_exact(c)) {
+        for (((o, &v), &a), &b) in o.iter_mut().zip(xr).zip(&scale).zip(&shift) {
+            *o = madd(fma, v, a, b);
+        }
+    }
+}
+
+multiversion! {
+    /// Joint LayerNorm (NASVIT.md 2.2) on token-major `x: [n, c]`: one mean and variance over all values, eps
+    /// 1e-5, then the per-channel affine.
+    pub fn joint_layernorm(x: &[f32], c: usize, gamma: &[f32], beta: &[f32], out: &mut [f32]) =
+        joint_layernorm_impl;
+}
+
 /// `row[i] = act(row[i] + bias[i])` for each row of `x: [rows, c]`.
 #[inline(always)]
 fn bias_act_rows_impl(x: &mut [f32], c: usize, bias: Option<&[f32]>, act: Act, fma: bool) {
@@ -83,16 +133,135 @@ multiversion! {
     fn bias_act_rows(x: &mut [f32], c: usize, bias: Option<&[f32]>, act: Act) = bias_act_rows_impl;
 }
 
-/// A 1x1 conv on `x: [n, cin]`: `out[n, cout] = act(x wt + bias)` with `wt: [cin, cout]` (the engine's
-/// column-major GEMM weight), or with `accumulate`, `out += x wt + bias` (then `act` must be `None`).
-///
-/// Threads take contiguous ranges of pixels; each walks its range in blocks of about 64 KiB of output and applies
-/// bias and activation to a block right after its GEMM, while it is in cache.
-pub fn pointwise(
-    wt: &[f32],
-    bias: Option<&[f32]>,
+/// A 1x1 conv / linear weight as `pointwise` reads it: `[cin, cout]`, packed in column panels where the engine's
+/// own GEMM runs (`gemm512::BLayout::Panels`: each panel one sequential stream, so a cold weight streams from
+/// memory instead of missing once per row), plain row-major `[cin, cout]` for the `gemm` crate elsewhere.
+pub struct PwWeight {
+    w: Vec<f32>,
+    pub cin: usize,
+    pub cout: usize,
+    panels: bool,
+}
+
+/// A borrowed `PwWeight` (or a scaled copy of one, see `PwWeight::scaled`).
+#[derive(Clone, Copy)]
+pub struct PwView<'a> {
+    w: &'a [f32],
     cin: usize,
     cout: usize,
+    panels: bool,
+}
+
+#[cfg(target_arch = "x86_64")]
+use super::gemm512::PANEL;
+#[cfg(not(target_arch = "x86_64"))]
+const PANEL: usize = 48;
+
+/// `(first column, width)` of each column panel of a `cout`-wide weight.
+fn panels(cout: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..cout).step_by(PANEL).map(move |j0| (j0, PANEL.min(cout - j0)))
+}
+
+impl PwWeight {
+    /// From the PyTorch layout `[cout, cin]`.
+    pub fn new(w: &[f32], cout: usize, cin: usize) -> Self {
+        assert!(w.len() >= cout * cin);
+        let packed = super::own_gemm();
+        let mut t = vec![0.0f32; cin * cout];
+        if packed {
+            for (j0, nb) in panels(cout) {
+                let panel = &mut t[j0 * cin..(j0 + nb) * cin];
+                for (p, row) in panel.chunks_exact_mut(nb).enumerate() {
+                    for (j, v) in row.iter_mut().enumerate() {
+                        *v = w[(j0 + j) * cin + p];
+                    }
+                }
+            }
+        } else {
+            for o in 0..cout {
+                for i in 0..cin {
+                    t[i * cout + o] = w[o * cin + i];
+                }
+            }
+        }
+        PwWeight {
+            w: t,
+            cin,
+            cout,
+            panels: packed,
+        }
+    }
+
+    pub fn view(&self) -> PwView<'_> {
+        PwView {
+            w: &self.w,
+            cin: self.cin,
+            cout: self.cout,
+            panels: self.panels,
+        }
+    }
+
+    /// This weight with input channel `i` scaled by `s[i]` (the SE excitation folded in), written to `buf`.
+    pub fn scaled<'a>(&self, s: &[f32], buf: &'a mut [f32]) -> PwView<'a> {
+        let buf = &mut buf[..self.w.len()];
+        let s = &s[..self.cin];
+        if self.panels {
+            for (j0, nb) in panels(self.cout) {
+                let range = j0 * self.cin..(j0 + nb) * self.cin;
+                for ((d, w), &f) in buf[range.clone()]
+                    .chunks_exact_mut(nb)
+                    .zip(self.w[range].chunks_exact(nb))
+                    .zip(s)
+                {
+                    for (d, &w) in d.iter_mut().zip(w) {
+                        *d = w * f;
+                    }
+                }
+            }
+        } else {
+            for ((d, w), &f) in buf
+                .chunks_exact_mut(self.cout)
+                .zip(self.w.chunks_exact(self.cout))
+                .zip(s)
+            {
+                for (d, &w) in d.iter_mut().zip(w) {
+                    *d = w * f;
+                }
+            }
+        }
+        PwView {
+            w: buf,
+            cin: self.cin,
+            cout: self.cout,
+            panels: self.panels,
+        }
+    }
+}
+
+/// A pointer that may cross threads, for the column split of `pointwise` (see the SAFETY notes there).
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: only used to write disjoint column ranges of one buffer from several threads, each range by one thread.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    // A method, so that closures capture the whole (Sync) wrapper, not its raw pointer field.
+    fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+
+/// A 1x1 conv on `x: [n, cin]`: `out[n, cout] = act(x W + bias)`, or with `accumulate`, `out += x W + bias`
+/// (then `act` must be `None`).
+///
+/// Threads take contiguous ranges of pixels, or, for the few tokens of the transformer stages (where each thread
+/// would read the whole weight for a few dozen rows), ranges of column panels. Either way a thread walks its part
+/// in blocks of about 64 KiB of output and applies bias and activation to a block right after its GEMM, while it
+/// is in cache.
+pub fn pointwise(
+    w: PwView,
+    bias: Option<&[f32]>,
     x: &[f32],
     n: usize,
     out: &mut [f32],
@@ -100,13 +269,54 @@ pub fn pointwise(
     act: Act,
     par: Par,
 ) {
+    let (cin, cout) = (w.cin, w.cout);
     assert!(!accumulate || act == Act::None, "an activation after an accumulate");
-    assert!(wt.len() >= cin * cout && x.len() >= n * cin && out.len() >= n * cout);
+    assert!(w.w.len() >= cin * cout && x.len() >= n * cin && out.len() >= n * cout);
     assert!(bias.is_none_or(|b| b.len() >= cout));
     if n == 0 || cout == 0 {
         return;
     }
     let out = &mut out[..n * cout];
+    let threads = if par.threads > 1 && n * cin * cout >= 1 << 17 {
+        par.threads
+    } else {
+        1
+    };
+    let npanels = cout.div_ceil(PANEL);
+    #[cfg(target_arch = "x86_64")]
+    if w.panels && threads > 1 && n * threads < 1024 && npanels >= threads {
+        let per = npanels.div_ceil(threads);
+        let dst = OutPtr(out.as_mut_ptr());
+        super::pool::run(threads, npanels.div_ceil(per), &|t| {
+            let (j0, j1) = (t * per * PANEL, ((t + 1) * per * PANEL).min(cout));
+            // SAFETY: the CPU has AVX-512 (`w.panels` is set only then); task t alone writes columns [j0, j1) of
+            // the n rows of `out` (row stride cout, asserted n * cout long above), reads x [n, cin] and the
+            // panels of columns [j0, j1), which start at w[j0 cin] (j0 is a multiple of PANEL).
+            unsafe {
+                super::gemm512::gemm(
+                    n,
+                    j1 - j0,
+                    cin,
+                    x.as_ptr(),
+                    cin,
+                    1,
+                    w.w.as_ptr().add(j0 * cin),
+                    super::gemm512::BLayout::Panels,
+                    dst.at(j0),
+                    cout,
+                    accumulate,
+                )
+            };
+            if bias.is_some() || act != Act::None {
+                for r in 0..n {
+                    // SAFETY: columns [j0, j1) of row r are this task's (see above) and inside `out`.
+                    let seg = unsafe { std::slice::from_raw_parts_mut(dst.at(r * cout + j0), j1 - j0) };
+                    bias_act_rows(seg, j1 - j0, bias.map(|b| &b[j0..j1]), act);
+                }
+            }
+        });
+        return;
+    }
     let block = ((1 << 14) / cout).clamp(16, 512);
     let run = |p0: usize, o: &mut [f32]| {
         let m = o.len() / cout;
@@ -114,29 +324,47 @@ pub fn pointwise(
         while i < m {
             let nb = block.min(m - i);
             let ob = &mut o[i * cout..(i + nb) * cout];
-            matmul(
-                nb,
-                cout,
-                cin,
-                Mat::rows(&x[(p0 + i) * cin..], cin),
-                Mat::rows(wt, cout),
-                ob,
-                cout,
-                accumulate,
-            );
+            let xb = &x[(p0 + i) * cin..(p0 + i + nb) * cin];
+            #[cfg(target_arch = "x86_64")]
+            if w.panels {
+                // SAFETY: the CPU has AVX-512 (`w.panels` is set only then); xb is [nb, cin], the weight [cin, cout]
+                // in panels, ob [nb, cout]: every index of the product is inside them.
+                unsafe {
+                    super::gemm512::gemm(
+                        nb,
+                        cout,
+                        cin,
+                        xb.as_ptr(),
+                        cin,
+                        1,
+                        w.w.as_ptr(),
+                        super::gemm512::BLayout::Panels,
+                        ob.as_mut_ptr(),
+                        cout,
+                        accumulate,
+                    )
+                };
+            }
+            if !w.panels {
+                matmul(
+                    nb,
+                    cout,
+                    cin,
+                    Mat::rows(xb, cin),
+                    Mat::rows(w.w, cout),
+                    ob,
+                    cout,
+                    accumulate,
+                );
+            }
             if bias.is_some() || act != Act::None {
                 bias_act_rows(ob, cout, bias, act);
             }
             i += nb;
         }
     };
-    // Below ~100k MACs a fork/join costs more than it saves.
-    let tasks = if par.threads > 1 && n * cin * cout >= 1 << 17 {
-        par.threads.min(n.div_ceil(16))
-    } else {
-        1
-    };
-    if tasks == 1 {
+    let tasks = threads.min(n.div_ceil(16));
+    if tasks <= 1 {
         run(0, out);
         return;
     }
@@ -669,25 +897,52 @@ mod tests {
 
     #[test]
     fn pointwise_matches_naive() {
-        // Both sides of the threading threshold, with and without accumulate.
-        for (n, cin, cout) in [(7, 5, 13), (3136, 16, 24), (196, 72, 200), (50, 9, 9)] {
-            let (x, wt, b) = (values(n * cin, 1), values(cin * cout, 2), values(cout, 3));
+        // Both sides of the threading threshold, pixel and column-panel splits, partial panels, with and without
+        // accumulate.
+        for (n, cin, cout) in [
+            (7, 5, 13),
+            (3136, 16, 24),
+            (196, 72, 200),
+            (50, 9, 9),
+            (49, 64, 100),
+            (300, 8, 97),
+        ] {
+            let (x, w, b) = (values(n * cin, 1), values(cout * cin, 2), values(cout, 3));
+            let pw = PwWeight::new(&w, cout, cin);
             let start = values(n * cout, 4);
             for (acc, act) in [(false, Act::None), (false, Act::Relu), (true, Act::None)] {
                 let mut want = start.clone();
                 for p in 0..n {
                     for o in 0..cout {
-                        let s: f32 = (0..cin).map(|i| x[p * cin + i] * wt[i * cout + o]).sum::<f32>() + b[o];
+                        let s: f32 = (0..cin).map(|i| x[p * cin + i] * w[o * cin + i]).sum::<f32>() + b[o];
                         let v = if acc { want[p * cout + o] + s } else { s };
                         want[p * cout + o] = if act == Act::Relu { v.max(0.0) } else { v };
                     }
                 }
                 for threads in [1, 2, 3] {
                     let mut out = start.clone();
-                    pointwise(&wt, Some(&b), cin, cout, &x, n, &mut out, acc, act, Par { threads });
+                    pointwise(pw.view(), Some(&b), &x, n, &mut out, acc, act, Par { threads });
                     assert_eq!(out, want, "n {n} cin {cin} cout {cout} acc {acc} threads {threads}");
                 }
             }
+            // The SE-scaled copy equals scaling the input channels.
+            let s: Vec<f32> = (0..cin).map(|i| (i % 3) as f32 - 1.0).collect();
+            let mut xs = x.clone();
+            scale_channels(&mut xs, &s);
+            let (mut a, mut e) = (vec![0.0; n * cout], vec![0.0; n * cout]);
+            let mut buf = vec![0.0; cin * cout];
+            pointwise(
+                pw.scaled(&s, &mut buf),
+                None,
+                &x,
+                n,
+                &mut a,
+                false,
+                Act::None,
+                Par { threads: 2 },
+            );
+            pointwise(pw.view(), None, &xs, n, &mut e, false, Act::None, Par { threads: 2 });
+            assert_eq!(a, e, "scaled n {n}");
         }
     }
 
