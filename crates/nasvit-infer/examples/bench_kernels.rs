@@ -110,6 +110,8 @@ fn main() {
         (192, 56, 5, 2, Act::Swish),
         (64, 112, 3, 2, Act::None),
         (96, 56, 3, 1, Act::None),
+        (96, 56, 3, 1, Act::Swish),
+        (64, 112, 3, 2, Act::Swish),
         (256, 14, 3, 1, Act::None),
         (640, 7, 3, 2, Act::None),
         (192, 56, 5, 1, Act::None),
@@ -127,9 +129,14 @@ fn main() {
             kernels::dwconv(&x, c, g, &w, Some(&b), &mut out, act, par)
         });
         let wt = nhwc::dw_weights(&w, c, k * k);
-        time(&format!("dw nhwc c{c} {h}x{h} k{k} s{s} {act:?}"), macs, "MAC", || {
-            nhwc::dwconv(&x, c, g, &wt, Some(&b), &mut out, act, par)
-        });
+        for threads in [1, 2] {
+            time(
+                &format!("dw nhwc c{c} {h}x{h} k{k} s{s} {act:?}, {threads} thr"),
+                macs,
+                "MAC",
+                || nhwc::dwconv(&x, c, g, &wt, Some(&b), &mut out, act, Par { threads }),
+            );
+        }
     }
     {
         // The stem: 3 -> 24 channels, 3x3 stride 2 at 224 px, then swish.

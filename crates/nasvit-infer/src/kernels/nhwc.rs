@@ -550,7 +550,14 @@ pub fn dwconv(x: &[f32], c: usize, g: ConvGeom, wt: &[f32], bias: Option<&[f32]>
         return;
     }
     let out = &mut out[..ho * wo * c];
-    let rows = par.min_len(ho, wo * c * g.k * g.k);
+    // One contiguous range of rows per thread, not dynamically claimed single rows: the input was written by the
+    // 1x1 conv before, whose threads took contiguous pixel ranges in the same order, so each thread finds its
+    // rows in its own core's cache (interleaved rows ran 1.6x slower than the warm kernel).
+    let rows = if par.threads > 1 && ho * wo * c * g.k * g.k >= 1 << 15 {
+        ho.div_ceil(par.threads)
+    } else {
+        ho
+    };
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx512f") {
         par.chunks_mut(out, rows * wo * c, &|i, o| {
