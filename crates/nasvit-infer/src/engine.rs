@@ -176,6 +176,8 @@ pub struct Engine {
     pub preprocess: Preprocess,
     in_channels: usize,
     stem: Linear,
+    /// Tap-major `[cin*9, C0]` (`nhwc::conv_stem`).
+    stem_wt: Vec<f32>,
     stem_geom: ConvGeom,
     stages: Vec<(String, Vec<Block>)>,
     head_expand: Pointwise,
@@ -397,6 +399,10 @@ impl Engine {
             labels: model.labels.clone(),
             preprocess: model.preprocess.clone(),
             in_channels: sh.in_channels,
+            stem_wt: {
+                let stem = linear(model, "stem", true)?;
+                nhwc::dw_weights(&stem.w, stem.cout, stem.cin)
+            },
             stem: linear(model, "stem", true)?,
             stem_geom: ConvGeom {
                 h: sh.resolution,
@@ -518,13 +524,17 @@ impl Engine {
         let (ho, _) = g.out();
         let mut cur = ar.take(self.stem.cout * ho * ho);
         let bias = self.stem.b.as_deref().unwrap_or(&[]);
-        pr.time("stem", || {
-            kernels::conv_dense(
+        let mut side = ho;
+        let mut ch = self.stem.cout;
+        // Everything after the stem is channel-minor (`[H*W, C]`, token-major in the transformer layers); the stem
+        // writes that layout itself where it can, else runs planar and is transposed.
+        let direct = pr.time("stem", || {
+            nhwc::conv_stem(
                 x,
                 self.in_channels,
                 g,
-                &self.stem.w,
-                self.stem.cout,
+                &self.stem_wt,
+                ch,
                 bias,
                 &mut cur,
                 Act::Swish,
@@ -532,17 +542,32 @@ impl Engine {
                 ar,
             )
         });
-        let mut side = ho;
-        let mut ch = self.stem.cout;
-        if let Some(t) = taps {
-            t.push(("stem".into(), vec![ch, side, side], cur.clone()));
+        if !direct {
+            pr.time("stem", || {
+                kernels::conv_dense(
+                    x,
+                    self.in_channels,
+                    g,
+                    &self.stem.w,
+                    ch,
+                    bias,
+                    &mut cur,
+                    Act::Swish,
+                    par,
+                    ar,
+                )
+            });
+            pr.time("relayout", || {
+                let mut t = ar.take(ch * side * side);
+                nhwc::transpose_par(&cur, ch, side * side, &mut t, par);
+                ar.put(std::mem::replace(&mut cur, t));
+            });
         }
-        // Everything after the stem is channel-minor (`[H*W, C]`, token-major in the transformer layers).
-        pr.time("relayout", || {
-            let mut t = ar.take(ch * side * side);
-            nhwc::transpose_par(&cur, ch, side * side, &mut t, par);
-            ar.put(std::mem::replace(&mut cur, t));
-        });
+        if let Some(t) = taps {
+            let mut planar = vec![0.0; cur.len()];
+            nhwc::transpose(&cur, side * side, ch, &mut planar);
+            t.push(("stem".into(), vec![ch, side, side], planar));
+        }
         for (name, blocks) in &self.stages {
             for b in blocks {
                 match b {
