@@ -967,11 +967,13 @@ multiversion! {
         matvec_rows_impl;
 }
 
-/// `y[o] = act(w[o, :] . x + b[o])` for a `[cout, cin]` matrix. The head's are megabytes, read once from memory:
-/// those are split across threads, whose cores each bring their own bandwidth.
+/// `y[o] = act(w[o, :] . x + b[o])` for a `[cout, cin]` matrix. These weights (the head's, the SE layers') are
+/// read once per run, cold, from memory: a product is memory-bound from a few dozen kilobytes on (an SE layer of
+/// 960 x 240 took 80 us on one thread), so it is split across threads, whose cores each bring their own
+/// bandwidth.
 pub fn matvec(w: &[f32], b: Option<&[f32]>, cout: usize, cin: usize, x: &[f32], act: Act, par: Par) -> Vec<f32> {
     let mut y = vec![0.0; cout];
-    if par.threads > 1 && cout * cin >= 1 << 18 {
+    if par.threads > 1 && cout * cin >= 1 << 14 {
         let rows = cout.div_ceil(par.threads * 4).max(1);
         par.chunks_mut(&mut y, rows, &|t, yc| matvec_rows(w, b, cin, x, act, t * rows, yc));
     } else {
