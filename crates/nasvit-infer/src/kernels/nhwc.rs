@@ -282,31 +282,40 @@ pub fn pointwise(
     } else {
         1
     };
-    let npanels = cout.div_ceil(PANEL);
+    // Columns when the weight outweighs the activations (few tokens, wide layers): each thread then streams only
+    // its share of the (cold) weight. Ranges in whole vectors of 16, so that narrow layers split evenly too.
     #[cfg(target_arch = "x86_64")]
-    if w.panels && threads > 1 && n * threads < 1024 && npanels >= threads {
-        let per = npanels.div_ceil(threads);
+    if w.panels && threads > 1 && cout >= 2 * n && cout >= 32 * threads {
+        let per = cout.div_ceil(16).div_ceil(threads) * 16;
         let dst = OutPtr(out.as_mut_ptr());
-        super::pool::run(threads, npanels.div_ceil(per), &|t| {
-            let (j0, j1) = (t * per * PANEL, ((t + 1) * per * PANEL).min(cout));
-            // SAFETY: the CPU has AVX-512 (`w.panels` is set only then); task t alone writes columns [j0, j1) of
-            // the n rows of `out` (row stride cout, asserted n * cout long above), reads x [n, cin] and the
-            // panels of columns [j0, j1), which start at w[j0 cin] (j0 is a multiple of PANEL).
-            unsafe {
-                super::gemm512::gemm(
-                    n,
-                    j1 - j0,
-                    cin,
-                    x.as_ptr(),
-                    cin,
-                    1,
-                    w.w.as_ptr().add(j0 * cin),
-                    super::gemm512::BLayout::Panels,
-                    dst.at(j0),
-                    cout,
-                    accumulate,
-                )
-            };
+        super::pool::run(threads, cout.div_ceil(per), &|t| {
+            let (j0, j1) = (t * per, ((t + 1) * per).min(cout));
+            // The range, panel by panel: inside a panel the weight is row-major with the panel's width.
+            let mut j = j0;
+            while j < j1 {
+                let p0 = j / PANEL * PANEL;
+                let width = PANEL.min(cout - p0);
+                let nb = j1.min(p0 + width) - j;
+                // SAFETY: the CPU has AVX-512 (`w.panels` is set only then); task t alone writes columns [j0, j1)
+                // of the n rows of `out` (row stride cout, asserted n * cout long above); it reads x [n, cin] and,
+                // of the panel at w[p0 cin] ([cin, width], row-major), columns j - p0 .. j - p0 + nb <= width.
+                unsafe {
+                    super::gemm512::gemm(
+                        n,
+                        nb,
+                        cin,
+                        x.as_ptr(),
+                        cin,
+                        1,
+                        w.w.as_ptr().add(p0 * cin + (j - p0)),
+                        super::gemm512::BLayout::RowMajor(width),
+                        dst.at(j),
+                        cout,
+                        accumulate,
+                    )
+                };
+                j += nb;
+            }
             if bias.is_some() || act != Act::None {
                 for r in 0..n {
                     // SAFETY: columns [j0, j1) of row r are this task's (see above) and inside `out`.
