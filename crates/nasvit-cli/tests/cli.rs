@@ -161,7 +161,8 @@ fn bench_profile_splits_a_run_into_ops() {
         "tf.qkv",
         "tf.attn.probs",
         "tf.mlp.fc1",
-        "head",
+        "head.expand",
+        "head.classifier",
     ] {
         assert!(ops[op].as_f64().unwrap() > 0.0, "{op} in {ops:?}");
     }
