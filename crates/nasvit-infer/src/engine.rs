@@ -588,7 +588,7 @@ impl Engine {
         }
         let hw = side * side;
         let e = pr.time("head.expand", || self.head_expand.run(&cur, hw, Act::Swish, par, ar));
-        let pooled = nhwc::channel_means(&e, self.head_expand.w.cout);
+        let pooled = nhwc::channel_means(&e, self.head_expand.w.cout, par);
         ar.put(e);
         ar.put(cur);
         let mixed = pr.time("head.mix", || self.head_mix.matvec(&pooled, Act::Swish, par));
@@ -628,7 +628,7 @@ impl MbConv {
         let mut se_scale = None;
         if let Some((reduce, expand)) = &self.se {
             pr.time("mb.se", || {
-                let m = nhwc::channel_means(&d, self.cmid);
+                let m = nhwc::channel_means(&d, self.cmid, par);
                 let r = reduce.matvec(&m, Act::Relu, par);
                 let s = expand.matvec(&r, Act::HardSigmoid, par);
                 if self.cout < hw {
@@ -642,7 +642,7 @@ impl MbConv {
         // pooled) shortcut is the starting value of the projection's accumulate, not a separate pass.
         let pooled = (g.stride > 1).then(|| {
             let (p, ph, pw) = pr.time("mb.shortcut", || {
-                nhwc::avgpool_shortcut(x, self.cin, g.h, g.w, g.stride, ar)
+                nhwc::avgpool_shortcut(x, self.cin, g.h, g.w, g.stride, ar, par)
             });
             debug_assert_eq!((ph, pw), (ho, wo));
             p
@@ -709,7 +709,7 @@ impl TfLayer {
         let (c, n) = (self.c, self.grid * self.grid);
         let mut u = ar.take(n * c);
         pr.time("tf.norm", || {
-            nhwc::joint_layernorm(t, c, &self.norms[0].0, &self.norms[0].1, &mut u)
+            nhwc::joint_layernorm(t, c, &self.norms[0].0, &self.norms[0].1, &mut u, par)
         });
         let (qk, v) = pr.time("tf.qkv", || {
             (
@@ -767,11 +767,11 @@ impl TfLayer {
         ar.put(o);
         // MLP2 (norm3) first, then MLP1 (norm2), as the released layer does.
         pr.time("tf.norm", || {
-            nhwc::joint_layernorm(t, c, &self.norms[2].0, &self.norms[2].1, &mut u)
+            nhwc::joint_layernorm(t, c, &self.norms[2].0, &self.norms[2].1, &mut u, par)
         });
         self.mlp2.forward_add(&u, n, self.grid, t, par, ar, pr);
         pr.time("tf.norm", || {
-            nhwc::joint_layernorm(t, c, &self.norms[1].0, &self.norms[1].1, &mut u)
+            nhwc::joint_layernorm(t, c, &self.norms[1].0, &self.norms[1].1, &mut u, par)
         });
         self.mlp1.forward_add(&u, n, self.grid, t, par, ar, pr);
         ar.put(u);

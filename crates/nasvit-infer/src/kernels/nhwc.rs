@@ -63,12 +63,12 @@ pub fn transpose_block(x: &[f32], rows: usize, ld: usize, col0: usize, cols: usi
     }
 }
 
+/// Sum and sum of squares in f64, in 8 lanes so that it vectorises: exact enough for the variance of
+/// activations, whose mean is small against their spread.
 #[inline(always)]
-fn joint_layernorm_impl(x: &[f32], c: usize, gamma: &[f32], beta: &[f32], out: &mut [f32], fma: bool) {
-    let len = x.len() / c.max(1) * c;
-    // One pass of sum and sum of squares in f64, in 8 lanes so that it vectorises (as the planar kernel).
+fn sum_sq_impl(x: &[f32], _fma: bool) -> (f64, f64) {
     let (mut s, mut q) = ([0.0f64; 8], [0.0f64; 8]);
-    let chunks = x[..len].chunks_exact(8);
+    let chunks = x.chunks_exact(8);
     let rest = chunks.remainder();
     for ch in chunks {
         for i in 0..8 {
@@ -79,23 +79,55 @@ fn joint_layernorm_impl(x: &[f32], c: usize, gamma: &[f32], beta: &[f32], out: &
     }
     let sum = s.iter().sum::<f64>() + rest.iter().map(|&v| v as f64).sum::<f64>();
     let sq = q.iter().sum::<f64>() + rest.iter().map(|&v| v as f64 * v as f64).sum::<f64>();
-    let mean = sum / len.max(1) as f64;
-    let var = (sq / len.max(1) as f64 - mean * mean).max(0.0);
-    let inv = 1.0 / (var + 1e-5).sqrt();
-    let scale: Vec<f32> = gamma[..c].iter().map(|&g| (inv * g as f64) as f32).collect();
-    let shift: Vec<f32> = (0..c).map(|ch| beta[ch] - (mean * inv) as f32 * gamma[ch]).collect();
-    for (o, xr) in out[..len].chunks_exact_mut(c).zip(x[..len].chunks_exact(c)) {
-        for (((o, &v), &a), &b) in o.iter_mut().zip(xr).zip(&scale).zip(&shift) {
+    (sum, sq)
+}
+
+multiversion! {
+    fn sum_sq(x: &[f32]) -> (f64, f64) = sum_sq_impl;
+}
+
+#[inline(always)]
+fn affine_rows_impl(x: &[f32], c: usize, scale: &[f32], shift: &[f32], out: &mut [f32], fma: bool) {
+    for (o, xr) in out.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
+        for (((o, &v), &a), &b) in o.iter_mut().zip(xr).zip(scale).zip(shift) {
             *o = madd(fma, v, a, b);
         }
     }
 }
 
 multiversion! {
-    /// Joint LayerNorm (NASVIT.md 2.2) on token-major `x: [n, c]`: one mean and variance over all values, eps
-    /// 1e-5, then the per-channel affine.
-    pub fn joint_layernorm(x: &[f32], c: usize, gamma: &[f32], beta: &[f32], out: &mut [f32]) =
-        joint_layernorm_impl;
+    fn affine_rows(x: &[f32], c: usize, scale: &[f32], shift: &[f32], out: &mut [f32]) = affine_rows_impl;
+}
+
+/// Joint LayerNorm (NASVIT.md 2.2) on token-major `x: [n, c]`: one mean and variance over all values, eps 1e-5,
+/// then the per-channel affine. Both passes split across threads by contiguous token ranges.
+pub fn joint_layernorm(x: &[f32], c: usize, gamma: &[f32], beta: &[f32], out: &mut [f32], par: Par) {
+    let n = x.len() / c.max(1);
+    let len = n * c;
+    assert!(out.len() >= len && gamma.len() >= c && beta.len() >= c);
+    let threads = if par.threads > 1 && len >= 1 << 13 {
+        par.threads.min(n)
+    } else {
+        1
+    };
+    let per = n.div_ceil(threads.max(1)).max(1);
+    let total = std::sync::Mutex::new((0.0f64, 0.0f64));
+    super::pool::run(threads, n.div_ceil(per), &|t| {
+        let (s, q) = sum_sq(&x[t * per * c..((t + 1) * per).min(n) * c]);
+        let mut total = total.lock().unwrap_or_else(|e| e.into_inner());
+        total.0 += s;
+        total.1 += q;
+    });
+    let (sum, sq) = total.into_inner().unwrap_or_else(|e| e.into_inner());
+    let mean = sum / len.max(1) as f64;
+    let var = (sq / len.max(1) as f64 - mean * mean).max(0.0);
+    let inv = 1.0 / (var + 1e-5).sqrt();
+    let scale: Vec<f32> = gamma[..c].iter().map(|&g| (inv * g as f64) as f32).collect();
+    let shift: Vec<f32> = (0..c).map(|ch| beta[ch] - (mean * inv) as f32 * gamma[ch]).collect();
+    let (scale, shift) = (&scale[..], &shift[..]);
+    par.chunks_mut(&mut out[..len], per * c, &|t, o| {
+        affine_rows(&x[t * per * c..t * per * c + o.len()], c, scale, shift, o)
+    });
 }
 
 /// `row[i] = act(row[i] + bias[i])` for each row of `x: [rows, c]`.
@@ -917,22 +949,42 @@ pub fn dw_weights(w: &[f32], c: usize, kk: usize) -> Vec<f32> {
 }
 
 #[inline(always)]
-fn channel_means_impl(x: &[f32], c: usize, _fma: bool) -> Vec<f32> {
+fn channel_sums_impl(x: &[f32], c: usize, _fma: bool) -> Vec<f32> {
     let mut m = vec![0.0f32; c];
-    let rows = x.len() / c.max(1);
     for row in x.chunks_exact(c) {
         for (a, &v) in m.iter_mut().zip(row) {
             *a += v;
         }
     }
-    let inv = 1.0 / rows.max(1) as f32;
-    m.iter_mut().for_each(|v| *v *= inv);
     m
 }
 
 multiversion! {
-    /// Mean over the pixels of `x: [n, c]`, per channel (the SE squeeze, the global pool).
-    pub fn channel_means(x: &[f32], c: usize) -> Vec<f32> = channel_means_impl;
+    fn channel_sums(x: &[f32], c: usize) -> Vec<f32> = channel_sums_impl;
+}
+
+/// Mean over the pixels of `x: [n, c]`, per channel (the SE squeeze, the global pool): each thread sums one
+/// contiguous range of pixels (the part its core wrote).
+pub fn channel_means(x: &[f32], c: usize, par: Par) -> Vec<f32> {
+    let n = x.len() / c.max(1);
+    let threads = if par.threads > 1 && n * c >= 1 << 14 {
+        par.threads.min(n)
+    } else {
+        1
+    };
+    let per = n.div_ceil(threads.max(1)).max(1);
+    let total = std::sync::Mutex::new(vec![0.0f32; c]);
+    super::pool::run(threads, n.div_ceil(per), &|t| {
+        let part = channel_sums(&x[t * per * c..((t + 1) * per).min(n) * c], c);
+        let mut total = total.lock().unwrap_or_else(|e| e.into_inner());
+        for (a, v) in total.iter_mut().zip(part) {
+            *a += v;
+        }
+    });
+    let mut m = total.into_inner().unwrap_or_else(|e| e.into_inner());
+    let inv = 1.0 / n.max(1) as f32;
+    m.iter_mut().for_each(|v| *v *= inv);
+    m
 }
 
 #[inline(always)]
@@ -951,32 +1003,51 @@ multiversion! {
 
 /// The MBConv shortcut pooling on `x: [h*w, c]`, as `kernels::avgpool_shortcut` (kernel and stride s, padding 1
 /// on odd sides, pads counted in the average): `([ho*wo, c], ho, wo)`.
-pub fn avgpool_shortcut(x: &[f32], c: usize, h: usize, w: usize, s: usize, ar: &Arena) -> (Vec<f32>, usize, usize) {
+pub fn avgpool_shortcut(
+    x: &[f32],
+    c: usize,
+    h: usize,
+    w: usize,
+    s: usize,
+    ar: &Arena,
+    par: Par,
+) -> (Vec<f32>, usize, usize) {
     let ph = h % 2;
     let pw = w % 2;
     let ho = (h + 2 * ph - s) / s + 1;
     let wo = (w + 2 * pw - s) / s + 1;
+    assert!(x.len() >= h * w * c);
     let mut out = ar.take(ho * wo * c);
-    out.fill(0.0);
-    for oy in 0..ho {
-        let y0 = (oy * s) as isize - ph as isize;
-        let y1 = (y0 + s as isize).min((h + ph) as isize);
-        for ox in 0..wo {
-            let x0 = (ox * s) as isize - pw as isize;
-            let x1 = (x0 + s as isize).min((w + pw) as isize);
-            let inv = 1.0 / ((y1 - y0) * (x1 - x0)) as f32;
-            let o = &mut out[(oy * wo + ox) * c..(oy * wo + ox + 1) * c];
-            for yy in y0.max(0)..y1.min(h as isize) {
-                for xx in x0.max(0)..x1.min(w as isize) {
-                    let src = &x[(yy as usize * w + xx as usize) * c..][..c];
-                    for (d, &v) in o.iter_mut().zip(src) {
-                        *d += v;
+    if ho * wo * c == 0 {
+        return (out, ho, wo);
+    }
+    let rows = if par.threads > 1 && h * w * c >= 1 << 15 {
+        ho.div_ceil(par.threads)
+    } else {
+        ho
+    };
+    par.chunks_mut(&mut out, rows * wo * c, &|t, o| {
+        o.fill(0.0);
+        for (dy, orow) in o.chunks_exact_mut(wo * c).enumerate() {
+            let oy = t * rows + dy;
+            let y0 = (oy * s) as isize - ph as isize;
+            let y1 = (y0 + s as isize).min((h + ph) as isize);
+            for (ox, o) in orow.chunks_exact_mut(c).enumerate() {
+                let x0 = (ox * s) as isize - pw as isize;
+                let x1 = (x0 + s as isize).min((w + pw) as isize);
+                let inv = 1.0 / ((y1 - y0) * (x1 - x0)) as f32;
+                for yy in y0.max(0)..y1.min(h as isize) {
+                    for xx in x0.max(0)..x1.min(w as isize) {
+                        let src = &x[(yy as usize * w + xx as usize) * c..][..c];
+                        for (d, &v) in o.iter_mut().zip(src) {
+                            *d += v;
+                        }
                     }
                 }
+                o.iter_mut().for_each(|v| *v *= inv);
             }
-            o.iter_mut().for_each(|v| *v *= inv);
         }
-    }
+    });
     (out, ho, wo)
 }
 
@@ -1149,7 +1220,7 @@ mod tests {
         for (c, h, s) in [(5, 8, 2), (3, 7, 2), (17, 3, 2), (4, 9, 3)] {
             let x = values(h * h * c, 5);
             let ar = Arena::default();
-            let (got, ho, wo) = avgpool_shortcut(&x, c, h, h, s, &ar);
+            let (got, ho, wo) = avgpool_shortcut(&x, c, h, h, s, &ar, Par { threads: 2 });
             let mut xp = vec![0.0; x.len()];
             transpose(&x, h * h, c, &mut xp);
             let (planar, pho, pwo) = super::super::avgpool_shortcut(&xp, c, h, h, s, &ar, Par { threads: 1 });
@@ -1169,7 +1240,16 @@ mod tests {
     fn se_helpers_and_transpose() {
         // [2 pixels, 3 channels]
         let x = [1.0, 2.0, 3.0, 5.0, 6.0, 7.0];
-        assert_eq!(channel_means(&x, 3), vec![3.0, 4.0, 5.0]);
+        assert_eq!(channel_means(&x, 3, Par { threads: 2 }), vec![3.0, 4.0, 5.0]);
+        // Split across threads (above the size where it splits): the same as one pass.
+        let big = values(3000 * 24, 7);
+        let (one, two) = (
+            channel_means(&big, 24, Par { threads: 1 }),
+            channel_means(&big, 24, Par { threads: 3 }),
+        );
+        for (a, b) in one.iter().zip(&two) {
+            assert!((a - b).abs() <= 1e-5 * a.abs().max(1.0), "{a} vs {b}");
+        }
         let mut y = x;
         scale_channels(&mut y, &[2.0, 0.0, -1.0]);
         assert_eq!(y, [2.0, 0.0, -3.0, 10.0, 0.0, -7.0]);
