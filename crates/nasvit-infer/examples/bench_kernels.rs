@@ -1,4 +1,5 @@
-//! Throughput of the engine's hand-written kernels on shapes of the official max subnet at 224 px, one thread.
+//! Throughput of the engine's hand-written kernels on shapes of the official subnets at 224 px, one thread unless
+//! a line says 2, and the cost of a fork/join on rayon's pool and on the engine's (`kernels::pool`).
 //!
 //! `cargo run --release -p nasvit-infer --example bench_kernels`
 
@@ -52,7 +53,7 @@ fn main() {
         }
     }
     let par = Par { threads: 1 };
-    // 1x1 convs of the official min subnet at 224 px (expand, project, qkv), weights column-major as the engine
+    // 1x1 convs of the official min subnet at 224 px (expand, project, qkv)
     // keeps them.
     for (cout, cin, n) in [
         (64, 16, 12544),
@@ -65,35 +66,12 @@ fn main() {
         let (w, x, b) = (vec![0.01f32; cout * cin], vec![0.02f32; cin * n], vec![0.1f32; cout]);
         let mut out = vec![0.0f32; cout * n];
         let macs = (cout * cin * n) as f64;
-        time(&format!("1x1 {cout}x{cin} n {n} + swish"), macs, "MAC", || {
-            kernels::conv1x1(
-                kernels::Mat::cols(&w, cout),
-                Some(&b),
-                cout,
-                cin,
-                &x,
-                n,
-                &mut out,
-                Act::Swish,
-                par,
-            )
-        });
-        time(&format!("1x1 {cout}x{cin} n {n}"), macs, "MAC", || {
-            kernels::conv1x1(
-                kernels::Mat::cols(&w, cout),
-                Some(&b),
-                cout,
-                cin,
-                &x,
-                n,
-                &mut out,
-                Act::None,
-                par,
-            )
-        });
-        // The same product channel-minor (`[n, cin] x [cin, cout]`), as the MBConv stages and the token linears
-        // run it, with the weight packed as the engine packs it.
+        // Channel-minor (`[n, cin] x [cin, cout]`), as the MBConv stages and the token linears run it, with the
+        // weight packed as the engine packs it; without and with the swish.
         let pw = nhwc::PwWeight::new(&w, cout, cin);
+        time(&format!("1x1 nhwc {cout}x{cin} n {n}, 1 thr"), macs, "MAC", || {
+            nhwc::pointwise(pw.view(), Some(&b), &x, n, &mut out, false, Act::None, par)
+        });
         for threads in [1, 2] {
             time(
                 &format!("1x1 nhwc {cout}x{cin} n {n} + swish, {threads} thr"),
@@ -194,7 +172,7 @@ fn main() {
     let mut u = vec![0.0; t.len()];
     let (gm, bt) = (vec![1.0; 192], vec![0.0; 192]);
     let n = t.len() as f64;
-    time("joint layernorm 192x196", n, "elem", || {
-        kernels::joint_layernorm(&t, 192, 196, &gm, &bt, &mut u)
+    time("joint layernorm 196x192 (token-major)", n, "elem", || {
+        nhwc::joint_layernorm(&t, 192, &gm, &bt, &mut u, par)
     });
 }

@@ -1,9 +1,13 @@
-//! CPU kernels of the runtime, on channel-major (NCHW, one sample) buffers.
+//! CPU kernels of the runtime.
 //!
-//! Layout choice: every activation is `[C, H*W]`, and transformer tokens stay in that layout too (`[C, N]`, the
-//! transpose of the usual `[N, C]`). Then 1x1 convs and token linears are the same GEMM `W[Cout, Cin] x X[Cin, N]`,
-//! depthwise convs (MBConv, V, MLP) read contiguous planes, and no transposes happen between CNN and transformer
-//! stages. The GEMM is the `gemm` crate; parallel loops use rayon inside the engine's own pool.
+//! Layout: after the stem every activation is channel-minor, `[H*W, C]` for the MBConv stages and `[N, C]` for
+//! the transformer tokens (`nhwc`): a 1x1 conv or token linear is `X[N, Cin] x W[Cin, Cout]` on the engine's own
+//! AVX-512 GEMM (`gemm512`, weights packed once at load), a depthwise tap is one vector FMA over 16 channels on
+//! any map size or stride, and the two kinds of stage meet without a transpose. This file holds what is layout-
+//! free or planar: activations, the planar depthwise and stem convs (the portable fallback of the stem and the
+//! reference of the channel-minor kernels' tests), matrix-vector products, the fused talking-heads attention
+//! probabilities, `matmul` (the own GEMM, or the `gemm` crate where AVX-512 is missing). Parallel loops run on
+//! `pool`, a fork-join pool whose workers spin between the many short ops of a run.
 
 // Kernels take shapes, buffers and options as plain arguments on purpose: no per-call structs in hot paths.
 #![allow(clippy::too_many_arguments)]
@@ -315,171 +319,6 @@ pub fn bias_act(x: &mut [f32], n: usize, bias: Option<&[f32]>, act: Act, par: Pa
     par.chunks_mut(x, ml * n, &|t, rs| {
         for (i, row) in rs.chunks_exact_mut(n).enumerate() {
             act_row(row, bias.map_or(0.0, |b| b[t * ml + i]), act);
-        }
-    });
-}
-
-/// A 1x1 conv / linear on `[cin, n]`: `out[cout, n] = act(w[cout, cin] x x + bias)`, or with `accumulate`,
-/// `out += w x + bias` (then `act` must be `None`: the residual branches).
-///
-/// Threads split the output rows (contiguous, so each owns its slice; each reads all of `x`), and each thread
-/// walks its rows in column blocks small enough to stay in L2 and applies bias and activation to a block right
-/// after its GEMM, instead of a second pass over the whole output. The GEMMs inside run single-threaded.
-pub fn conv1x1(
-    w: Mat,
-    bias: Option<&[f32]>,
-    cout: usize,
-    cin: usize,
-    x: &[f32],
-    n: usize,
-    out: &mut [f32],
-    act: Act,
-    par: Par,
-) {
-    linear(w, bias, cout, cin, x, n, out, false, act, par)
-}
-
-/// See `conv1x1`.
-pub fn linear(
-    w: Mat,
-    bias: Option<&[f32]>,
-    cout: usize,
-    cin: usize,
-    x: &[f32],
-    n: usize,
-    out: &mut [f32],
-    accumulate: bool,
-    act: Act,
-    par: Par,
-) {
-    assert!(
-        !accumulate || act == Act::None,
-        "an activation after an accumulate is not a residual branch"
-    );
-    if cout == 0 || n == 0 {
-        return;
-    }
-    let out = &mut out[..cout * n];
-    let work = cout * cin * n;
-    // Below ~100k MACs a fork/join costs more than it saves.
-    let tasks = if par.threads > 1 && work >= 1 << 17 {
-        par.threads.min(cout.div_ceil(8))
-    } else {
-        1
-    };
-    // Rows per task, a multiple of 16 (the GEMM's register tiles are 16 rows high, and it reads a column-major
-    // weight in place, without packing it, only for such row counts).
-    let rows = if tasks == 1 {
-        cout
-    } else {
-        cout.div_ceil(tasks).div_ceil(16) * 16
-    };
-    // Columns per block: about 128 KiB of output, at least 64 columns.
-    let cols = ((1 << 15) / rows.max(1)).max(64).div_ceil(16) * 16;
-    let run = |r0: usize, o: &mut [f32]| {
-        let m = o.len() / n;
-        let wr = Mat {
-            data: &w.data[r0 * w.rs..],
-            ..w
-        };
-        let mut c0 = 0;
-        while c0 < n {
-            let nb = cols.min(n - c0);
-            matmul(m, nb, cin, wr, Mat::rows(&x[c0..], n), &mut o[c0..], n, accumulate);
-            if bias.is_some() || act != Act::None {
-                for (i, row) in o.chunks_exact_mut(n).enumerate() {
-                    act_row(&mut row[c0..c0 + nb], bias.map_or(0.0, |b| b[r0 + i]), act);
-                }
-            }
-            c0 += nb;
-        }
-    };
-    if tasks == 1 {
-        run(0, out);
-    } else if n >= 2 * cout && n >= 256 * par.threads {
-        linear_by_columns(w, bias, cout, cin, x, n, out, accumulate, act, par.threads);
-    } else {
-        par.chunks_mut(out, rows * n, &|t, o| run(t * rows, o));
-    }
-}
-
-/// A pointer that may cross threads; see the SAFETY notes where it is used.
-#[derive(Clone, Copy)]
-struct SharedMut(*mut f32);
-// SAFETY: only used to write disjoint parts of one buffer from several threads, each part by one thread.
-unsafe impl Send for SharedMut {}
-unsafe impl Sync for SharedMut {}
-
-impl SharedMut {
-    // A method, so that closures capture the whole (Sync) wrapper, not its raw pointer field.
-    fn at(self, i: usize) -> *mut f32 {
-        self.0.wrapping_add(i)
-    }
-}
-
-/// `linear` for wide maps (the early MBConv stages: few output rows, thousands of columns): each thread takes a
-/// range of columns of every row, so that each packs and reads only its own part of `x`.
-fn linear_by_columns(
-    w: Mat,
-    bias: Option<&[f32]>,
-    cout: usize,
-    cin: usize,
-    x: &[f32],
-    n: usize,
-    out: &mut [f32],
-    accumulate: bool,
-    act: Act,
-    threads: usize,
-) {
-    assert!(
-        w.data.len() > (cout - 1) * w.rs + (cin.max(1) - 1) * w.cs
-            && x.len() >= cin * n
-            && out.len() >= cout * n
-            && bias.is_none_or(|b| b.len() >= cout)
-    );
-    let per = n.div_ceil(threads).div_ceil(16) * 16;
-    let cols = ((1 << 15) / cout.max(1)).max(64).div_ceil(16) * 16;
-    let dst = SharedMut(out.as_mut_ptr());
-    pool::run(threads, n.div_ceil(per), &|t| {
-        let (lo, hi) = (t * per, ((t + 1) * per).min(n));
-        let mut c0 = lo;
-        while c0 < hi {
-            let nb = cols.min(hi - c0);
-            // SAFETY: task t alone touches columns [lo, hi) of the `cout` rows of `out` (row stride n), and every
-            // index the GEMM reads or writes is inside the three buffers by the assert above: w [cout, cin] (any
-            // strides),
-            // x [cin, n] from column c0, out [cout, n] from column c0, with c0 + nb <= n.
-            unsafe {
-                gemm::gemm(
-                    cout,
-                    nb,
-                    cin,
-                    dst.at(c0),
-                    1,
-                    n as isize,
-                    accumulate,
-                    w.data.as_ptr(),
-                    w.cs as isize,
-                    w.rs as isize,
-                    x.as_ptr().add(c0),
-                    1,
-                    n as isize,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
-            if bias.is_some() || act != Act::None {
-                for r in 0..cout {
-                    // SAFETY: columns [c0, c0 + nb) of row r are this task's (see above) and inside `out`.
-                    let seg = unsafe { std::slice::from_raw_parts_mut(dst.at(r * n + c0), nb) };
-                    act_row(seg, bias.map_or(0.0, |b| b[r]), act);
-                }
-            }
-            c0 += nb;
         }
     });
 }
@@ -983,56 +822,6 @@ pub fn matvec(w: &[f32], b: Option<&[f32]>, cout: usize, cin: usize, x: &[f32], 
 }
 
 #[inline(always)]
-fn row_means_impl(x: &[f32], n: usize, _fma: bool) -> Vec<f32> {
-    let mut m = Vec::with_capacity(x.len() / n.max(1));
-    for r in x.chunks_exact(n) {
-        m.push(sum8_impl(r) / n as f32);
-    }
-    m
-}
-
-multiversion! {
-    /// Mean of each row of `x: [rows, n]`.
-    pub fn row_means(x: &[f32], n: usize) -> Vec<f32> = row_means_impl;
-}
-
-#[inline(always)]
-fn joint_layernorm_impl(x: &[f32], c: usize, n: usize, gamma: &[f32], beta: &[f32], out: &mut [f32], fma: bool) {
-    let len = c * n;
-    // One pass of sum and sum of squares in f64, in 8 lanes so that it vectorises: exact enough for the variance
-    // of activations, whose mean is small against their spread.
-    let (mut s, mut q) = ([0.0f64; 8], [0.0f64; 8]);
-    let chunks = x[..len].chunks_exact(8);
-    let rest = chunks.remainder();
-    for ch in chunks {
-        for i in 0..8 {
-            let v = ch[i] as f64;
-            s[i] += v;
-            q[i] += v * v;
-        }
-    }
-    let sum = s.iter().sum::<f64>() + rest.iter().map(|&v| v as f64).sum::<f64>();
-    let sq = q.iter().sum::<f64>() + rest.iter().map(|&v| v as f64 * v as f64).sum::<f64>();
-    let mean = sum / len as f64;
-    let var = (sq / len as f64 - mean * mean).max(0.0);
-    let inv = 1.0 / (var + 1e-5).sqrt();
-    for ch in 0..c {
-        let s = (inv * gamma[ch] as f64) as f32;
-        let b = beta[ch] - (mean * inv) as f32 * gamma[ch];
-        for (o, &v) in out[ch * n..(ch + 1) * n].iter_mut().zip(&x[ch * n..(ch + 1) * n]) {
-            *o = madd(fma, v, s, b);
-        }
-    }
-}
-
-multiversion! {
-    /// Joint LayerNorm (NASVIT.md 2.2): one mean and variance over all `c * n` values, eps 1e-5, then the
-    /// per-channel affine. `x` and `out` are `[c, n]`.
-    pub fn joint_layernorm(x: &[f32], c: usize, n: usize, gamma: &[f32], beta: &[f32], out: &mut [f32]) =
-        joint_layernorm_impl;
-}
-
-#[inline(always)]
 fn softmax_row_impl(row: &mut [f32], fma: bool) {
     // 16 independent lanes for the max and the sum: a plain fold is one long dependency chain.
     let mut m = [f32::NEG_INFINITY; 16];
@@ -1476,45 +1265,6 @@ mod tests {
         (0..n)
             .map(|i| ((i * 37 + seed * 11) % 23) as f32 * 0.05 - 0.5)
             .collect()
-    }
-
-    #[test]
-    fn linear_split_matches_naive() {
-        // Shapes on both sides of the threading threshold, row counts not a multiple of 8, accumulate.
-        for (cout, cin, n) in [(9, 9, 2401), (13, 5, 7), (200, 72, 196), (24, 16, 3000)] {
-            let (w, b, x) = (values(cout * cin, 1), values(cout, 2), values(cin * n, 3));
-            let mut want = vec![0.0f32; cout * n];
-            for o in 0..cout {
-                for j in 0..n {
-                    let s: f64 = (0..cin).map(|i| w[o * cin + i] as f64 * x[i * n + j] as f64).sum();
-                    want[o * n + j] = s as f32 + b[o];
-                }
-            }
-            // The weight row-major, and transposed (column-major, as the engine keeps its GEMM weights).
-            let mut wt = vec![0.0f32; cout * cin];
-            for o in 0..cout {
-                for i in 0..cin {
-                    wt[i * cout + o] = w[o * cin + i];
-                }
-            }
-            for (wm, threads) in [
-                (Mat::rows(&w, cin), 1),
-                (Mat::rows(&w, cin), 2),
-                (Mat::cols(&wt, cout), 3),
-            ] {
-                let par = Par { threads };
-                let mut out = vec![f32::NAN; cout * n];
-                conv1x1(wm, Some(&b), cout, cin, &x, n, &mut out, Act::Relu, par);
-                for (g, w) in out.iter().zip(&want) {
-                    assert!((g - w.max(0.0)).abs() < 1e-5, "{cout}x{cin}x{n} t{threads}");
-                }
-                let mut acc = vec![1.0f32; cout * n];
-                linear(wm, Some(&b), cout, cin, &x, n, &mut acc, true, Act::None, par);
-                for (g, w) in acc.iter().zip(&want) {
-                    assert!((g - (w + 1.0)).abs() < 1e-5, "acc {cout}x{cin}x{n} t{threads}");
-                }
-            }
-        }
     }
 
     #[test]
