@@ -279,6 +279,7 @@ pub fn matmul(m: usize, n: usize, k: usize, a: Mat, b: Mat, dst: &mut [f32], ldd
                 dst.as_mut_ptr(),
                 ldd,
                 accumulate,
+                gemm512::Epilogue::NONE,
             )
         };
         return;

@@ -316,6 +316,20 @@ pub fn pointwise(
     };
     // Columns when the weight outweighs the activations (few tokens, wide layers): each thread then streams only
     // its share of the (cold) weight. Ranges in whole vectors of 16, so that narrow layers split evenly too.
+    // Bias and swish inside the GEMM, on the registers (the other activations, unused by the engine, in a pass
+    // over the output).
+    #[cfg(target_arch = "x86_64")]
+    let fused = w.panels && matches!(act, Act::None | Act::Swish);
+    #[cfg(target_arch = "x86_64")]
+    let epi = |j0: usize| super::gemm512::Epilogue {
+        bias: match bias {
+            Some(b) if fused => b[j0..].as_ptr(),
+            _ => std::ptr::null(),
+        },
+        swish: fused && act == Act::Swish,
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let fused = false;
     #[cfg(target_arch = "x86_64")]
     if w.panels && threads > 1 && cout >= 2 * n && cout >= 32 * threads {
         let per = cout.div_ceil(16).div_ceil(threads) * 16;
@@ -344,11 +358,12 @@ pub fn pointwise(
                         dst.at(j),
                         cout,
                         accumulate,
+                        epi(j),
                     )
                 };
                 j += nb;
             }
-            if bias.is_some() || act != Act::None {
+            if !fused && (bias.is_some() || act != Act::None) {
                 for r in 0..n {
                     // SAFETY: columns [j0, j1) of row r are this task's (see above) and inside `out`.
                     let seg = unsafe { std::slice::from_raw_parts_mut(dst.at(r * cout + j0), j1 - j0) };
@@ -383,6 +398,7 @@ pub fn pointwise(
                         ob.as_mut_ptr(),
                         cout,
                         accumulate,
+                        epi(0),
                     )
                 };
             }
@@ -398,7 +414,7 @@ pub fn pointwise(
                     accumulate,
                 );
             }
-            if bias.is_some() || act != Act::None {
+            if !fused && (bias.is_some() || act != Act::None) {
                 bias_act_rows(ob, cout, bias, act);
             }
             i += nb;
@@ -1138,19 +1154,31 @@ mod tests {
             let (x, w, b) = (values(n * cin, 1), values(cout * cin, 2), values(cout, 3));
             let pw = PwWeight::new(&w, cout, cin);
             let start = values(n * cout, 4);
-            for (acc, act) in [(false, Act::None), (false, Act::Relu), (true, Act::None)] {
+            for (acc, act) in [
+                (false, Act::None),
+                (false, Act::Relu),
+                (true, Act::None),
+                (false, Act::Swish),
+            ] {
                 let mut want = start.clone();
                 for p in 0..n {
                     for o in 0..cout {
                         let s: f32 = (0..cin).map(|i| x[p * cin + i] * w[o * cin + i]).sum::<f32>() + b[o];
                         let v = if acc { want[p * cout + o] + s } else { s };
-                        want[p * cout + o] = if act == Act::Relu { v.max(0.0) } else { v };
+                        want[p * cout + o] = super::super::apply(act, v);
                     }
                 }
                 for threads in [1, 2, 3] {
                     let mut out = start.clone();
                     pointwise(pw.view(), Some(&b), &x, n, &mut out, acc, act, Par { threads });
-                    assert_eq!(out, want, "n {n} cin {cin} cout {cout} acc {acc} threads {threads}");
+                    if act == Act::Swish {
+                        // The fused swish (AVX-512) and the portable one agree to a few ulp.
+                        for (g, e) in out.iter().zip(&want) {
+                            assert!((g - e).abs() <= 2e-6 * e.abs().max(1e-3), "swish n {n}: {g} vs {e}");
+                        }
+                    } else {
+                        assert_eq!(out, want, "n {n} cin {cin} cout {cout} acc {acc} threads {threads}");
+                    }
                 }
             }
             // The SE-scaled copy equals scaling the input channels.
