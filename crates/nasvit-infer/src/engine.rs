@@ -184,7 +184,6 @@ pub struct Engine {
     head_mix: Linear,
     classifier: Linear,
     threads: usize,
-    pool: rayon::ThreadPool,
     arena: Arena,
     profile: Option<Profile>,
 }
@@ -227,22 +226,56 @@ fn linear(model: &ExportedModel, prefix: &str, bias: bool) -> Result<Linear> {
     })
 }
 
+/// MXCSR's flush-to-zero and denormals-are-zero bits.
+#[cfg(target_arch = "x86_64")]
+const FTZ_DAZ: u32 = (1 << 15) | (1 << 6);
+
+#[cfg(target_arch = "x86_64")]
+fn mxcsr() -> u32 {
+    let mut csr: u32 = 0;
+    // SAFETY: stmxcsr writes only the 4-byte local `csr`.
+    unsafe { std::arch::asm!("stmxcsr [{}]", in(reg) &mut csr, options(nostack, preserves_flags)) };
+    csr
+}
+
+#[cfg(target_arch = "x86_64")]
+fn set_mxcsr(csr: u32) {
+    // SAFETY: ldmxcsr reads the 4-byte local `csr` into this thread's MXCSR; callers only change the denormal
+    // bits (FTZ, DAZ), which change how later float operations of this thread round denormals, nothing about
+    // memory.
+    unsafe { std::arch::asm!("ldmxcsr [{}]", in(reg) &csr, options(nostack, preserves_flags)) };
+}
+
 /// Sets this thread's floating-point mode to flush denormal results and inputs to zero (x86 MXCSR FTZ + DAZ; a
-/// no-op elsewhere). The engine's worker threads run with it: with the supernet's initial layer scales (1e-4)
-/// products fall into the denormal range, where every Intel core takes a microcode assist per operation (the
-/// engine ran 1.4x slower than onnxruntime on a Xeon because of it, and level with it on an EPYC). Values below
-/// 1.2e-38 become 0, far under the tolerances the engine is held to.
+/// no-op elsewhere), for good: the engine's pool workers (`kernels::pool`) run with it. With the supernet's
+/// initial layer scales (1e-4) products fall into the denormal range, where Intel cores take a microcode assist
+/// per operation: the `init` weights of `bench_runtimes` ran 15-20 % slower than the `random` ones before this.
+/// Values below 1.2e-38 become 0, far under the tolerances the engine is held to.
 pub fn flush_denormals() {
     #[cfg(target_arch = "x86_64")]
-    {
-        let mut csr: u32 = 0;
-        // SAFETY: stmxcsr / ldmxcsr read and write only the 4-byte local `csr` and this thread's MXCSR; the bits
-        // set change how later float operations of this thread round denormals, nothing about memory.
-        unsafe {
-            std::arch::asm!("stmxcsr [{}]", in(reg) &mut csr, options(nostack, preserves_flags));
-            csr |= (1 << 15) | (1 << 6);
-            std::arch::asm!("ldmxcsr [{}]", in(reg) &csr, options(nostack, preserves_flags));
+    set_mxcsr(mxcsr() | FTZ_DAZ);
+}
+
+/// `flush_denormals` on the calling thread for the guard's life, then the caller's own mode again.
+struct FlushDenormals(#[cfg(target_arch = "x86_64")] u32);
+
+impl FlushDenormals {
+    fn new() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let saved = mxcsr();
+            set_mxcsr(saved | FTZ_DAZ);
+            FlushDenormals(saved)
         }
+        #[cfg(not(target_arch = "x86_64"))]
+        FlushDenormals()
+    }
+}
+
+impl Drop for FlushDenormals {
+    fn drop(&mut self) {
+        #[cfg(target_arch = "x86_64")]
+        set_mxcsr(self.0);
     }
 }
 
@@ -266,12 +299,6 @@ impl Engine {
         } else {
             opts.threads
         };
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(|i| format!("nasvit-infer-{i}"))
-            .start_handler(|_| flush_denormals())
-            .build()
-            .map_err(|e| InferError::Threads(e.to_string()))?;
         let sh = SubnetShape::new(&model.space, &model.arch);
         let mut stages = Vec::new();
         for (i, st) in sh.stages.iter().enumerate() {
@@ -415,7 +442,6 @@ impl Engine {
             head_mix: linear(model, "head.mix", false)?,
             classifier: linear(model, "classifier", true)?,
             threads,
-            pool,
             arena: Arena::default(),
             profile: opts.profile.then(Profile::default),
         })
@@ -480,7 +506,9 @@ impl Engine {
         let per = c * h * w;
         let mut logits = Vec::with_capacity(b * self.num_classes());
         let mut taps: Vec<Tap> = Vec::new();
-        self.pool.install(|| {
+        {
+            // The calling thread computes too (with `threads - 1` pool workers), in the engine's float mode.
+            let _mode = FlushDenormals::new();
             for i in 0..b {
                 let mut sample_taps = if want_taps { Some(Vec::new()) } else { None };
                 logits.extend(self.forward(&input.data[i * per..(i + 1) * per], h, w, &mut sample_taps));
@@ -500,14 +528,14 @@ impl Engine {
                     }
                 }
             }
-        });
+        }
         Ok(RunOutput {
             logits: Tensor::new(vec![b, self.num_classes()], logits),
             taps: taps.into_iter().map(|(n, s, d)| (n, Tensor::new(s, d))).collect(),
         })
     }
 
-    /// One sample; runs inside the pool.
+    /// One sample.
     fn forward(&self, x: &[f32], h: usize, w: usize, taps: &mut Option<Vec<Tap>>) -> Vec<f32> {
         let par = Par { threads: self.threads };
         let ar = &self.arena;

@@ -27,8 +27,6 @@ pub enum InferError {
     Input(String),
     #[error("image {path}: {reason}")]
     Image { path: String, reason: String },
-    #[error("cannot build the thread pool: {0}")]
-    Threads(String),
 }
 
 impl InferError {
