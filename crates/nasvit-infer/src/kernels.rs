@@ -146,7 +146,18 @@ fn act_row_impl(row: &mut [f32], bias: f32, act: Act, fma: bool) {
 }
 
 multiversion! {
-    pub fn act_row(row: &mut [f32], bias: f32, act: Act) = act_row_impl;
+    fn act_row_mv(row: &mut [f32], bias: f32, act: Act) = act_row_impl;
+}
+
+/// `row[i] = act(row[i] + bias)`.
+pub fn act_row(row: &mut [f32], bias: f32, act: Act) {
+    #[cfg(target_arch = "x86_64")]
+    if act == Act::Swish && own_gemm() {
+        // SAFETY: the CPU has AVX-512F (own_gemm).
+        unsafe { gemm512::swish_row(row, bias) };
+        return;
+    }
+    act_row_mv(row, bias, act)
 }
 
 // After the macro: it is in scope for the module by text order.
