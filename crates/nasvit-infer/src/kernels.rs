@@ -969,7 +969,15 @@ fn attention_block_impl(
         (s2, len),
         fma,
     );
+    #[cfg(target_arch = "x86_64")]
+    let fast_softmax = own_gemm();
     for row in s2.chunks_exact_mut(tn) {
+        #[cfg(target_arch = "x86_64")]
+        if fast_softmax {
+            // SAFETY: the CPU has AVX-512F (own_gemm).
+            unsafe { gemm512::softmax_row(row) };
+            continue;
+        }
         softmax_row_impl(row, fma);
     }
     // Mix again, into the output rows `[query, head, key]`.

@@ -79,6 +79,77 @@ pub unsafe fn swish_v(x: __m512) -> __m512 {
     _mm512_mul_ps(_mm512_mul_ps(x, y0), _mm512_fnmadd_ps(d, y0, _mm512_set1_ps(2.0)))
 }
 
+/// `e^x` on 16 lanes for `x <= 0` (softmax): the reduction and polynomial of `swish_v`, inputs clamped at -88.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn exp_neg_v(x: __m512) -> __m512 {
+    let xc = _mm512_max_ps(x, _mm512_set1_ps(-88.0));
+    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
+        xc,
+        _mm512_set1_ps(std::f32::consts::LOG2_E),
+    ));
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(std::f32::consts::LN_2), xc);
+    let mut p = _mm512_set1_ps(8.297_761e-3);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.191_539_4e-2));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.166_675_73));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.499_988_94));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.999_999_7));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.000_000_1));
+    _mm512_scalef_ps(p, n)
+}
+
+/// Softmax of one row in place: max, then `e^(x - max)` with its sum in registers, then the scaling.
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn softmax_row(row: &mut [f32]) {
+    let (p, n) = (row.as_mut_ptr(), row.len());
+    if n == 0 {
+        return;
+    }
+    let tail = n % 16;
+    let body = n - tail;
+    let mt = ((1u32 << tail) - 1) as u16;
+    // Lanes below `body` are read whole; the tail is masked to n.
+    let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
+    let mut i = 0;
+    while i < body {
+        mx = _mm512_max_ps(mx, _mm512_loadu_ps(p.add(i)));
+        i += 16;
+    }
+    if tail > 0 {
+        mx = _mm512_mask_max_ps(mx, mt, mx, _mm512_maskz_loadu_ps(mt, p.add(body)));
+    }
+    let m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+    let mut sum = _mm512_setzero_ps();
+    i = 0;
+    while i < body {
+        let e = exp_neg_v(_mm512_sub_ps(_mm512_loadu_ps(p.add(i)), m));
+        _mm512_storeu_ps(p.add(i), e);
+        sum = _mm512_add_ps(sum, e);
+        i += 16;
+    }
+    if tail > 0 {
+        let e = exp_neg_v(_mm512_sub_ps(_mm512_maskz_loadu_ps(mt, p.add(body)), m));
+        _mm512_mask_storeu_ps(p.add(body), mt, e);
+        sum = _mm512_mask_add_ps(sum, mt, sum, e);
+    }
+    let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(sum));
+    i = 0;
+    while i < body {
+        _mm512_storeu_ps(p.add(i), _mm512_mul_ps(_mm512_loadu_ps(p.add(i)), inv));
+        i += 16;
+    }
+    if tail > 0 {
+        _mm512_mask_storeu_ps(
+            p.add(body),
+            mt,
+            _mm512_mul_ps(_mm512_maskz_loadu_ps(mt, p.add(body)), inv),
+        );
+    }
+}
+
 /// `x[i] = swish(x[i] + bias)` with `swish_v`.
 ///
 /// # Safety
@@ -285,6 +356,28 @@ unsafe fn tile<const R: usize, const V: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn softmax_row_matches_f64() {
+        if !std::is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        for n in [1, 7, 16, 33, 49, 196] {
+            let row: Vec<f32> = (0..n).map(|i| ((i * 37) % 23) as f32 * 0.7 - 8.0).collect();
+            let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let sum: f64 = row.iter().map(|&v| (v as f64 - m).exp()).sum();
+            let mut got = row.clone();
+            // SAFETY: the CPU has AVX-512F (checked above).
+            unsafe { softmax_row(&mut got) };
+            for (g, &v) in got.iter().zip(&row) {
+                let want = (v as f64 - m).exp() / sum;
+                assert!(
+                    (*g as f64 - want).abs() <= 1e-6 * want.max(1e-6),
+                    "n {n}: {g} vs {want}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn swish_v_matches_the_portable_swish() {
