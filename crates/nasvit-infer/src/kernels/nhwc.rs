@@ -640,7 +640,104 @@ pub fn dwconv(x: &[f32], c: usize, g: ConvGeom, wt: &[f32], bias: Option<&[f32]>
         });
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && g.k <= 7 && g.stride <= 2 {
+        par.chunks_mut(out, rows * wo * c, &|i, o| {
+            for (dy, orow) in o.chunks_exact_mut(wo * c).enumerate() {
+                // SAFETY: the CPU has AVX2 and FMA (checked above); the shapes were checked at the top of this
+                // function and `orow` is one whole output row.
+                unsafe { avx2::dw_row(x, c, g, wt, bias, orow, i * rows + dy) };
+                if act != Act::None {
+                    super::act_row(orow, 0.0, act);
+                }
+            }
+        });
+        return;
+    }
     par.chunks_mut(out, rows * wo * c, &|i, o| dw_rows(x, c, g, wt, bias, o, i * rows, act));
+}
+
+/// The depthwise row for CPUs with AVX2 but not AVX-512: `avx512::dw_row_k` on 8 lanes, with the stride and
+/// kernel at run time.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::ConvGeom;
+
+    /// Output row `oy` of `dwconv` (without activation): blocks of 4 pixels x 8 channels, each input vector of a
+    /// tap row loaded once; taps outside the map are masked-off loads (they read nothing and give zeros).
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA; shapes as `dwconv` checks them (`x: [h*w, c]`, `wt: [k*k, c]`,
+    /// `bias: [c]`, `orow: [wo, c]`, `oy < ho`), `k <= 7`, `stride <= 2`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dw_row(
+        x: &[f32],
+        c: usize,
+        g: ConvGeom,
+        wt: &[f32],
+        bias: Option<&[f32]>,
+        orow: &mut [f32],
+        oy: usize,
+    ) {
+        const MAXJ: usize = 3 * 2 + 7;
+        let (ho, wo) = g.out();
+        let (k, s, p) = (g.k, g.stride, g.k / 2);
+        let j_n = 3 * s + k;
+        assert!(j_n <= MAXJ && oy < ho && orow.len() == wo * c);
+        assert!(x.len() >= g.h * g.w * c && wt.len() >= k * k * c && bias.is_none_or(|b| b.len() >= c));
+        let ky0 = p.saturating_sub(oy * s);
+        let ky1 = (g.h + p).saturating_sub(oy * s).min(k).max(ky0);
+        let iy0 = oy * s + ky0 - p;
+        let nky = ky1 - ky0;
+        let (xp, op) = (x.as_ptr(), orow.as_mut_ptr());
+        let wp = wt.as_ptr().add(ky0 * k * c);
+        let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        let zero = _mm256_setzero_si256();
+        let mut c0 = 0;
+        while c0 < c {
+            let l = (c - c0).min(8);
+            let m = _mm256_cmpgt_epi32(_mm256_set1_epi32(l as i32), lane);
+            let b = match bias {
+                Some(b) => _mm256_maskload_ps(b.as_ptr().add(c0), m),
+                None => _mm256_setzero_ps(),
+            };
+            let mut ox = 0;
+            while ox < wo {
+                let ix0 = (ox * s) as isize - p as isize;
+                let mut mj = [zero; MAXJ];
+                for (j, mk) in mj.iter_mut().enumerate().take(j_n) {
+                    let ix = ix0 + j as isize;
+                    if ix >= 0 && (ix as usize) < g.w {
+                        *mk = m;
+                    }
+                }
+                let mut a = [b; 4];
+                for ky in 0..nky {
+                    // SAFETY (of the loads): a load with a lane enabled reads x[((iy0 + ky) w + ix) c + ch] with
+                    // iy0 + ky < h, ix in [0, w) and ch < c, inside x; a load whose mask is zero touches no memory
+                    // (its address may be outside x, hence wrapping_offset).
+                    let row = xp.wrapping_add((iy0 + ky) * g.w * c + c0);
+                    let mut xs = [_mm256_setzero_ps(); MAXJ];
+                    for (j, xv) in xs.iter_mut().enumerate().take(j_n) {
+                        *xv = _mm256_maskload_ps(row.wrapping_offset((ix0 + j as isize) * c as isize), mj[j]);
+                    }
+                    for kx in 0..k {
+                        let wv = _mm256_maskload_ps(wp.add((ky * k + kx) * c + c0), m);
+                        for (r, ar) in a.iter_mut().enumerate() {
+                            *ar = _mm256_fmadd_ps(wv, xs[r * s + kx], *ar);
+                        }
+                    }
+                }
+                for (r, ar) in a.iter().enumerate().take((wo - ox).min(4)) {
+                    _mm256_maskstore_ps(op.add((ox + r) * c + c0), m, *ar);
+                }
+                ox += 4;
+            }
+            c0 += l;
+        }
+    }
 }
 
 /// The stem conv (dense k x k, stride s, padding k/2, few input channels) from the planar image `x: [cin, h, w]`
@@ -1127,6 +1224,20 @@ mod tests {
                 assert!(
                     (a - e).abs() <= 1e-5 * e.abs().max(1.0),
                     "swish c {c} h {h}: {a} vs {e}"
+                );
+            }
+            #[cfg(target_arch = "x86_64")]
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                // The AVX2 rows (the machines without AVX-512), whatever this CPU picks above.
+                let mut out = vec![f32::NAN; ho * wo * c];
+                for (oy, orow) in out.chunks_exact_mut(wo * c).enumerate() {
+                    // SAFETY: the CPU has AVX2 and FMA; shapes as dwconv checks them, k <= 7, s <= 2.
+                    unsafe { avx2::dw_row(&x, c, g, &wt, Some(&b), orow, oy) };
+                }
+                assert_eq!(
+                    out,
+                    planar_dw(&x, c, g, &w, Some(&b), Act::None),
+                    "avx2 c {c} h {h} k {k} s {s}"
                 );
             }
             let mut portable = vec![0.0; ho * wo * c];
