@@ -134,6 +134,10 @@ fn main() {
         time("stem 3->24 224px k3 s2 Swish", macs, "MAC", || {
             kernels::conv_dense(&x, 3, g, &w, 24, &b, &mut out, Act::Swish, par, &ar)
         });
+        let wt = nhwc::dw_weights(&w, 24, 27);
+        time("stem nhwc 3->24 224px k3 s2 Swish", macs, "MAC", || {
+            nhwc::conv_stem(&x, 3, g, &wt, 24, &b, &mut out, Act::Swish, par, &ar);
+        });
     }
     let mut x: Vec<f32> = (0..192 * 56 * 56).map(|i| ((i * 37) % 11) as f32 * 0.1 - 0.5).collect();
     let mut small = x[..4096].to_vec();

@@ -2,15 +2,19 @@
 //!
 //! Semantics are those of the released network in inference mode (NASVIT.md 2.1-2.2); the export already folded
 //! BN, sliced every weight and resolved the switchable scales, so this file only holds plain layers. Two more
-//! constants are folded at load: the q scale `8^-0.5` into the q rows of the fused qkv weight, and the layer scales
+//! constants are folded at load: the q scale `8^-0.5` into the q rows of the qk weight, and the layer scales
 //! `g_a`, `g_m` into the rows of `proj` and `fc2`, so each residual branch is one accumulate-GEMM; the dense
 //! relative position bias becomes its per-offset table again (kilobytes that stay in cache instead of megabytes
 //! streamed per run).
 //!
-//! Where the time goes (`EngineOptions::profile`, `nasvit bench --profile`, docs/benchmarks.md): 1x1 convs and
-//! token linears (GEMM, split across threads by rows, or by columns for the wide early maps, bias and activation
-//! applied per cached block), depthwise convs (register blocks of 4 rows x 16 columns), and the attention
-//! probabilities (scores, both talking-head mixes and the softmax fused per block of 4 query rows).
+//! Layout: the stem writes `[H*W, C]` and everything after it stays channel-minor (the transformer tokens are
+//! `[N, C]`), see `kernels::nhwc`. Where the time goes (`EngineOptions::profile`, `nasvit bench --profile`,
+//! docs/benchmarks.md): 1x1 convs and token linears (the own AVX-512 GEMM, bias and swish on its registers,
+//! split across threads by pixels, or by columns where the weight outweighs the activations), depthwise convs
+//! (4 pixels x 16 channels per register block), the attention probabilities (scores, both talking-head mixes and
+//! the softmax fused per block of 4 query rows), and the head's two matrix-vector products (memory-bound: their
+//! weights are most of the model's bytes). A run of one sample is ~170 parallel ops, so the threads are those of
+//! `kernels::pool`, which spin between ops.
 
 use std::path::Path;
 
