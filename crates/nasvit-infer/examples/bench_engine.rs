@@ -1,7 +1,7 @@
-//! Batch-1 latency of random-weight official min and max subnets at 224 px.
+//! Batch-1 latency of random-weight min and max subnets (official space at 224 px by default).
 //!
-//! `cargo run --release -p nasvit-infer --example bench_engine [-- --threads N --iters N --res R --only min|max
-//! --profile 1]`
+//! `cargo run --release -p nasvit-infer --example bench_engine [-- --threads N --iters N --space NAME --res R
+//! --only min|max --profile 1]`
 //! Threads default to `RAYON_NUM_THREADS`, else 2.
 
 use std::collections::HashMap;
@@ -68,6 +68,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .unwrap_or(2);
     let mut iters = 30;
     let mut res = 224;
+    let mut space_name = String::from("official");
     let mut only = String::new();
     let mut profile = false;
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -77,12 +78,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "--threads" => threads = v.parse()?,
             "--iters" => iters = v.parse()?,
             "--res" => res = v.parse()?,
+            "--space" => space_name = v.clone(),
             "--only" => only = v.clone(),
             "--profile" => profile = v == "1",
             a => return Err(format!("unknown argument {a}").into()),
         }
     }
-    let space = SearchSpace::builtin("official")?;
+    let space = SearchSpace::load(&space_name)?;
     let sd = random_state_dict(&space, 0);
     for (name, mut arch) in [("min", space.min_arch()), ("max", space.max_arch())] {
         if !only.is_empty() && only != name {
@@ -93,7 +95,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let model = ExportedModel::from_state_dict(&sd, &space, &arch)?;
         let engine = Engine::new(&model, EngineOptions { threads, profile })?;
         let r = bench(&engine, &BenchOptions { warmup: 5, iters })?;
-        println!("official {name} ({:.0} MMACs): {r}", cost.mmacs);
+        println!("{space_name} {name} ({:.0} MMACs): {r}", cost.mmacs);
         let macs = op_macs(&SubnetShape::new(&space, &arch));
         for (op, ms, calls) in engine.profile() {
             let per_run = ms / r.iters as f64;
