@@ -22,7 +22,7 @@ use nasvit_space::{Arch, BlockShape, SearchSpace, SubnetShape, HEAD_DIM, V_EXPAN
 
 use crate::error::{InferError, Result};
 use crate::export::{ExportedModel, Preprocess};
-use crate::kernels::{self, nhwc, Act, Arena, ConvGeom, Mat, Par};
+use crate::kernels::{self, nhwc, Act, Arena, Buf, ConvGeom, Mat, Par};
 use crate::resize::bicubic;
 use crate::state::Tensor;
 
@@ -89,7 +89,7 @@ struct Pointwise {
 
 impl Pointwise {
     /// `act(x W^T + b)` on `x: [n, cin]` -> `[n, cout]`.
-    fn run(&self, x: &[f32], n: usize, act: Act, par: Par, ar: &Arena) -> Vec<f32> {
+    fn run(&self, x: &[f32], n: usize, act: Act, par: Par, ar: &Arena) -> Buf {
         let mut out = ar.take(n * self.w.cout);
         nhwc::pointwise(self.w.view(), self.b.as_deref(), x, n, &mut out, false, act, par);
         out
@@ -630,7 +630,7 @@ impl Engine {
 
 impl MbConv {
     /// Channel-minor: `x: [hin*hin, cin]` -> (`[hout*hout, cout]`, hout).
-    fn forward(&self, x: &[f32], par: Par, ar: &Arena, pr: Prof) -> (Vec<f32>, usize) {
+    fn forward(&self, x: &[f32], par: Par, ar: &Arena, pr: Prof) -> (Buf, usize) {
         let g = self.geom;
         let hw_in = g.h * g.w;
         let (ho, wo) = g.out();
