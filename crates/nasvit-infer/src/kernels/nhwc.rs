@@ -270,20 +270,6 @@ impl PwWeight {
     }
 }
 
-/// A pointer that may cross threads, for the column split of `pointwise` (see the SAFETY notes there).
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: only used to write disjoint column ranges of one buffer from several threads, each range by one thread.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    // A method, so that closures capture the whole (Sync) wrapper, not its raw pointer field.
-    fn at(self, i: usize) -> *mut f32 {
-        self.0.wrapping_add(i)
-    }
-}
-
 /// A 1x1 conv on `x: [n, cin]`: `out[n, cout] = act(x W + bias)`, or with `accumulate`, `out += x W + bias`
 /// (then `act` must be `None`).
 ///
@@ -333,7 +319,7 @@ pub fn pointwise(
     #[cfg(target_arch = "x86_64")]
     if w.panels && threads > 1 && cout >= 2 * n && cout >= 32 * threads {
         let per = cout.div_ceil(16).div_ceil(threads) * 16;
-        let dst = OutPtr(out.as_mut_ptr());
+        let dst = super::pool::Ptr(out.as_mut_ptr());
         super::pool::run(threads, cout.div_ceil(per), &|t| {
             let (j0, j1) = (t * per, ((t + 1) * per).min(cout));
             // The range, panel by panel: inside a panel the weight is row-major with the panel's width.

@@ -200,16 +200,18 @@ pub fn run(threads: usize, tasks: usize, task: &(dyn Fn(usize) + Sync)) {
     }
 }
 
-/// A raw pointer that may cross threads (see `chunks_mut`).
+/// A raw pointer into one output buffer that the tasks of a job share.
 #[derive(Clone, Copy)]
-struct Ptr(*mut f32);
-// SAFETY: only used by `chunks_mut`, whose tasks each build a slice over their own disjoint part of one buffer.
+pub(crate) struct Ptr(pub(crate) *mut f32);
+// SAFETY: used only to write disjoint parts of one buffer from the tasks of one job, each part by one task:
+// `chunks_mut`'s chunks and `nhwc::pointwise`'s column ranges (their SAFETY notes say which part), while the
+// buffer is borrowed mutably by the caller of `run`, which returns only after every task finished.
 unsafe impl Send for Ptr {}
 unsafe impl Sync for Ptr {}
 
 impl Ptr {
     // A method, so that closures capture the whole (Sync) wrapper, not its raw pointer field.
-    fn at(self, i: usize) -> *mut f32 {
+    pub(crate) fn at(self, i: usize) -> *mut f32 {
         self.0.wrapping_add(i)
     }
 }
