@@ -304,6 +304,7 @@ impl Engine {
             opts.threads
         };
         let sh = SubnetShape::new(&model.space, &model.arch);
+        let stem = linear(model, "stem", true)?;
         let mut stages = Vec::new();
         for (i, st) in sh.stages.iter().enumerate() {
             let mut blocks = Vec::new();
@@ -430,11 +431,8 @@ impl Engine {
             labels: model.labels.clone(),
             preprocess: model.preprocess.clone(),
             in_channels: sh.in_channels,
-            stem_wt: {
-                let stem = linear(model, "stem", true)?;
-                nhwc::dw_weights(&stem.w, stem.cout, stem.cin)
-            },
-            stem: linear(model, "stem", true)?,
+            stem_wt: nhwc::dw_weights(&stem.w, stem.cout, stem.cin),
+            stem,
             stem_geom: ConvGeom {
                 h: sh.resolution,
                 w: sh.resolution,
