@@ -152,8 +152,8 @@ multiversion! {
 /// `row[i] = act(row[i] + bias)`.
 pub fn act_row(row: &mut [f32], bias: f32, act: Act) {
     #[cfg(target_arch = "x86_64")]
-    if act == Act::Swish && own_gemm() {
-        // SAFETY: the CPU has AVX-512F (own_gemm).
+    if act == Act::Swish && avx512() {
+        // SAFETY: the CPU has AVX-512F (avx512).
         unsafe { gemm512::swish_row(row, bias) };
         return;
     }
@@ -271,9 +271,10 @@ impl<'a> Mat<'a> {
     }
 }
 
-/// Whether `matmul` runs the engine's own AVX-512 kernel (`gemm512`) when `b` is row-major, rather than the
-/// `gemm` crate.
-pub fn own_gemm() -> bool {
+/// Whether the CPU has AVX-512F: then `matmul` runs the engine's own kernel (`gemm512`) when `b` is row-major
+/// rather than the `gemm` crate, the 1x1 weights are packed in panels, and the depthwise, stem, swish and softmax
+/// kernels take their AVX-512 paths. The one test all those dispatches share.
+pub fn avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::is_x86_feature_detected!("avx512f")
@@ -302,7 +303,7 @@ pub fn matmul(m: usize, n: usize, k: usize, a: Mat, b: Mat, dst: &mut [f32], ldd
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if b.cs == 1 && own_gemm() {
+    if b.cs == 1 && avx512() {
         // SAFETY: the CPU has AVX-512F; the asserts above keep every index of a (rows i < m at stride rs, columns
         // p < k at stride cs), b (row-major, row stride rs) and dst (row-major, ldd) inside the three slices, and
         // `dst` is a unique borrow, so it overlaps neither input.
@@ -999,11 +1000,11 @@ fn attention_block_impl(
         fma,
     );
     #[cfg(target_arch = "x86_64")]
-    let fast_softmax = own_gemm();
+    let fast_softmax = avx512();
     for row in s2.chunks_exact_mut(tn) {
         #[cfg(target_arch = "x86_64")]
         if fast_softmax {
-            // SAFETY: the CPU has AVX-512F (own_gemm).
+            // SAFETY: the CPU has AVX-512F (avx512).
             unsafe { gemm512::softmax_row(row) };
             continue;
         }

@@ -198,7 +198,7 @@ impl PwWeight {
     /// From the PyTorch layout `[cout, cin]`.
     pub fn new(w: &[f32], cout: usize, cin: usize) -> Self {
         assert!(w.len() >= cout * cin);
-        let packed = super::own_gemm();
+        let packed = super::avx512();
         let mut t = vec![0.0f32; cin * cout];
         if packed {
             for (j0, nb) in panels(cout) {
@@ -602,7 +602,7 @@ pub fn dwconv(x: &[f32], c: usize, g: ConvGeom, wt: &[f32], bias: Option<&[f32]>
         ho
     };
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx512f") {
+    if super::avx512() {
         par.chunks_mut(out, rows * wo * c, &|i, o| {
             for (dy, orow) in o.chunks_exact_mut(wo * c).enumerate() {
                 // SAFETY: the CPU has AVX-512F (checked above); the shapes were checked at the top of this function
@@ -748,7 +748,7 @@ pub fn conv_stem(
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        if !super::own_gemm() || cout == 0 || cout > 48 {
+        if !super::avx512() || cout == 0 || cout > 48 {
             return false;
         }
         let (ho, wo) = g.out();
@@ -773,7 +773,7 @@ pub fn conv_stem(
         par.chunks_mut(&mut out[..ho * wo * cout], rows * wo * cout, &|t, o| {
             for (dy, orow) in o.chunks_exact_mut(wo * cout).enumerate() {
                 let oy = t * rows + dy;
-                // SAFETY: the CPU has AVX-512F (own_gemm); `padv` holds cin planes of hp x wp, whose rows
+                // SAFETY: the CPU has AVX-512F (avx512); `padv` holds cin planes of hp x wp, whose rows
                 // oy s .. oy s + k - 1 < hp (oy < ho) and columns up to (wo - 1) s + k - 1 < wp are the only ones
                 // read; `wt` is [cin k k, cout] and `orow` one output row [wo, cout] (both asserted above).
                 unsafe {
