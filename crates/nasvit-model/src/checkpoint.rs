@@ -16,6 +16,7 @@ use safetensors::SafeTensors;
 use nasvit_space::{Arch, SearchSpace};
 
 use crate::error::ModelError;
+use crate::init::ParamInit;
 use crate::named::{named_shapes, named_tensors, replace_named};
 use crate::supernet::Supernet;
 
@@ -103,7 +104,7 @@ pub fn load_checkpoint(path: &Path, device: &Device) -> Result<Supernet, ModelEr
         .get(META_SPACE)
         .ok_or_else(|| not_ckpt(format!("no `{META_SPACE}` metadata")))?;
     let space = SearchSpace::from_yaml_str(space_json, "checkpoint")?;
-    let mut net = load_tensors(Supernet::new(space, device), &bytes, path)?;
+    let mut net = load_tensors(Supernet::new(space, &mut ParamInit::new(device, 0)), &bytes, path)?;
     if let Some(arch_json) = meta.get(META_ARCH) {
         let arch = Arch::from_str_any(arch_json)?;
         net.set_active(&arch)?;
@@ -121,7 +122,11 @@ pub fn read_metadata(path: &Path) -> Result<HashMap<String, String>, ModelError>
 /// `module.` prefix). Fails with one error listing every missing, unexpected and mis-shaped key.
 pub fn import_official(path: &Path, space: &SearchSpace, device: &Device) -> Result<Supernet, ModelError> {
     let bytes = read(path)?;
-    load_tensors(Supernet::new(space.clone(), device), &bytes, path)
+    load_tensors(
+        Supernet::new(space.clone(), &mut ParamInit::new(device, 0)),
+        &bytes,
+        path,
+    )
 }
 
 /// Keys of a released state dict that the port does not hold.

@@ -1,9 +1,10 @@
 //! Conv + BN pair (`conv.conv.weight`, `bn.bn.*`): the stem, the MBConv convs and the head's expand conv.
 
 use burn::module::Module;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::Tensor;
 
 use crate::elastic::{ElasticBatchNorm, ElasticConv2d, Mode};
+use crate::init::ParamInit;
 
 /// An elastic conv followed by an elastic BN; the activation (if any) is applied by the owner.
 #[derive(Module, Debug)]
@@ -14,10 +15,10 @@ pub struct ConvBn {
 
 impl ConvBn {
     /// A dense conv `[out, cin, k, k]` + BN(out).
-    pub fn new(out: usize, cin: usize, k: usize, device: &Device) -> Self {
+    pub fn new(out: usize, cin: usize, k: usize, init: &mut ParamInit) -> Self {
         Self {
-            conv: ElasticConv2d::new(out, cin, k, device),
-            bn: ElasticBatchNorm::new(out, device),
+            conv: ElasticConv2d::new(out, cin, k, init),
+            bn: ElasticBatchNorm::new(out, init.device()),
         }
     }
 

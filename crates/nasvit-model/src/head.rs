@@ -4,10 +4,11 @@
 
 use burn::module::Module;
 use burn::tensor::activation::silu;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::Tensor;
 
 use crate::conv_bn::ConvBn;
 use crate::elastic::{ElasticConv2d, ElasticLinear, Mode};
+use crate::init::ParamInit;
 
 /// The 1x1 conv after pooling (`feature_mix_layer.conv.conv.weight`), no bias, no BN.
 #[derive(Module, Debug)]
@@ -29,11 +30,11 @@ pub struct Classifier {
 }
 
 impl Head {
-    pub fn new(cin: usize, expand: usize, out: usize, device: &Device) -> Self {
+    pub fn new(cin: usize, expand: usize, out: usize, init: &mut ParamInit) -> Self {
         Self {
-            final_expand_layer: ConvBn::new(expand, cin, 1, device),
+            final_expand_layer: ConvBn::new(expand, cin, 1, init),
             feature_mix_layer: FeatureMix {
-                conv: ElasticConv2d::new(out, expand, 1, device),
+                conv: ElasticConv2d::new(out, expand, 1, init),
             },
         }
     }
@@ -59,9 +60,9 @@ impl Head {
 }
 
 impl Classifier {
-    pub fn new(classes: usize, cin: usize, device: &Device) -> Self {
+    pub fn new(classes: usize, cin: usize, init: &mut ParamInit) -> Self {
         Self {
-            linear: ElasticLinear::new(classes, cin, device),
+            linear: ElasticLinear::new(classes, cin, init),
         }
     }
 

@@ -34,6 +34,7 @@ use crate::conv_bn::ConvBn;
 use crate::elastic::Mode;
 use crate::error::ModelError;
 use crate::head::{Classifier, Head};
+use crate::init::ParamInit;
 use crate::net::{mb_active, Features, NetView};
 use crate::static_net::{StaticNet, StaticState};
 
@@ -41,18 +42,24 @@ use crate::static_net::{StaticNet, StaticState};
 #[derive(Clone, Debug)]
 pub struct SupernetConfig {
     pub space: SearchSpace,
+    /// Seed of the init's own generator (see [`ParamInit`]); 0 unless set.
+    pub seed: u64,
 }
 
 impl SupernetConfig {
     pub fn new(space: SearchSpace) -> Self {
-        Self { space }
+        Self { space, seed: 0 }
     }
 
-    /// Random init as PyTorch's defaults (conv/linear `U(+-1/sqrt(fan_in))`, BN 1/0, LN 1/0), the BN gamma after
+    pub fn with_seed(self, seed: u64) -> Self {
+        Self { seed, ..self }
+    }
+
+    /// Random init, the same for the same space and seed, as PyTorch's defaults (conv/linear `U(+-1/sqrt(fan_in))`, BN 1/0, LN 1/0), the BN gamma after
     /// every MBConv projection 0, switchable scales 1e-4, relative position tables trunc-normal(0.02).
     /// The max subnet is active.
     pub fn init(&self, device: &Device) -> Supernet {
-        Supernet::new(self.space.clone(), device)
+        Supernet::new(self.space.clone(), &mut ParamInit::new(device, self.seed))
     }
 }
 
@@ -81,13 +88,13 @@ pub struct Supernet {
 
 impl Supernet {
     /// A randomly initialised supernet of `space` (see [`SupernetConfig::init`]).
-    pub fn new(space: SearchSpace, device: &Device) -> Self {
+    pub fn new(space: SearchSpace, init: &mut ParamInit) -> Self {
         let g_max = space.max_grid().max(1);
         let table_rows = (2 * g_max - 1) * (2 * g_max - 1);
         let max_depths = space.max_depths();
         let rows = rescale_rows(max_depths.iter().copied().max().unwrap_or(1));
         let stem_max = max_of(&space.stem.widths);
-        let first_conv = ConvBn::new(stem_max, space.in_channels, 3, device);
+        let first_conv = ConvBn::new(stem_max, space.in_channels, 3, init);
         let (mlp_ratio_max, mlp_dwconv) = match &space.paper {
             Some(p) => (max_of(&p.mlp_ratio), p.mlp_dwconv.contains(&true)),
             None => (1, false),
@@ -109,7 +116,7 @@ impl Supernet {
                             table_rows,
                             rescale_rows: rows,
                         },
-                        device,
+                        init,
                     )));
                 } else {
                     let cin = if j == 0 { cin_max } else { cout };
@@ -127,15 +134,15 @@ impl Supernet {
                             no_expand,
                             se_mid: st.se.then(|| se_mid(cmid)),
                         },
-                        device,
+                        init,
                     )));
                 }
             }
             cin_max = cout;
         }
         let head_max = max_of(&space.head.widths);
-        let last_conv = Head::new(cin_max, cin_max * HEAD_EXPAND, head_max, device);
-        let classifier = Classifier::new(space.num_classes, head_max, device);
+        let last_conv = Head::new(cin_max, cin_max * HEAD_EXPAND, head_max, init);
+        let classifier = Classifier::new(space.num_classes, head_max, init);
         let arch = space.max_arch();
         let shape = SubnetShape::new(&space, &arch);
         Self {

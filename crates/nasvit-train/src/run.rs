@@ -305,9 +305,7 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary, TrainError> {
             )
         }
         None => {
-            plain.seed(cfg.seed);
-            ad.seed(cfg.seed);
-            let model = SupernetConfig::new(space.clone()).init(&ad);
+            let model = SupernetConfig::new(space.clone()).with_seed(cfg.seed).init(&ad);
             let ema = ModelEma::new(&model, cfg.ema_decay);
             (model, ema, build_optimizer(&cfg), 0, 0, 0.0)
         }

@@ -26,7 +26,7 @@ use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::ModuleOptimizer;
 use burn::tensor::{Device, Tensor, TensorData};
 use nasvit_model::checkpoint::write_tensors;
-use nasvit_model::{save_checkpoint, Supernet};
+use nasvit_model::{save_checkpoint, Supernet, SupernetConfig};
 use nasvit_space::SearchSpace;
 use safetensors::tensor::Dtype;
 use safetensors::SafeTensors;
@@ -331,7 +331,8 @@ pub fn load_state(
     let meta = read_meta(dir)?;
     let state_path = dir.join(STATE_FILE);
     let (model_t, ema_t) = read_state_tensors(&state_path)?;
-    let fresh = Supernet::new(space.clone(), device);
+    // The fresh values are all overwritten: any seed does.
+    let fresh = SupernetConfig::new(space.clone()).init(device);
     let model = load_into(fresh, &model_t, Some(&meta.param_ids), &state_path)?;
     let ema_model = load_into(model.valid(), &ema_t, None, &state_path)?;
     let ema = ModelEma::from_parts(ema_model, meta.ema_decay, meta.ema_updates);

@@ -119,7 +119,7 @@ fn one_sandwich_step_runs_max_min_random_and_changes_weights() {
 
     let ad = Device::flex().autodiff();
     ad.seed(1);
-    let model = SupernetConfig::new(space.clone()).init(&ad);
+    let model = SupernetConfig::new(space.clone()).with_seed(1).init(&ad);
     let before: HashMap<String, TensorData> = named_tensors(&model).into_iter().collect();
     let mut ema = ModelEma::new(&model, 0.5);
     let cfg = TrainConfig::default();

@@ -7,9 +7,10 @@
 
 use burn::module::{Module, Param};
 use burn::tensor::activation::{silu, softmax};
-use burn::tensor::{Device, Distribution, Int, Tensor};
+use burn::tensor::{Int, Tensor};
 
 use crate::elastic::{detached_param, lead, ConvWeight, ElasticLinear, LinearWeight};
+use crate::init::ParamInit;
 use nasvit_space::{HEAD_DIM, V_EXPAND};
 
 /// Attention of one transformer layer, every tensor at max size.
@@ -39,18 +40,18 @@ pub struct TokenGrid {
 }
 
 impl Attention {
-    pub fn new(c: usize, table_rows: usize, device: &Device) -> Self {
+    pub fn new(c: usize, table_rows: usize, init: &mut ParamInit) -> Self {
         let h = c / HEAD_DIM;
         let cv = V_EXPAND * c;
-        let table = Tensor::random([table_rows, h], Distribution::Normal(0.0, 0.02), device).clamp(-2.0, 2.0);
+        let table = init.trunc_normal([table_rows, h], 0.02);
         Self {
-            q: ElasticLinear::new(c, c, device),
-            k: ElasticLinear::new(c, c, device),
-            v: ElasticLinear::new(cv, c, device),
-            vconv: ConvWeight::new(cv, 1, 3, device),
-            proj: ElasticLinear::new(c, cv, device),
-            proj_l: ElasticLinear::new(h, h, device),
-            proj_w: ElasticLinear::new(h, h, device),
+            q: ElasticLinear::new(c, c, init),
+            k: ElasticLinear::new(c, c, init),
+            v: ElasticLinear::new(cv, c, init),
+            vconv: ConvWeight::new(cv, 1, 3, init),
+            proj: ElasticLinear::new(c, cv, init),
+            proj_l: ElasticLinear::new(h, h, init),
+            proj_w: ElasticLinear::new(h, h, init),
             relative_position_bias_table: Param::from_tensor(table),
         }
     }

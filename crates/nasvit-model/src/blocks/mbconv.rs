@@ -10,10 +10,11 @@ use burn::module::Module;
 use burn::tensor::activation::silu;
 use burn::tensor::module::avg_pool2d;
 use burn::tensor::ops::AvgPoolOptions;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::Tensor;
 
 use crate::conv_bn::ConvBn;
 use crate::elastic::{ElasticBatchNorm, ElasticConv2d, ElasticSe, Mode};
+use crate::init::ParamInit;
 
 /// Depthwise conv + BN (+ swish) + optional SE (`depth_conv.{conv,bn,se}`).
 #[derive(Module, Debug)]
@@ -69,23 +70,23 @@ pub struct MbActive {
 
 impl MbBlock {
     /// PyTorch default init; the BN gamma after the projection starts at 0.
-    pub fn new(m: MbMax, device: &Device) -> Self {
-        let inverted_bottleneck = (!m.no_expand).then(|| ConvBn::new(m.cmid, m.cin, 1, device));
+    pub fn new(m: MbMax, init: &mut ParamInit) -> Self {
+        let inverted_bottleneck = (!m.no_expand).then(|| ConvBn::new(m.cmid, m.cin, 1, init));
         Self {
             mobile_inverted_conv: MbConv {
                 inverted_bottleneck,
                 depth_conv: DepthConv {
-                    conv: ElasticConv2d::new(m.cmid, 1, m.kernel, device),
-                    bn: ElasticBatchNorm::new(m.cmid, device),
-                    se: m.se_mid.map(|mid| ElasticSe::new(m.cmid, mid, device)),
+                    conv: ElasticConv2d::new(m.cmid, 1, m.kernel, init),
+                    bn: ElasticBatchNorm::new(m.cmid, init.device()),
+                    se: m.se_mid.map(|mid| ElasticSe::new(m.cmid, mid, init)),
                 },
                 point_linear: ConvBn {
-                    conv: ElasticConv2d::new(m.cout, m.cmid, 1, device),
-                    bn: ElasticBatchNorm::new(m.cout, device).zero_gamma(),
+                    conv: ElasticConv2d::new(m.cout, m.cmid, 1, init),
+                    bn: ElasticBatchNorm::new(m.cout, init.device()).zero_gamma(),
                 },
             },
             shortcut: Some(Shortcut {
-                conv: ElasticConv2d::new(m.cout, m.cin, 1, device),
+                conv: ElasticConv2d::new(m.cout, m.cin, 1, init),
             }),
         }
     }

@@ -4,9 +4,10 @@
 
 use burn::module::Module;
 use burn::tensor::activation::silu;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::Tensor;
 
 use crate::elastic::{detached_param, lead, ConvWeight, ElasticLinear};
+use crate::init::ParamInit;
 
 #[derive(Module, Debug)]
 pub struct Mlp {
@@ -17,11 +18,11 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    pub fn new(c: usize, hidden: usize, dwconv: bool, device: &Device) -> Self {
+    pub fn new(c: usize, hidden: usize, dwconv: bool, init: &mut ParamInit) -> Self {
         Self {
-            linear1: ElasticLinear::new(hidden, c, device),
-            linear2: ElasticLinear::new(c, hidden, device),
-            dwconv: dwconv.then(|| ConvWeight::new(hidden, 1, 3, device)),
+            linear1: ElasticLinear::new(hidden, c, init),
+            linear2: ElasticLinear::new(c, hidden, init),
+            dwconv: dwconv.then(|| ConvWeight::new(hidden, 1, 3, init)),
         }
     }
 

@@ -12,11 +12,12 @@
 //! block. In an extracted subnet the switchable scales are pre-selected: `rescale_*` then has shape `[1, 1, C]`.
 
 use burn::module::{Module, Param};
-use burn::tensor::{Device, Tensor};
+use burn::tensor::Tensor;
 
 use super::attention::{Attention, TokenGrid};
 use super::mlp::Mlp;
 use crate::elastic::{detached_param, JointLayerNorm};
+use crate::init::ParamInit;
 
 /// Rescale rows of a supernet: `max(10, max stage depth + 1)` (10 in the released checkpoint).
 pub fn rescale_rows(max_depth: usize) -> usize {
@@ -62,15 +63,16 @@ pub struct TfMax {
 }
 
 impl TransformerBlock {
-    pub fn new(m: TfMax, device: &Device) -> Self {
-        let scale = || Param::from_tensor(Tensor::full([m.rescale_rows, RESCALE_COLS, m.c], 1e-4, device));
+    pub fn new(m: TfMax, init: &mut ParamInit) -> Self {
+        let device = init.device().clone();
+        let scale = || Param::from_tensor(Tensor::full([m.rescale_rows, RESCALE_COLS, m.c], 1e-4, &device));
         Self {
-            norm1: JointLayerNorm::new(m.c, device),
-            norm2: JointLayerNorm::new(m.c, device),
-            norm3: JointLayerNorm::new(m.c, device),
-            attn: Attention::new(m.c, m.table_rows, device),
-            mlp1: Mlp::new(m.c, m.mlp_hidden, m.mlp_dwconv, device),
-            mlp2: Mlp::new(m.c, m.mlp_hidden, m.mlp_dwconv, device),
+            norm1: JointLayerNorm::new(m.c, &device),
+            norm2: JointLayerNorm::new(m.c, &device),
+            norm3: JointLayerNorm::new(m.c, &device),
+            attn: Attention::new(m.c, m.table_rows, init),
+            mlp1: Mlp::new(m.c, m.mlp_hidden, m.mlp_dwconv, init),
+            mlp2: Mlp::new(m.c, m.mlp_hidden, m.mlp_dwconv, init),
             rescale_attn: scale(),
             rescale_mlp: scale(),
         }

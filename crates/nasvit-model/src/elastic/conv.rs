@@ -3,9 +3,10 @@
 use burn::module::{Module, Param};
 use burn::tensor::module::conv2d;
 use burn::tensor::ops::ConvOptions;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::Tensor;
 
 use super::{detached_param, lead, uniform_param};
+use crate::init::ParamInit;
 
 /// The raw weight of a conv, `[out, in / groups, k, k]` (the inner `conv` of the released `DynamicConv2d`).
 #[derive(Module, Debug)]
@@ -14,9 +15,9 @@ pub struct ConvWeight {
 }
 
 impl ConvWeight {
-    pub fn new(out: usize, in_per_group: usize, k: usize, device: &Device) -> Self {
+    pub fn new(out: usize, in_per_group: usize, k: usize, init: &mut ParamInit) -> Self {
         Self {
-            weight: uniform_param([out, in_per_group, k, k], in_per_group * k * k, device),
+            weight: uniform_param([out, in_per_group, k, k], in_per_group * k * k, init),
         }
     }
 
@@ -68,9 +69,9 @@ pub struct ElasticConv2d {
 }
 
 impl ElasticConv2d {
-    pub fn new(out: usize, cin: usize, k: usize, device: &Device) -> Self {
+    pub fn new(out: usize, cin: usize, k: usize, init: &mut ParamInit) -> Self {
         Self {
-            conv: ConvWeight::new(out, cin, k, device),
+            conv: ConvWeight::new(out, cin, k, init),
         }
     }
 
@@ -121,10 +122,10 @@ pub struct ConvBias {
 }
 
 impl ConvBias {
-    pub fn new(out: usize, cin: usize, device: &Device) -> Self {
+    pub fn new(out: usize, cin: usize, init: &mut ParamInit) -> Self {
         Self {
-            weight: uniform_param([out, cin, 1, 1], cin, device),
-            bias: uniform_param([out], cin, device),
+            weight: uniform_param([out, cin, 1, 1], cin, init),
+            bias: uniform_param([out], cin, init),
         }
     }
 

@@ -2,9 +2,10 @@
 
 use burn::module::{Module, Param};
 use burn::tensor::module::linear;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::Tensor;
 
 use super::{detached_param, lead, uniform_param};
+use crate::init::ParamInit;
 
 /// Weight `[out, in]` and bias `[out]` (the inner `linear` of the released `DynamicLinear`).
 #[derive(Module, Debug)]
@@ -20,11 +21,11 @@ pub struct ElasticLinear {
 }
 
 impl ElasticLinear {
-    pub fn new(out: usize, cin: usize, device: &Device) -> Self {
+    pub fn new(out: usize, cin: usize, init: &mut ParamInit) -> Self {
         Self {
             linear: LinearWeight {
-                weight: uniform_param([out, cin], cin, device),
-                bias: uniform_param([out], cin, device),
+                weight: uniform_param([out, cin], cin, init),
+                bias: uniform_param([out], cin, init),
             },
         }
     }

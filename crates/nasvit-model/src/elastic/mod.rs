@@ -7,8 +7,9 @@ pub mod linear;
 pub mod norm;
 pub mod se;
 
+use crate::init::ParamInit;
 use burn::module::Param;
-use burn::tensor::{Device, Distribution, Tensor};
+use burn::tensor::Tensor;
 
 pub use conv::{ConvBias, ConvWeight, ElasticConv2d};
 pub use linear::{ElasticLinear, LinearWeight};
@@ -34,9 +35,13 @@ pub(crate) fn lead<const D: usize>(t: Tensor<D>, sizes: [usize; D]) -> Tensor<D>
 }
 
 /// A parameter initialised as PyTorch's default for conv/linear: `U(-1/sqrt(fan_in), 1/sqrt(fan_in))`.
-pub(crate) fn uniform_param<const D: usize>(shape: [usize; D], fan_in: usize, device: &Device) -> Param<Tensor<D>> {
+pub(crate) fn uniform_param<const D: usize>(
+    shape: [usize; D],
+    fan_in: usize,
+    init: &mut ParamInit,
+) -> Param<Tensor<D>> {
     let a = 1.0 / (fan_in.max(1) as f64).sqrt();
-    Param::from_tensor(Tensor::random(shape, Distribution::Uniform(-a, a), device))
+    Param::from_tensor(init.uniform(shape, a))
 }
 
 /// A new parameter holding a detached copy of `t` (the sliced weights of an extracted subnet).

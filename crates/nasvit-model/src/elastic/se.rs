@@ -2,9 +2,10 @@
 
 use burn::module::Module;
 use burn::tensor::activation::{hard_sigmoid, relu};
-use burn::tensor::{Device, Tensor};
+use burn::tensor::Tensor;
 
 use super::conv::ConvBias;
+use crate::init::ParamInit;
 
 /// The two 1x1 convs of SE.
 #[derive(Module, Debug)]
@@ -21,11 +22,11 @@ pub struct ElasticSe {
 }
 
 impl ElasticSe {
-    pub fn new(c: usize, mid: usize, device: &Device) -> Self {
+    pub fn new(c: usize, mid: usize, init: &mut ParamInit) -> Self {
         Self {
             fc: SeFc {
-                reduce: ConvBias::new(mid, c, device),
-                expand: ConvBias::new(c, mid, device),
+                reduce: ConvBias::new(mid, c, init),
+                expand: ConvBias::new(c, mid, init),
             },
         }
     }
