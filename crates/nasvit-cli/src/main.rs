@@ -44,6 +44,9 @@ enum Command {
     /// Classify images with an exported model.
     Infer(cmd::infer::InferArgs),
     /// Batch-1 latency of an exported model.
+    ///
+    /// The engine runs its AVX-512 kernels where the CPU has AVX-512F; NASVIT_NO_AVX512=1 times the kernels of
+    /// the CPUs without it instead (the report's `kernels` says which ran).
     Bench(cmd::bench::BenchArgs),
     /// Gradient-conflict table: share of negative cosines between supernet and subnet gradients.
     Conflict(cmd::conflict::ConflictArgs),

@@ -170,5 +170,20 @@ fn bench_profile_splits_a_run_into_ops() {
     let total: f64 = ops.values().map(|t| t.as_f64().unwrap()).sum();
     let mean = v["mean_ms"].as_f64().unwrap();
     assert!(total > 0.0 && total <= mean * 1.01, "ops {total} ms vs run {mean} ms");
+    let here = if nasvit_infer::kernels::avx512() {
+        "avx512"
+    } else {
+        "generic"
+    };
+    assert_eq!(v["kernels"], here);
+    // NASVIT_NO_AVX512 picks the kernels of the CPUs without AVX-512, whatever this one has.
+    let out = Command::new(env!("CARGO_BIN_EXE_nasvit"))
+        .args([&args[..], &["--iters", "2", "--json"]].concat())
+        .env("NASVIT_NO_AVX512", "1")
+        .output()
+        .expect("run nasvit");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(v["kernels"], "generic");
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -36,15 +36,20 @@ pub struct BenchReport {
     pub images_per_s: f64,
     /// `VmHWM` of this process (KiB), where /proc is available.
     pub peak_rss_kib: Option<u64>,
+    /// The kernels the engine ran: "avx512" (its own GEMM and AVX-512 convs) or "generic" (the `gemm` crate,
+    /// AVX2 or portable depthwise rows), see [`crate::kernels::avx512`].
+    pub kernels: &'static str,
 }
 
 impl std::fmt::Display for BenchReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} px, {} threads, {} runs: median {:.2} ms, p90 {:.2} ms, mean {:.2} ms, min {:.2} ms, {:.1} images/s",
+            "{} px, {} threads, {} kernels, {} runs: median {:.2} ms, p90 {:.2} ms, mean {:.2} ms, min {:.2} ms, \
+             {:.1} images/s",
             self.resolution,
             self.threads,
+            self.kernels,
             self.iters,
             self.median_ms,
             self.p90_ms,
@@ -96,5 +101,6 @@ pub fn bench(engine: &Engine, opts: &BenchOptions) -> Result<BenchReport> {
         min_ms: times[0],
         images_per_s: 1e3 / mean,
         peak_rss_kib: peak_rss_kib(),
+        kernels: if crate::kernels::avx512() { "avx512" } else { "generic" },
     })
 }

@@ -274,15 +274,22 @@ impl<'a> Mat<'a> {
 /// Whether the CPU has AVX-512F: then `matmul` runs the engine's own kernel (`gemm512`) when `b` is row-major
 /// rather than the `gemm` crate, the 1x1 weights are packed in panels, and the depthwise, stem, swish and softmax
 /// kernels take their AVX-512 paths. The one test all those dispatches share.
+///
+/// `NASVIT_NO_AVX512` set (to anything) makes it false, so that an AVX-512 machine runs, tests and times the paths
+/// of the CPUs without it (the `gemm` crate, AVX2 depthwise rows, planar stem); read once per process, since
+/// weights packed at load must match the kernels that read them.
 pub fn avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    static AVX512: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVX512.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::is_x86_feature_detected!("avx512f") && std::env::var_os("NASVIT_NO_AVX512").is_none()
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
 }
 
 /// `dst[m, n] (+)= a[m, k] x b[k, n]`, dst row-major with leading dimension `ldd`, on the calling thread (callers

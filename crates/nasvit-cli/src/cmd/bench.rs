@@ -55,7 +55,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         let mut j = serde_json::json!({
             "resolution": r.resolution, "threads": r.threads, "iters": r.iters,
             "median_ms": r.median_ms, "p90_ms": r.p90_ms, "mean_ms": r.mean_ms, "min_ms": r.min_ms,
-            "images_per_s": r.images_per_s, "peak_rss_kib": r.peak_rss_kib,
+            "images_per_s": r.images_per_s, "peak_rss_kib": r.peak_rss_kib, "kernels": r.kernels,
         });
         if args.profile {
             j["profile_ms_per_run"] = ops
@@ -66,9 +66,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         println!("{j}");
     } else {
         println!(
-            "batch 1 at {} px, {} threads, {} runs: median {:.2} ms, p90 {:.2} ms, {:.1} images/s, peak memory {}",
+            "batch 1 at {} px, {} threads, {} kernels, {} runs: median {:.2} ms, p90 {:.2} ms, {:.1} images/s, \
+             peak memory {}",
             r.resolution,
             r.threads,
+            r.kernels,
             r.iters,
             r.median_ms,
             r.p90_ms,
