@@ -67,6 +67,8 @@ pub struct TrainConfig {
     /// Label smoothing of the max subnet's cross entropy on ground truth (used without a teacher).
     pub label_smoothing: f64,
     pub augment: AugmentConfig,
+    /// Seeds the supernet's init, the sampled subnets of each step, the data order and the augmentations: a run is
+    /// repeatable, and a resumed run continues as an uninterrupted one would.
     pub seed: u64,
     /// Write a metrics line every this many iterations.
     pub log_every: u64,
