@@ -603,22 +603,25 @@ pub fn dwconv(x: &[f32], c: usize, g: ConvGeom, wt: &[f32], bias: Option<&[f32]>
     };
     #[cfg(target_arch = "x86_64")]
     if super::avx512() {
+        // The swish on the registers before the store where the row kernel is specialised (a row of the early
+        // stages, 40-80 KB, no longer fits L1 for a second pass).
+        let swish = act == Act::Swish && matches!((g.stride, g.k), (1 | 2, 3 | 5 | 7));
         par.chunks_mut(out, rows * wo * c, &|i, o| {
             for (dy, orow) in o.chunks_exact_mut(wo * c).enumerate() {
                 // SAFETY: the CPU has AVX-512F (checked above); the shapes were checked at the top of this function
                 // and `orow` is one whole output row.
                 unsafe {
                     match (g.stride, g.k) {
-                        (1, 3) => avx512::dw_row_k::<1, 3>(x, c, g, wt, bias, orow, i * rows + dy),
-                        (1, 5) => avx512::dw_row_k::<1, 5>(x, c, g, wt, bias, orow, i * rows + dy),
-                        (1, 7) => avx512::dw_row_k::<1, 7>(x, c, g, wt, bias, orow, i * rows + dy),
-                        (2, 3) => avx512::dw_row_k::<2, 3>(x, c, g, wt, bias, orow, i * rows + dy),
-                        (2, 5) => avx512::dw_row_k::<2, 5>(x, c, g, wt, bias, orow, i * rows + dy),
-                        (2, 7) => avx512::dw_row_k::<2, 7>(x, c, g, wt, bias, orow, i * rows + dy),
+                        (1, 3) => avx512::dw_row_k::<1, 3>(x, c, g, wt, bias, orow, i * rows + dy, swish),
+                        (1, 5) => avx512::dw_row_k::<1, 5>(x, c, g, wt, bias, orow, i * rows + dy, swish),
+                        (1, 7) => avx512::dw_row_k::<1, 7>(x, c, g, wt, bias, orow, i * rows + dy, swish),
+                        (2, 3) => avx512::dw_row_k::<2, 3>(x, c, g, wt, bias, orow, i * rows + dy, swish),
+                        (2, 5) => avx512::dw_row_k::<2, 5>(x, c, g, wt, bias, orow, i * rows + dy, swish),
+                        (2, 7) => avx512::dw_row_k::<2, 7>(x, c, g, wt, bias, orow, i * rows + dy, swish),
                         _ => avx512::dw_row(x, c, g, wt, bias, orow, i * rows + dy),
                     }
                 };
-                if act != Act::None {
+                if act != Act::None && !swish {
                     // The activation while the row is in L1.
                     super::act_row(orow, 0.0, act);
                 }
@@ -906,7 +909,8 @@ mod avx512 {
 
     /// `dw_row` for stride `S` and kernel `K`: blocks of 4 pixels across the whole row, border ones included,
     /// each input vector of a tap row loaded once for all the taps and pixels that read it (`3 S + K` loads for
-    /// `4 K` FMAs); taps outside the map are masked-off loads, which read nothing and give zeros.
+    /// `4 K` FMAs); taps outside the map are masked-off loads, which read nothing and give zeros. With `swish`
+    /// the outputs are `swish(conv + bias)`.
     ///
     /// # Safety
     /// As `dw_row`, with `g.stride == S` and `g.k == K`.
@@ -919,6 +923,7 @@ mod avx512 {
         bias: Option<&[f32]>,
         orow: &mut [f32],
         oy: usize,
+        swish: bool,
     ) {
         const MAXJ: usize = 3 * 2 + 7;
         let j_n = 3 * S + K;
@@ -971,7 +976,12 @@ mod avx512 {
                 }
                 // Pixels past the row's end were computed from masked (zero) or in-map loads and are dropped.
                 for (r, ar) in a.iter().enumerate().take((wo - ox).min(4)) {
-                    _mm512_mask_storeu_ps(op.add((ox + r) * c + c0), m, *ar);
+                    let v = if swish {
+                        super::super::gemm512::swish_v(*ar)
+                    } else {
+                        *ar
+                    };
+                    _mm512_mask_storeu_ps(op.add((ox + r) * c + c0), m, v);
                 }
                 ox += 4;
             }
