@@ -740,8 +740,10 @@ pub fn conv_dense(
     ar.put(pads);
 }
 
-/// The MBConv shortcut pooling: average pool with kernel s, stride s, padding 1 when the side is odd (else 0),
-/// zero pads counted in the average (PyTorch `count_include_pad=True`).
+/// The MBConv shortcut pooling on planar maps: average pool with kernel s, stride s, padding 1 when the side is
+/// odd (else 0), zero pads counted in the average (PyTorch `count_include_pad=True`). The test reference of the
+/// engine's channel-minor `nhwc::avgpool_shortcut`, which replaced it in the engine.
+#[cfg(test)]
 pub fn avgpool_shortcut(
     x: &[f32],
     c: usize,
@@ -764,19 +766,6 @@ pub fn avgpool_shortcut(
         for (i, o) in planes.chunks_exact_mut(ho * wo).enumerate() {
             let ch = t * ml + i;
             let plane = &x[ch * h * w..(ch + 1) * h * w];
-            if s == 2 && ph == 0 && pw == 0 {
-                // The common case: whole 2x2 windows, in pairs so that it vectorises.
-                for (oy, orow) in o.chunks_exact_mut(wo).enumerate() {
-                    let (r0, r1) = (
-                        &plane[2 * oy * w..(2 * oy + 1) * w],
-                        &plane[(2 * oy + 1) * w..(2 * oy + 2) * w],
-                    );
-                    for ((d, a), b) in orow.iter_mut().zip(r0.chunks_exact(2)).zip(r1.chunks_exact(2)) {
-                        *d = (a[0] + a[1] + b[0] + b[1]) * 0.25;
-                    }
-                }
-                continue;
-            }
             for oy in 0..ho {
                 let y0 = (oy * s) as isize - ph as isize;
                 let y1 = (y0 + s as isize).min((h + ph) as isize);

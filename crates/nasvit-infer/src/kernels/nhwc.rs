@@ -1139,8 +1139,8 @@ multiversion! {
     pub fn scale_channels(x: &mut [f32], s: &[f32]) = scale_channels_impl;
 }
 
-/// The MBConv shortcut pooling on `x: [h*w, c]`, as `kernels::avgpool_shortcut` (kernel and stride s, padding 1
-/// on odd sides, pads counted in the average): `([ho*wo, c], ho, wo)`.
+/// The MBConv shortcut pooling on `x: [h*w, c]` (kernel and stride s, padding 1 on odd sides, pads counted in
+/// the average, as PyTorch's `count_include_pad=True`): `([ho*wo, c], ho, wo)`.
 pub fn avgpool_shortcut(
     x: &[f32],
     c: usize,
