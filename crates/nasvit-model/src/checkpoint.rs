@@ -16,9 +16,8 @@ use safetensors::SafeTensors;
 use nasvit_space::{Arch, SearchSpace};
 
 use crate::error::ModelError;
-use crate::init::ParamInit;
 use crate::named::{named_shapes, named_tensors, replace_named};
-use crate::supernet::Supernet;
+use crate::supernet::{Supernet, SupernetConfig};
 
 /// Metadata key of the format version.
 pub const META_FORMAT: &str = "nasvit.format";
@@ -104,7 +103,8 @@ pub fn load_checkpoint(path: &Path, device: &Device) -> Result<Supernet, ModelEr
         .get(META_SPACE)
         .ok_or_else(|| not_ckpt(format!("no `{META_SPACE}` metadata")))?;
     let space = SearchSpace::from_yaml_str(space_json, "checkpoint")?;
-    let mut net = load_tensors(Supernet::new(space, &mut ParamInit::new(device, 0)), &bytes, path)?;
+    // The init values are all overwritten: the default seed does.
+    let mut net = load_tensors(SupernetConfig::new(space).init(device), &bytes, path)?;
     if let Some(arch_json) = meta.get(META_ARCH) {
         let arch = Arch::from_str_any(arch_json)?;
         net.set_active(&arch)?;
@@ -122,11 +122,7 @@ pub fn read_metadata(path: &Path) -> Result<HashMap<String, String>, ModelError>
 /// `module.` prefix). Fails with one error listing every missing, unexpected and mis-shaped key.
 pub fn import_official(path: &Path, space: &SearchSpace, device: &Device) -> Result<Supernet, ModelError> {
     let bytes = read(path)?;
-    load_tensors(
-        Supernet::new(space.clone(), &mut ParamInit::new(device, 0)),
-        &bytes,
-        path,
-    )
+    load_tensors(SupernetConfig::new(space.clone()).init(device), &bytes, path)
 }
 
 /// Keys of a released state dict that the port does not hold.

@@ -55,9 +55,9 @@ impl SupernetConfig {
         Self { seed, ..self }
     }
 
-    /// Random init, the same for the same space and seed, as PyTorch's defaults (conv/linear `U(+-1/sqrt(fan_in))`, BN 1/0, LN 1/0), the BN gamma after
-    /// every MBConv projection 0, switchable scales 1e-4, relative position tables trunc-normal(0.02).
-    /// The max subnet is active.
+    /// Random init as PyTorch's defaults (conv/linear `U(+-1/sqrt(fan_in))`, BN 1/0, LN 1/0), the BN gamma after
+    /// every MBConv projection 0, switchable scales 1e-4, relative position tables trunc-normal(0.02); the same
+    /// weights for the same space and seed. The max subnet is active.
     pub fn init(&self, device: &Device) -> Supernet {
         Supernet::new(self.space.clone(), &mut ParamInit::new(device, self.seed))
     }
