@@ -631,12 +631,15 @@ pub fn dwconv(x: &[f32], c: usize, g: ConvGeom, wt: &[f32], bias: Option<&[f32]>
     }
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && g.k <= 7 && g.stride <= 2 {
+        // Fused into the stride-2 rows only: there it was 4-15% faster than the pass after the row, at stride 1
+        // 0-10% slower on half the shapes (`bench_kernels`, docs/benchmarks.md).
+        let swish = act == Act::Swish && g.stride == 2;
         par.chunks_mut(out, rows * wo * c, &|i, o| {
             for (dy, orow) in o.chunks_exact_mut(wo * c).enumerate() {
                 // SAFETY: the CPU has AVX2 and FMA (checked above); the shapes were checked at the top of this
                 // function and `orow` is one whole output row.
-                unsafe { avx2::dw_row(x, c, g, wt, bias, orow, i * rows + dy) };
-                if act != Act::None {
+                unsafe { avx2::dw_row(x, c, g, wt, bias, orow, i * rows + dy, swish) };
+                if act != Act::None && !swish {
                     super::act_row(orow, 0.0, act);
                 }
             }
@@ -646,21 +649,185 @@ pub fn dwconv(x: &[f32], c: usize, g: ConvGeom, wt: &[f32], bias: Option<&[f32]>
     par.chunks_mut(out, rows * wo * c, &|i, o| dw_rows(x, c, g, wt, bias, o, i * rows, act));
 }
 
-/// The depthwise row for CPUs with AVX2 but not AVX-512: `avx512::dw_row_k` on 8 lanes, with the stride and
-/// kernel at run time.
+/// The vector operations of the depthwise row, so that one body (`dw_row_simd`) serves AVX-512 (16 lanes, mask
+/// registers) and AVX2 (8 lanes, masks as vectors). The methods and the body are `#[inline(always)]`: they compile
+/// into the `#[target_feature]` wrapper of each ISA (`avx512::dw_row_k`, `avx2::dw_row_k`) as that ISA's
+/// instructions. Every method needs the CPU features of its ISA.
+#[cfg(target_arch = "x86_64")]
+trait DwIsa {
+    type V: Copy;
+    type M: Copy;
+    /// Lanes per vector.
+    const L: usize;
+    /// The first `l <= L` lanes.
+    unsafe fn mask(l: usize) -> Self::M;
+    unsafe fn no_lanes() -> Self::M;
+    unsafe fn zero() -> Self::V;
+    /// Masked-off lanes read nothing (the address may be outside any allocation) and give 0.
+    unsafe fn load(m: Self::M, p: *const f32) -> Self::V;
+    unsafe fn store(p: *mut f32, m: Self::M, v: Self::V);
+    /// `a b + c`.
+    unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    unsafe fn swish(v: Self::V) -> Self::V;
+}
+
+/// Output row `oy` of `dwconv` for stride `S` and kernel `K`: blocks of 4 pixels across the whole row, border
+/// ones included, each input vector of a tap row loaded once for all the taps and pixels that read it (`3 S + K`
+/// loads for `4 K` FMAs); taps outside the map are masked-off loads, which read nothing and give zeros. With
+/// `SWISH` the outputs are `swish(conv + bias)`, computed on the registers before the store (a row of the early
+/// stages, 40-80 KB, no longer fits L1 for a second pass). A constant, so that the rows without it carry none of
+/// its code: on AVX2's 16 registers the swish's hoisted constants slowed the tap loop of some shapes by 5-10%.
+///
+/// # Safety
+/// The CPU must have the features of `I`; shapes as `dwconv` checks them (`x: [h*w, c]`, `wt: [k*k, c]`,
+/// `bias: [c]`, `orow: [wo, c]`, `oy < ho`), with `g.stride == S <= 2` and `g.k == K <= 7`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn dw_row_simd<I: DwIsa, const S: usize, const K: usize, const SWISH: bool>(
+    x: &[f32],
+    c: usize,
+    g: ConvGeom,
+    wt: &[f32],
+    bias: Option<&[f32]>,
+    orow: &mut [f32],
+    oy: usize,
+) {
+    const MAXJ: usize = 3 * 2 + 7;
+    let j_n = 3 * S + K;
+    let (ho, wo) = g.out();
+    let p = K / 2;
+    assert!(g.stride == S && g.k == K && j_n <= MAXJ);
+    assert!(oy < ho && orow.len() == wo * c && x.len() >= g.h * g.w * c && wt.len() >= K * K * c);
+    assert!(bias.is_none_or(|b| b.len() >= c));
+    let ky0 = p.saturating_sub(oy * S);
+    let ky1 = (g.h + p).saturating_sub(oy * S).min(K).max(ky0);
+    let iy0 = oy * S + ky0 - p;
+    let nky = ky1 - ky0;
+    let (xp, op) = (x.as_ptr(), orow.as_mut_ptr());
+    let wp = wt.as_ptr().add(ky0 * K * c);
+    let mut c0 = 0;
+    while c0 < c {
+        let m = I::mask((c - c0).min(I::L));
+        let b = match bias {
+            Some(b) => I::load(m, b.as_ptr().add(c0)),
+            None => I::zero(),
+        };
+        let mut ox = 0;
+        while ox < wo {
+            // Input column of load j: ix0 + j. Loads outside [0, w) get an all-zero mask.
+            let ix0 = (ox * S) as isize - p as isize;
+            let mut mj = [I::no_lanes(); MAXJ];
+            for (j, mk) in mj.iter_mut().enumerate().take(j_n) {
+                let ix = ix0 + j as isize;
+                if ix >= 0 && (ix as usize) < g.w {
+                    *mk = m;
+                }
+            }
+            let mut a = [b; 4];
+            for ky in 0..nky {
+                // SAFETY (of the loads): a load with a lane enabled reads x[((iy0 + ky) w + ix) c + ch] with
+                // iy0 + ky < h, ix in [0, w) and ch < c, inside x; a load whose mask is zero touches no memory
+                // (its address may be outside x, hence wrapping_offset).
+                let row = xp.wrapping_add((iy0 + ky) * g.w * c + c0);
+                let mut xs = [I::zero(); MAXJ];
+                for (j, xv) in xs.iter_mut().enumerate().take(j_n) {
+                    *xv = I::load(mj[j], row.wrapping_offset((ix0 + j as isize) * c as isize));
+                }
+                for kx in 0..K {
+                    let wv = I::load(m, wp.add((ky * K + kx) * c + c0));
+                    for (r, ar) in a.iter_mut().enumerate() {
+                        *ar = I::fma(wv, xs[r * S + kx], *ar);
+                    }
+                }
+            }
+            // Pixels past the row's end were computed from masked (zero) or in-map loads and are dropped.
+            for (r, ar) in a.iter().enumerate().take((wo - ox).min(4)) {
+                let v = if SWISH { I::swish(*ar) } else { *ar };
+                I::store(op.add((ox + r) * c + c0), m, v);
+            }
+            ox += 4;
+        }
+        c0 += I::L.min(c - c0);
+    }
+}
+
+/// The depthwise row for CPUs with AVX2 but not AVX-512: `dw_row_simd` on 8 lanes.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::ConvGeom;
+    use super::{ConvGeom, DwIsa};
 
-    /// Output row `oy` of `dwconv` (without activation): blocks of 4 pixels x 8 channels, each input vector of a
-    /// tap row loaded once; taps outside the map are masked-off loads (they read nothing and give zeros).
+    struct Avx2;
+
+    impl DwIsa for Avx2 {
+        type V = __m256;
+        /// AVX2 masks its loads and stores by the sign bits of a vector.
+        type M = __m256i;
+        const L: usize = 8;
+        #[inline(always)]
+        unsafe fn mask(l: usize) -> __m256i {
+            _mm256_cmpgt_epi32(_mm256_set1_epi32(l as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))
+        }
+        #[inline(always)]
+        unsafe fn no_lanes() -> __m256i {
+            _mm256_setzero_si256()
+        }
+        #[inline(always)]
+        unsafe fn zero() -> __m256 {
+            _mm256_setzero_ps()
+        }
+        #[inline(always)]
+        unsafe fn load(m: __m256i, p: *const f32) -> __m256 {
+            _mm256_maskload_ps(p, m)
+        }
+        #[inline(always)]
+        unsafe fn store(p: *mut f32, m: __m256i, v: __m256) {
+            _mm256_maskstore_ps(p, m, v)
+        }
+        #[inline(always)]
+        unsafe fn fma(a: __m256, b: __m256, c: __m256) -> __m256 {
+            _mm256_fmadd_ps(a, b, c)
+        }
+        #[inline(always)]
+        unsafe fn swish(x: __m256) -> __m256 {
+            swish_v(x)
+        }
+    }
+
+    /// `x / (1 + exp(-x))` on 8 lanes: the reduction and polynomial of `gemm512::swish_v`, with `2^n` built in the
+    /// exponent bits (AVX2 has no `vscalefps`), so `x` is clamped to [-88, 87] to keep `n` in [-126, 127] (past
+    /// 87, `exp(-x)` is below 2e-38 and the swish is `x`); the division as `vrcpps` and one Newton step.
+    #[inline(always)]
+    pub unsafe fn swish_v(x: __m256) -> __m256 {
+        let xc = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.0)), _mm256_set1_ps(87.0));
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
+            xc,
+            _mm256_set1_ps(-std::f32::consts::LOG2_E),
+        ));
+        // r = -xc - n ln 2
+        let r = _mm256_fnmsub_ps(n, _mm256_set1_ps(std::f32::consts::LN_2), xc);
+        let mut p = _mm256_set1_ps(8.297_761e-3);
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.191_539_4e-2));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.166_675_73));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.499_988_94));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.999_999_7));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.000_000_1));
+        let pow2 = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
+            _mm256_cvtps_epi32(n),
+            _mm256_set1_epi32(127),
+        )));
+        let d = _mm256_fmadd_ps(p, pow2, _mm256_set1_ps(1.0));
+        let y0 = _mm256_rcp_ps(d);
+        // x / d = x y0 (2 - d y0)
+        _mm256_mul_ps(_mm256_mul_ps(x, y0), _mm256_fnmadd_ps(d, y0, _mm256_set1_ps(2.0)))
+    }
+
+    /// `dw_row_k` for the stride and kernel side of `g`.
     ///
     /// # Safety
     /// The CPU must have AVX2 and FMA; shapes as `dwconv` checks them (`x: [h*w, c]`, `wt: [k*k, c]`,
     /// `bias: [c]`, `orow: [wo, c]`, `oy < ho`, k odd), `k <= 7`, `stride <= 2`.
-    #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dw_row(
         x: &[f32],
         c: usize,
@@ -669,26 +836,28 @@ mod avx2 {
         bias: Option<&[f32]>,
         orow: &mut [f32],
         oy: usize,
+        swish: bool,
     ) {
         // Kernel side and stride as constants: the tap loops unroll and the input vectors stay in registers (with
-        // them read at run time, the kernel ran at 15 MAC/ns against 39 for the AVX-512 one, which has them).
+        // them read at run time, the kernel ran at 15 MAC/ns against 26 with them).
         match (g.stride, g.k) {
-            (1, 1) => dw_row_k::<1, 1>(x, c, g, wt, bias, orow, oy),
-            (1, 3) => dw_row_k::<1, 3>(x, c, g, wt, bias, orow, oy),
-            (1, 5) => dw_row_k::<1, 5>(x, c, g, wt, bias, orow, oy),
-            (1, 7) => dw_row_k::<1, 7>(x, c, g, wt, bias, orow, oy),
-            (2, 1) => dw_row_k::<2, 1>(x, c, g, wt, bias, orow, oy),
-            (2, 3) => dw_row_k::<2, 3>(x, c, g, wt, bias, orow, oy),
-            (2, 5) => dw_row_k::<2, 5>(x, c, g, wt, bias, orow, oy),
-            (2, 7) => dw_row_k::<2, 7>(x, c, g, wt, bias, orow, oy),
+            (1, 1) => dw_row_k::<1, 1>(x, c, g, wt, bias, orow, oy, swish),
+            (1, 3) => dw_row_k::<1, 3>(x, c, g, wt, bias, orow, oy, swish),
+            (1, 5) => dw_row_k::<1, 5>(x, c, g, wt, bias, orow, oy, swish),
+            (1, 7) => dw_row_k::<1, 7>(x, c, g, wt, bias, orow, oy, swish),
+            (2, 1) => dw_row_k::<2, 1>(x, c, g, wt, bias, orow, oy, swish),
+            (2, 3) => dw_row_k::<2, 3>(x, c, g, wt, bias, orow, oy, swish),
+            (2, 5) => dw_row_k::<2, 5>(x, c, g, wt, bias, orow, oy, swish),
+            (2, 7) => dw_row_k::<2, 7>(x, c, g, wt, bias, orow, oy, swish),
             (s, k) => panic!("avx2::dw_row: kernel {k} stride {s} (odd k <= 7, stride <= 2 only)"),
         }
     }
 
-    /// [`dw_row`] for one kernel side `K` and stride `S`.
+    /// `dw_row_simd` on 8 lanes for stride `S` and kernel `K` (one function each, as the AVX-512 rows: inlined
+    /// all into `dw_row`, some shapes ran up to 8% slower).
     ///
     /// # Safety
-    /// As [`dw_row`], with `g.k == K` and `g.stride == S`.
+    /// As `dw_row`, with `g.stride == S` and `g.k == K`.
     #[target_feature(enable = "avx2,fma")]
     unsafe fn dw_row_k<const S: usize, const K: usize>(
         x: &[f32],
@@ -698,62 +867,12 @@ mod avx2 {
         bias: Option<&[f32]>,
         orow: &mut [f32],
         oy: usize,
+        swish: bool,
     ) {
-        const MAXJ: usize = 3 * 2 + 7;
-        let (ho, wo) = g.out();
-        let (k, s, p) = (K, S, K / 2);
-        let j_n = 3 * s + k;
-        assert!(g.k == K && g.stride == S && j_n <= MAXJ && oy < ho && orow.len() == wo * c);
-        assert!(x.len() >= g.h * g.w * c && wt.len() >= k * k * c && bias.is_none_or(|b| b.len() >= c));
-        let ky0 = p.saturating_sub(oy * s);
-        let ky1 = (g.h + p).saturating_sub(oy * s).min(k).max(ky0);
-        let iy0 = oy * s + ky0 - p;
-        let nky = ky1 - ky0;
-        let (xp, op) = (x.as_ptr(), orow.as_mut_ptr());
-        let wp = wt.as_ptr().add(ky0 * k * c);
-        let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-        let zero = _mm256_setzero_si256();
-        let mut c0 = 0;
-        while c0 < c {
-            let l = (c - c0).min(8);
-            let m = _mm256_cmpgt_epi32(_mm256_set1_epi32(l as i32), lane);
-            let b = match bias {
-                Some(b) => _mm256_maskload_ps(b.as_ptr().add(c0), m),
-                None => _mm256_setzero_ps(),
-            };
-            let mut ox = 0;
-            while ox < wo {
-                let ix0 = (ox * s) as isize - p as isize;
-                let mut mj = [zero; MAXJ];
-                for (j, mk) in mj.iter_mut().enumerate().take(j_n) {
-                    let ix = ix0 + j as isize;
-                    if ix >= 0 && (ix as usize) < g.w {
-                        *mk = m;
-                    }
-                }
-                let mut a = [b; 4];
-                for ky in 0..nky {
-                    // SAFETY (of the loads): a load with a lane enabled reads x[((iy0 + ky) w + ix) c + ch] with
-                    // iy0 + ky < h, ix in [0, w) and ch < c, inside x; a load whose mask is zero touches no memory
-                    // (its address may be outside x, hence wrapping_offset).
-                    let row = xp.wrapping_add((iy0 + ky) * g.w * c + c0);
-                    let mut xs = [_mm256_setzero_ps(); MAXJ];
-                    for (j, xv) in xs.iter_mut().enumerate().take(j_n) {
-                        *xv = _mm256_maskload_ps(row.wrapping_offset((ix0 + j as isize) * c as isize), mj[j]);
-                    }
-                    for kx in 0..k {
-                        let wv = _mm256_maskload_ps(wp.add((ky * k + kx) * c + c0), m);
-                        for (r, ar) in a.iter_mut().enumerate() {
-                            *ar = _mm256_fmadd_ps(wv, xs[r * s + kx], *ar);
-                        }
-                    }
-                }
-                for (r, ar) in a.iter().enumerate().take((wo - ox).min(4)) {
-                    _mm256_maskstore_ps(op.add((ox + r) * c + c0), m, *ar);
-                }
-                ox += 4;
-            }
-            c0 += l;
+        if swish {
+            super::dw_row_simd::<Avx2, S, K, true>(x, c, g, wt, bias, orow, oy)
+        } else {
+            super::dw_row_simd::<Avx2, S, K, false>(x, c, g, wt, bias, orow, oy)
         }
     }
 }
@@ -836,7 +955,7 @@ pub fn conv_stem(
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::ConvGeom;
+    use super::{ConvGeom, DwIsa};
 
     /// Output row `oy` of `conv_stem` (without activation): 8 pixels at a time, `V` vectors of output channels
     /// (the last masked to `cout`), accumulated over all `cin k k` taps.
@@ -907,10 +1026,47 @@ mod avx512 {
         }
     }
 
-    /// `dw_row` for stride `S` and kernel `K`: blocks of 4 pixels across the whole row, border ones included,
-    /// each input vector of a tap row loaded once for all the taps and pixels that read it (`3 S + K` loads for
-    /// `4 K` FMAs); taps outside the map are masked-off loads, which read nothing and give zeros. With `swish`
-    /// the outputs are `swish(conv + bias)`.
+    struct Avx512;
+
+    impl DwIsa for Avx512 {
+        type V = __m512;
+        type M = __mmask16;
+        const L: usize = 16;
+        #[inline(always)]
+        unsafe fn mask(l: usize) -> __mmask16 {
+            if l == 16 {
+                0xFFFF
+            } else {
+                ((1u32 << l) - 1) as u16
+            }
+        }
+        #[inline(always)]
+        unsafe fn no_lanes() -> __mmask16 {
+            0
+        }
+        #[inline(always)]
+        unsafe fn zero() -> __m512 {
+            _mm512_setzero_ps()
+        }
+        #[inline(always)]
+        unsafe fn load(m: __mmask16, p: *const f32) -> __m512 {
+            _mm512_maskz_loadu_ps(m, p)
+        }
+        #[inline(always)]
+        unsafe fn store(p: *mut f32, m: __mmask16, v: __m512) {
+            _mm512_mask_storeu_ps(p, m, v)
+        }
+        #[inline(always)]
+        unsafe fn fma(a: __m512, b: __m512, c: __m512) -> __m512 {
+            _mm512_fmadd_ps(a, b, c)
+        }
+        #[inline(always)]
+        unsafe fn swish(x: __m512) -> __m512 {
+            super::super::gemm512::swish_v(x)
+        }
+    }
+
+    /// `dw_row_simd` on 16 lanes for stride `S` and kernel `K`.
     ///
     /// # Safety
     /// As `dw_row`, with `g.stride == S` and `g.k == K`.
@@ -925,67 +1081,10 @@ mod avx512 {
         oy: usize,
         swish: bool,
     ) {
-        const MAXJ: usize = 3 * 2 + 7;
-        let j_n = 3 * S + K;
-        let (ho, wo) = g.out();
-        let p = K / 2;
-        assert!(g.stride == S && g.k == K && j_n <= MAXJ);
-        assert!(oy < ho && orow.len() == wo * c && x.len() >= g.h * g.w * c && wt.len() >= K * K * c);
-        assert!(bias.is_none_or(|b| b.len() >= c));
-        let ky0 = p.saturating_sub(oy * S);
-        let ky1 = (g.h + p).saturating_sub(oy * S).min(K).max(ky0);
-        let iy0 = oy * S + ky0 - p;
-        let nky = ky1 - ky0;
-        let (xp, op) = (x.as_ptr(), orow.as_mut_ptr());
-        let wp = wt.as_ptr().add(ky0 * K * c);
-        let mut c0 = 0;
-        while c0 < c {
-            let l = (c - c0).min(16);
-            let m: __mmask16 = if l == 16 { 0xFFFF } else { ((1u32 << l) - 1) as u16 };
-            let b = match bias {
-                Some(b) => _mm512_maskz_loadu_ps(m, b.as_ptr().add(c0)),
-                None => _mm512_setzero_ps(),
-            };
-            let mut ox = 0;
-            while ox < wo {
-                // Input column of load j: ix0 + j. Loads outside [0, w) get an all-zero mask.
-                let ix0 = (ox * S) as isize - p as isize;
-                let mut mj = [0 as __mmask16; MAXJ];
-                for (j, mk) in mj.iter_mut().enumerate().take(j_n) {
-                    let ix = ix0 + j as isize;
-                    if ix >= 0 && (ix as usize) < g.w {
-                        *mk = m;
-                    }
-                }
-                let mut a = [b; 4];
-                for ky in 0..nky {
-                    // SAFETY (of the loads): a load with a lane enabled reads x[((iy0 + ky) w + ix) c + ch] with
-                    // iy0 + ky < h, ix in [0, w) and ch < c, inside x; a load whose mask is zero touches no memory
-                    // (its address may be outside x, hence wrapping_offset).
-                    let row = xp.wrapping_add((iy0 + ky) * g.w * c + c0);
-                    let mut xs = [_mm512_setzero_ps(); MAXJ];
-                    for (j, xv) in xs.iter_mut().enumerate().take(j_n) {
-                        *xv = _mm512_maskz_loadu_ps(mj[j], row.wrapping_offset((ix0 + j as isize) * c as isize));
-                    }
-                    for kx in 0..K {
-                        let wv = _mm512_maskz_loadu_ps(m, wp.add((ky * K + kx) * c + c0));
-                        for (r, ar) in a.iter_mut().enumerate() {
-                            *ar = _mm512_fmadd_ps(wv, xs[r * S + kx], *ar);
-                        }
-                    }
-                }
-                // Pixels past the row's end were computed from masked (zero) or in-map loads and are dropped.
-                for (r, ar) in a.iter().enumerate().take((wo - ox).min(4)) {
-                    let v = if swish {
-                        super::super::gemm512::swish_v(*ar)
-                    } else {
-                        *ar
-                    };
-                    _mm512_mask_storeu_ps(op.add((ox + r) * c + c0), m, v);
-                }
-                ox += 4;
-            }
-            c0 += l;
+        if swish {
+            super::dw_row_simd::<Avx512, S, K, true>(x, c, g, wt, bias, orow, oy)
+        } else {
+            super::dw_row_simd::<Avx512, S, K, false>(x, c, g, wt, bias, orow, oy)
         }
     }
 
@@ -1260,13 +1359,24 @@ mod tests {
                 let mut out = vec![f32::NAN; ho * wo * c];
                 for (oy, orow) in out.chunks_exact_mut(wo * c).enumerate() {
                     // SAFETY: the CPU has AVX2 and FMA; shapes as dwconv checks them, k <= 7, s <= 2.
-                    unsafe { avx2::dw_row(&x, c, g, &wt, Some(&b), orow, oy) };
+                    unsafe { avx2::dw_row(&x, c, g, &wt, Some(&b), orow, oy, false) };
                 }
                 assert_eq!(
                     out,
                     planar_dw(&x, c, g, &w, Some(&b), Act::None),
                     "avx2 c {c} h {h} k {k} s {s}"
                 );
+                for (oy, orow) in out.chunks_exact_mut(wo * c).enumerate() {
+                    // SAFETY: as above.
+                    unsafe { avx2::dw_row(&x, c, g, &wt, Some(&b), orow, oy, true) };
+                }
+                let want = planar_dw(&x, c, g, &w, Some(&b), Act::Swish);
+                for (a, e) in out.iter().zip(&want) {
+                    assert!(
+                        (a - e).abs() <= 1e-5 * e.abs().max(1.0),
+                        "avx2 swish c {c} h {h} k {k} s {s}: {a} vs {e}"
+                    );
+                }
             }
             let mut portable = vec![0.0; ho * wo * c];
             dw_rows_impl(&x, c, g, &wt, None, &mut portable, 0, Act::None, false);
@@ -1275,6 +1385,39 @@ mod tests {
                 planar_dw(&x, c, g, &w, None, Act::None),
                 "portable c {c} h {h} k {k} s {s}"
             );
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_swish_matches_the_portable_swish() {
+        use std::arch::x86_64::*;
+        if !std::is_x86_feature_detected!("avx2") || !std::is_x86_feature_detected!("fma") {
+            return;
+        }
+        // Both clamps (-88, 87) and past them; the exponent range's ends, where 2^n is built by hand.
+        let xs: Vec<f32> = (-12_000..12_000)
+            .map(|i| i as f32 * 0.01)
+            .chain([-500.0, -88.5, -88.0, -87.5, -86.0, 86.0, 87.0, 87.5, 88.5, 300.0])
+            .collect();
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn swish8(v: &[f32; 8]) -> [f32; 8] {
+            let mut got = [0.0f32; 8];
+            _mm256_storeu_ps(got.as_mut_ptr(), avx2::swish_v(_mm256_loadu_ps(v.as_ptr())));
+            got
+        }
+        for chunk in xs.chunks(8) {
+            let mut v = [0.0f32; 8];
+            v[..chunk.len()].copy_from_slice(chunk);
+            // SAFETY: the CPU has AVX2 and FMA (checked above).
+            let got = unsafe { swish8(&v) };
+            for (&x, &g) in chunk.iter().zip(&got) {
+                let want = super::super::swish(x);
+                assert!(
+                    (g - want).abs() <= 2e-6 * want.abs().max(1e-3),
+                    "swish({x}) = {g}, want {want}"
+                );
+            }
         }
     }
 
