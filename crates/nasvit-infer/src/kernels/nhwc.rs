@@ -631,8 +631,8 @@ pub fn dwconv(x: &[f32], c: usize, g: ConvGeom, wt: &[f32], bias: Option<&[f32]>
     }
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && g.k <= 7 && g.stride <= 2 {
-        // Fused into the stride-2 rows only: there it was 4-15% faster than the pass after the row, at stride 1
-        // 0-10% slower on half the shapes (`bench_kernels`, docs/benchmarks.md).
+        // Fused into the stride-2 rows only: there it was 3-10% faster than a pass after the row, at stride 1 up
+        // to 10% slower on some shapes (`bench_kernels`, docs/benchmarks.md "Without AVX-512").
         let swish = act == Act::Swish && g.stride == 2;
         par.chunks_mut(out, rows * wo * c, &|i, o| {
             for (dy, orow) in o.chunks_exact_mut(wo * c).enumerate() {
