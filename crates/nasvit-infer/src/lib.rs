@@ -59,10 +59,12 @@ pub mod engine;
 pub mod error;
 pub mod export;
 pub mod image;
-pub mod kernels;
 pub mod onnx;
-pub mod resize;
 pub mod state;
+
+/// The kernels live in `nasvit-kernels`, shared with the training engine; `kernels` and `resize` keep their paths here.
+pub use nasvit_kernels as kernels;
+pub use nasvit_kernels::resize;
 
 pub use bench::{bench, peak_rss_kib, BenchOptions, BenchReport};
 pub use engine::{Engine, EngineOptions, RunOutput};

@@ -97,7 +97,7 @@ fn work(s: &Shared, task: Task, tasks: usize, epoch: u32) {
 
 fn worker(index: usize) {
     INSIDE.with(|f| f.set(true));
-    crate::engine::flush_denormals();
+    crate::denormals::flush_denormals();
     let s = shared();
     let mut seen = s.epoch.load(Ordering::Acquire);
     let mut last = Instant::now();

@@ -1,4 +1,5 @@
-//! CPU kernels of the runtime.
+//! CPU kernels of nasvit, below both engines: the inference runtime (`nasvit-infer`) and the CPU training engine
+//! (`nasvit-train`'s `cpu` module). No burn, no model: plain slices, shapes and options.
 //!
 //! Layout: after the stem every activation is channel-minor, `[H*W, C]` for the MBConv stages and `[N, C]` for
 //! the transformer tokens (`nhwc`): a 1x1 conv or token linear is `X[N, Cin] x W[Cin, Cout]` on the engine's own
@@ -163,8 +164,10 @@ pub fn act_row(row: &mut [f32], bias: f32, act: Act) {
 // After the macro: it is in scope for the module by text order.
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod gemm512;
+pub mod denormals;
 pub mod nhwc;
 pub mod pool;
+pub mod resize;
 
 /// Reused activation buffers. Fresh large `Vec`s are mmapped and page-faulted in on every run (measured at 7% of
 /// batch-1 time), so a forward pass takes its buffers from here and gives them back.
