@@ -46,10 +46,15 @@ impl FlushDenormals {
     }
 }
 
+impl Default for FlushDenormals {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Drop for FlushDenormals {
     fn drop(&mut self) {
         #[cfg(target_arch = "x86_64")]
         set_mxcsr(self.0);
     }
 }
-

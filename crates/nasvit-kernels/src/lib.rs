@@ -162,12 +162,13 @@ pub fn act_row(row: &mut [f32], bias: f32, act: Act) {
 }
 
 // After the macro: it is in scope for the module by text order.
+pub mod denormals;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod gemm512;
-pub mod denormals;
 pub mod nhwc;
 pub mod pool;
 pub mod resize;
+pub mod train;
 
 /// Reused activation buffers. Fresh large `Vec`s are mmapped and page-faulted in on every run (measured at 7% of
 /// batch-1 time), so a forward pass takes its buffers from here and gives them back.
@@ -883,6 +884,21 @@ fn softmax_row_impl(row: &mut [f32], fma: bool) {
     for v in row.iter_mut() {
         *v *= inv;
     }
+}
+
+multiversion! {
+    fn softmax_row_mv(row: &mut [f32]) = softmax_row_impl;
+}
+
+/// Softmax of one row in place (the AVX-512 kernel where the CPU has it).
+pub fn softmax_row(row: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        // SAFETY: the CPU has AVX-512F (avx512).
+        unsafe { gemm512::softmax_row(row) };
+        return;
+    }
+    softmax_row_mv(row)
 }
 
 /// The relative position bias of attention over a `side x side` grid of tokens.
