@@ -262,6 +262,26 @@ impl Supernet {
         named_tensors(self)
     }
 
+    /// Replaces tensors by key (parameters and BN running statistics, max-size shapes), keeping parameter ids so
+    /// that an optimizer's state or an EMA keyed by them still applies. Every key must name a tensor of this
+    /// supernet with its shape; keys not given keep their values.
+    pub fn replace_tensors(self, tensors: &HashMap<String, TensorData>) -> Result<Self, ModelError> {
+        let shapes = named_shapes(&self);
+        let mut problems = Vec::new();
+        for (k, t) in tensors {
+            match shapes.get(k) {
+                Some(s) if s.as_slice() == t.shape().to_vec().as_slice() => {}
+                Some(s) => problems.push(format!("{k}: shape {:?}, expected {s:?}", t.shape())),
+                None => problems.push(format!("{k}: not a tensor of this supernet")),
+            }
+        }
+        if !problems.is_empty() {
+            problems.sort();
+            return Err(ModelError::Tensors(problems.join("; ")));
+        }
+        Ok(replace_named(self, tensors))
+    }
+
     /// The BN running statistics (`*.bn.bn.running_mean` / `running_var`) by key, at max size.
     pub fn bn_stats(&self) -> Vec<(String, TensorData)> {
         named_tensors(self).into_iter().filter(|(k, _)| is_bn_stat(k)).collect()

@@ -26,6 +26,8 @@ pub enum ModelError {
     },
     #[error("BN statistics override: {0}")]
     BnStats(String),
+    #[error("tensors do not fit the supernet: {0}")]
+    Tensors(String),
     #[error("input has {got} channels, the space needs {expected}")]
     InputChannels { got: usize, expected: usize },
     #[error("input must be square, got {h}x{w}")]

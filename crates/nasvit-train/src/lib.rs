@@ -13,10 +13,12 @@
 //! | [`state`] | checkpoints of a run folder (weights, EMA, AdamW state, sidecar), `last` |
 //! | [`run`] | a resumable training run: run folder, metrics, evaluation, progress |
 //! | [`conflict`] | gradient-conflict measurement of a checkpoint |
+//! | [`cpu`] | the CPU training engine: the sandwich step with hand-written forward/backward kernels |
 //!
 
 pub mod config;
 pub mod conflict;
+pub mod cpu;
 pub mod data;
 pub mod distill;
 pub mod ema;
