@@ -4,7 +4,8 @@
 //! RAYON_NUM_THREADS=2 cargo run --release -p nasvit-train --example bench_step -- tiny 64 28 5
 //! RAYON_NUM_THREADS=2 cargo run --release -p nasvit-train --example bench_step -- official 8 192 3
 //! ```
-//! Arguments: space, batch, input side, timed steps (after one warm-up step). Prints the median and mean.
+//! Arguments: space, batch, input side, timed steps (after one warm-up step), engine (`burn` or `cpu`, default
+//! `cpu`). Prints the median and mean.
 
 use std::time::Instant;
 
@@ -20,6 +21,7 @@ fn main() {
     let space_name = args.first().map_or("tiny", String::as_str);
     let parse = |i: usize, d: usize| args.get(i).and_then(|s| s.parse().ok()).unwrap_or(d);
     let (batch, side, steps) = (parse(1, 64), parse(2, 28), parse(3, 5));
+    let engine = args.get(4).map_or("cpu", String::as_str);
     let space = match SearchSpace::load(space_name) {
         Ok(s) => s,
         Err(e) => {
@@ -38,7 +40,57 @@ fn main() {
     };
     let classes = space.num_classes as i64;
     let mut times = Vec::new();
-    for step in 0..=steps as u64 {
+    if engine == "cpu" {
+        use nasvit_train::cpu::{AdamW, CpuTarget, CpuTrainer};
+        let adam = AdamW {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        };
+        let threads = nasvit_train::cpu::default_threads();
+        let mut eng = CpuTrainer::new(&model, ema.model(), 0.99985, 0, adam, threads).expect("engine");
+        let mut rng = 0x1234_5678u64;
+        for step in 0..=steps as u64 {
+            let nets = sandwich_archs(&space, 4, 0, step);
+            let n = batch * space.in_channels * side * side;
+            let x: Vec<f32> = (0..n)
+                .map(|_| {
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    (rng >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+                })
+                .collect();
+            let labels: Vec<i64> = (0..batch as i64).map(|i| i % classes).collect();
+            let t = Instant::now();
+            let r = eng
+                .step(
+                    &x,
+                    [batch, space.in_channels, side, side],
+                    &labels,
+                    &nets,
+                    &CpuTarget::Labels { smoothing: 0.1 },
+                    &settings.kd,
+                    &settings.combine,
+                    1e-4,
+                )
+                .unwrap_or_else(|e| {
+                    eprintln!("error: {e}");
+                    std::process::exit(1);
+                });
+            let dt = t.elapsed().as_secs_f64();
+            let res: Vec<usize> = r.losses.iter().map(|l| l.resolution).collect();
+            eprintln!("step {step}: {dt:.3} s (resolutions {res:?})");
+            if step > 0 {
+                times.push(dt);
+            }
+        }
+    }
+    for step in 0..=(if engine == "cpu" { 0 } else { steps as u64 }) {
+        if engine == "cpu" {
+            break;
+        }
         let nets = sandwich_archs(&space, 4, 0, step);
         let x = Tensor::<4>::random(
             [batch, space.in_channels, side, side],

@@ -78,6 +78,43 @@ pub struct TrainConfig {
     pub keep_checkpoints: usize,
     /// Run folder: resolved config, `metrics.jsonl`, checkpoints.
     pub output_dir: PathBuf,
+    /// What runs the training step: `cpu` (this project's CPU engine), `burn` (burn's autodiff on its device), or
+    /// `auto` (the CPU engine when it covers the space; a resumed run keeps the engine of its checkpoint).
+    pub engine: EngineKind,
+}
+
+/// The implementation of the training step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    #[default]
+    Auto,
+    /// `nasvit_train::cpu`: hand-written forward/backward kernels, data-parallel over the CPU's threads.
+    Cpu,
+    /// burn's autodiff (the model crate's reference implementation; the GPU path).
+    Burn,
+}
+
+impl EngineKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EngineKind::Auto => "auto",
+            EngineKind::Cpu => "cpu",
+            EngineKind::Burn => "burn",
+        }
+    }
+}
+
+impl std::str::FromStr for EngineKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "cpu" => Ok(Self::Cpu),
+            "burn" => Ok(Self::Burn),
+            other => Err(format!("unknown engine `{other}` (auto, cpu, burn)")),
+        }
+    }
 }
 
 impl Default for TrainConfig {
@@ -100,6 +137,7 @@ impl Default for TrainConfig {
             checkpoint_every: 1000,
             keep_checkpoints: 3,
             output_dir: PathBuf::from("runs/supernet"),
+            engine: EngineKind::Auto,
         }
     }
 }

@@ -29,7 +29,7 @@ pub mod schedule;
 pub mod state;
 pub mod teacher;
 
-pub use config::{ConfigError, TrainConfig};
+pub use config::{ConfigError, EngineKind, TrainConfig};
 pub use distill::{label_smoothing_cross_entropy, soft_target_cross_entropy, AlphaDivergence, KdOutput};
 pub use ema::ModelEma;
 pub use grad_proj::{combine_gradients, CombineOptions, CombineStats};

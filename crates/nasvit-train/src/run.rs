@@ -19,17 +19,21 @@ use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use burn::module::Module;
 use burn::optim::{AdamWConfig, ModuleOptimizer};
 use burn::tensor::Device;
 use nasvit_model::{ModelError, Supernet, SupernetConfig};
 use nasvit_space::{Arch, SearchSpace};
 use serde_json::{json, Value};
 
-use crate::config::{ConfigError, TrainConfig};
+use crate::config::{ConfigError, EngineKind, TrainConfig};
+use crate::cpu::{self, CpuTarget, CpuTrainer};
 use crate::data::{self, eval_loader, open_datasets, train_loader, DataError, Dataset, Loader};
 use crate::ema::ModelEma;
 use crate::sandwich::{sandwich_archs, train_step, MaxTarget, StepError, StepSettings};
-use crate::state::{self, load_state, resolve_last, save_state, StateError, StateMeta};
+use crate::state::{
+    self, load_cpu_adam, load_state, load_weights, resolve_last, save_state, OptimState, StateError, StateMeta,
+};
 use crate::teacher::{Teacher, TeacherError};
 
 /// How a run is started.
@@ -57,6 +61,10 @@ pub struct RunOptions {
     pub save_raw: bool,
     /// No stderr output at all (tests).
     pub quiet: bool,
+    /// Overrides the config's `engine`.
+    pub engine: Option<EngineKind>,
+    /// Worker threads of the cpu engine (default: `RAYON_NUM_THREADS`, else the machine's).
+    pub threads: Option<usize>,
 }
 
 /// Why a run stopped.
@@ -162,6 +170,50 @@ pub fn build_optimizer(config: &TrainConfig) -> ModuleOptimizer {
         .init()
 }
 
+/// The cpu engine's AdamW with the config's settings (the same as [`build_optimizer`]'s).
+pub fn cpu_adam(config: &TrainConfig) -> cpu::AdamW {
+    let o = &config.optim;
+    cpu::AdamW {
+        beta1: o.beta1 as f32,
+        beta2: o.beta2 as f32,
+        eps: o.eps as f32,
+        weight_decay: o.weight_decay as f32,
+    }
+}
+
+/// The training state of a run, by engine.
+enum Trainer {
+    Burn {
+        model: Supernet,
+        ema: ModelEma<Supernet>,
+        optim: ModuleOptimizer,
+    },
+    Cpu {
+        eng: CpuTrainer,
+        /// A supernet on the plain device with the run's parameter ids, which checkpoints and evaluations get
+        /// copies of (filled from the engine's buffers).
+        skeleton: Supernet,
+    },
+}
+
+impl Trainer {
+    fn kind(&self) -> EngineKind {
+        match self {
+            Trainer::Burn { .. } => EngineKind::Burn,
+            Trainer::Cpu { .. } => EngineKind::Cpu,
+        }
+    }
+
+    /// The EMA weights as a supernet on the plain device.
+    fn ema_model(&self) -> Result<Supernet, TrainError> {
+        match self {
+            Trainer::Burn { ema, .. } => Ok(ema.model().valid()),
+            // `valid` copies: the engine's values are written into a supernet of its own
+            Trainer::Cpu { eng, skeleton } => Ok(eng.ema_into(skeleton.valid())?),
+        }
+    }
+}
+
 /// Top-1 (in %) and image count of `arch` of a copy of `net` whose BN statistics are re-calibrated on at most
 /// `calib_batches` batches of `calib` (training-mode forwards, cumulative average), over at most `max_batches`
 /// batches of `val` (inference mode).
@@ -174,7 +226,6 @@ pub fn top1(
     max_batches: Option<usize>,
     device: &Device,
 ) -> Result<(f64, usize), TrainError> {
-    use burn::module::Module;
     use nasvit_search::Calibrate;
     // `valid` copies the running statistics (a clone would share them with the EMA).
     let mut net = net.valid();
@@ -221,6 +272,7 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary, TrainError> {
                 let strip = |c: &TrainConfig| TrainConfig {
                     output_dir: PathBuf::new(),
                     max_steps: None,
+                    engine: EngineKind::Auto,
                     ..c.clone()
                 };
                 if strip(&other) != strip(&cfg) {
@@ -291,23 +343,90 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary, TrainError> {
     let plain = Device::flex();
     let ad = plain.clone().autodiff();
     let classes = space.num_classes;
-    let (mut model, mut ema, mut optim, start, mut skipped, wall0) = match &resume_from {
-        Some(dir) => {
-            let r = load_state(dir, &space, &ad, build_optimizer(&cfg))?;
-            log(&format!("resuming {} at step {}", run_dir.display(), r.meta.step));
+    let wanted = opts.engine.unwrap_or(cfg.engine);
+    let resumed_engine = match &resume_from {
+        Some(dir) => Some(state::read_meta(dir)?.engine),
+        None => None,
+    };
+    let kind = match (wanted, resumed_engine.as_deref()) {
+        (EngineKind::Auto, Some("cpu")) => EngineKind::Cpu,
+        (EngineKind::Auto, Some(_)) => EngineKind::Burn,
+        (EngineKind::Auto, None) => match cpu::supports(&space) {
+            Ok(()) => EngineKind::Cpu,
+            Err(why) => {
+                log(&format!(
+                    "the cpu engine does not cover this space ({why}); training with burn"
+                ));
+                EngineKind::Burn
+            }
+        },
+        (k, _) => k,
+    };
+    if kind == EngineKind::Cpu {
+        cpu::supports(&space).map_err(|why| TrainError::Usage(format!("engine cpu: {why}")))?;
+    }
+    let threads = opts.threads.unwrap_or_else(cpu::default_threads).max(1);
+    let (mut trainer, start, mut skipped, wall0) = match (&resume_from, kind) {
+        (Some(dir), EngineKind::Cpu) => {
+            let (meta, model, ema) = load_weights(dir, &space, &plain)?;
+            let mut eng = CpuTrainer::new(
+                &model,
+                ema.model(),
+                meta.ema_decay,
+                meta.ema_updates,
+                cpu_adam(&cfg),
+                threads,
+            )?;
+            let adam = load_cpu_adam(dir, &meta, eng.store())?;
+            eng.set_adam_state(adam.m, adam.v, adam.t)?;
+            log(&format!(
+                "resuming {} at step {} (cpu engine, {threads} threads)",
+                run_dir.display(),
+                meta.step
+            ));
             (
-                r.model,
-                r.ema,
-                r.optim,
+                Trainer::Cpu { eng, skeleton: model },
+                meta.step,
+                meta.skipped_files,
+                meta.wall_s,
+            )
+        }
+        (Some(dir), _) => {
+            let r = load_state(dir, &space, &ad, build_optimizer(&cfg))?;
+            log(&format!(
+                "resuming {} at step {} (burn engine)",
+                run_dir.display(),
+                r.meta.step
+            ));
+            (
+                Trainer::Burn {
+                    model: r.model,
+                    ema: r.ema,
+                    optim: r.optim,
+                },
                 r.meta.step,
                 r.meta.skipped_files,
                 r.meta.wall_s,
             )
         }
-        None => {
+        (None, EngineKind::Cpu) => {
+            let model = SupernetConfig::new(space.clone()).with_seed(cfg.seed).init(&plain);
+            let eng = CpuTrainer::new(&model, &model.valid(), cfg.ema_decay, 0, cpu_adam(&cfg), threads)?;
+            (Trainer::Cpu { eng, skeleton: model }, 0, 0, 0.0)
+        }
+        (None, _) => {
             let model = SupernetConfig::new(space.clone()).with_seed(cfg.seed).init(&ad);
             let ema = ModelEma::new(&model, cfg.ema_decay);
-            (model, ema, build_optimizer(&cfg), 0, 0, 0.0)
+            (
+                Trainer::Burn {
+                    model,
+                    ema,
+                    optim: build_optimizer(&cfg),
+                },
+                0,
+                0,
+                0.0,
+            )
         }
     };
     let teacher = match &cfg.kd.teacher {
@@ -332,49 +451,69 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary, TrainError> {
     let mut metrics = Metrics::open(run_dir.join("metrics.jsonl"))?;
     let mut extra = BTreeMap::new();
     extra.insert("nasvit.train.config".to_string(), cfg.to_yaml());
-    let save = |step: u64,
-                model: &Supernet,
-                ema: &ModelEma<Supernet>,
-                optim: &ModuleOptimizer,
-                skipped: usize,
-                wall: f64|
-     -> Result<PathBuf, TrainError> {
-        let meta = StateMeta {
+    let save = |step: u64, trainer: &Trainer, skipped: usize, wall: f64| -> Result<PathBuf, TrainError> {
+        let mut meta = StateMeta {
             format: 1,
             step,
             epoch: step / spe,
             steps_per_epoch: spe,
             total_steps: total,
-            ema_updates: ema.updates(),
-            ema_decay: ema.decay(),
+            ema_updates: 0,
+            ema_decay: cfg.ema_decay,
             seed: cfg.seed,
             skipped_files: skipped,
             wall_s: wall,
             supernet_is_ema: !opts.save_raw,
-            param_ids: state::param_ids(model),
+            param_ids: BTreeMap::new(),
+            engine: trainer.kind().as_str().to_string(),
+            adam_steps: BTreeMap::new(),
         };
-        Ok(save_state(
-            &run_dir,
-            &meta,
-            model,
-            ema,
-            optim,
-            &extra,
-            cfg.keep_checkpoints.max(1),
-        )?)
+        let keep = cfg.keep_checkpoints.max(1);
+        let dir = match trainer {
+            Trainer::Burn { model, ema, optim } => {
+                meta.ema_updates = ema.updates();
+                meta.ema_decay = ema.decay();
+                meta.param_ids = state::param_ids(model);
+                save_state(&run_dir, &meta, model, ema, OptimState::Burn(optim), &extra, keep)?
+            }
+            Trainer::Cpu { eng, skeleton } => {
+                let model = eng.model_into(skeleton.valid())?;
+                let ema = ModelEma::from_parts(eng.ema_into(skeleton.valid())?, eng.ema_decay(), eng.ema_updates());
+                meta.ema_updates = eng.ema_updates();
+                meta.ema_decay = eng.ema_decay();
+                meta.param_ids = state::param_ids(&model);
+                let (m, v, t) = eng.adam_state();
+                let store = eng.store();
+                meta.adam_steps = (0..store.tensors())
+                    .filter(|&i| t[i] > 0)
+                    .map(|i| (store.keys[i].clone(), t[i]))
+                    .collect();
+                save_state(
+                    &run_dir,
+                    &meta,
+                    &model,
+                    &ema,
+                    OptimState::Cpu { store, m, v },
+                    &extra,
+                    keep,
+                )?
+            }
+        };
+        Ok(dir)
     };
     let mut last_ckpt = match &resume_from {
         Some(d) => d.clone(),
-        None => save(0, &model, &ema, &optim, 0, 0.0)?,
+        None => save(0, &trainer, 0, 0.0)?,
     };
     if resume_from.is_none() {
         metrics.write(&json!({
             "kind": "start", "total_steps": total, "steps_per_epoch": spe, "space": cfg.space,
             "batch_size": cfg.batch_size, "n_subnets": cfg.n_subnets, "train_images": datasets.train.len(),
             "grad_proj": cfg.grad_proj.enabled, "grad_proj_start_epoch": cfg.grad_proj.start_epoch,
+            "engine": kind.as_str(), "threads": threads,
         }))?;
     } else {
-        metrics.write(&json!({"kind": "resume", "step": start, "total_steps": total}))?;
+        metrics.write(&json!({"kind": "resume", "step": start, "total_steps": total, "engine": kind.as_str(), "threads": threads}))?;
     }
 
     // --- progress
@@ -390,30 +529,15 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary, TrainError> {
 
     let eval_every = opts.eval_every.unwrap_or(cfg.checkpoint_every);
     let mut last_eval = None;
-    let evaluate = |step: u64, ema: &ModelEma<Supernet>, metrics: &mut Metrics| -> Result<Option<Value>, TrainError> {
+    let evaluate = |step: u64, trainer: &Trainer, metrics: &mut Metrics| -> Result<Option<Value>, TrainError> {
         let Some(vl) = &val_loader else {
             return Ok(None);
         };
+        let ema = trainer.ema_model()?;
         let t = Instant::now();
         let cb = opts.calib_batches.unwrap_or(16);
-        let (max_top1, n) = top1(
-            ema.model(),
-            &space.max_arch(),
-            &loader,
-            cb,
-            vl,
-            opts.eval_batches,
-            &plain,
-        )?;
-        let (min_top1, _) = top1(
-            ema.model(),
-            &space.min_arch(),
-            &loader,
-            cb,
-            vl,
-            opts.eval_batches,
-            &plain,
-        )?;
+        let (max_top1, n) = top1(&ema, &space.max_arch(), &loader, cb, vl, opts.eval_batches, &plain)?;
+        let (min_top1, _) = top1(&ema, &space.min_arch(), &loader, cb, vl, opts.eval_batches, &plain)?;
         let v = json!({
             "kind": "eval", "step": step, "epoch": step as f64 / spe as f64, "split": "val",
             "top1_max_recal": max_top1, "top1_min_recal": min_top1, "images": n, "calib_batches": cb,
@@ -436,17 +560,55 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary, TrainError> {
                 break 'outer;
             }
             let nets = sandwich_archs(&space, cfg.n_subnets, cfg.seed, step);
-            let target = match &teacher {
-                Some(t) => MaxTarget::Soft(Box::new(t.soft_targets(&batch, &plain, &ad)?)),
-                None => MaxTarget::Labels {
-                    smoothing: cfg.label_smoothing,
-                },
-            };
             let lr = schedule.lr(step);
             let n_images = batch.len();
-            let (x, y) = batch.into_tensors(&ad);
-            let (m, result) = train_step(model, &mut optim, &mut ema, &nets, x, y, &target, &settings, lr);
-            model = m;
+            let result = match &mut trainer {
+                Trainer::Burn { model, ema, optim } => {
+                    let target = match &teacher {
+                        Some(t) => MaxTarget::Soft(Box::new(t.soft_targets(&batch, &plain, &ad)?)),
+                        None => MaxTarget::Labels {
+                            smoothing: cfg.label_smoothing,
+                        },
+                    };
+                    let (x, y) = batch.into_tensors(&ad);
+                    // `train_step` takes the model by value and gives it back, on error too
+                    let placeholder = model.clone();
+                    let (m, result) = train_step(
+                        std::mem::replace(model, placeholder),
+                        optim,
+                        ema,
+                        &nets,
+                        x,
+                        y,
+                        &target,
+                        &settings,
+                        lr,
+                    );
+                    *model = m;
+                    result
+                }
+                Trainer::Cpu { eng, .. } => {
+                    let target = match &teacher {
+                        Some(t) => {
+                            let p = t.soft_targets(&batch, &plain, &plain)?;
+                            CpuTarget::Soft(p.into_data().convert::<f32>().try_to_vec::<f32>().unwrap_or_default())
+                        }
+                        None => CpuTarget::Labels {
+                            smoothing: cfg.label_smoothing,
+                        },
+                    };
+                    eng.step(
+                        &batch.images,
+                        batch.shape,
+                        &batch.labels,
+                        &nets,
+                        &target,
+                        &settings.kd,
+                        &settings.combine,
+                        lr,
+                    )
+                }
+            };
             let report = match result {
                 Ok(r) => r,
                 Err(StepError::NonFinite(e)) => {
@@ -503,17 +665,10 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary, TrainError> {
             }
             let end_of_epoch = step % spe == 0;
             if eval_every > 0 && step % eval_every == 0 && step != stop {
-                last_eval = evaluate(step, &ema, &mut metrics)?.or(last_eval);
+                last_eval = evaluate(step, &trainer, &mut metrics)?.or(last_eval);
             }
             if (step % cfg.checkpoint_every == 0 || end_of_epoch) && step != stop {
-                last_ckpt = save(
-                    step,
-                    &model,
-                    &ema,
-                    &optim,
-                    skipped,
-                    wall0 + started.elapsed().as_secs_f64(),
-                )?;
+                last_ckpt = save(step, &trainer, skipped, wall0 + started.elapsed().as_secs_f64())?;
             }
         }
         // Every batch of the epoch is done (trailing batches whose files all failed are skipped).
@@ -524,8 +679,8 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary, TrainError> {
     }
     let wall = wall0 + started.elapsed().as_secs_f64();
     if step > start || resume_from.is_none() {
-        last_eval = evaluate(step, &ema, &mut metrics)?.or(last_eval);
-        last_ckpt = save(step, &model, &ema, &optim, skipped, wall)?;
+        last_eval = evaluate(step, &trainer, &mut metrics)?.or(last_eval);
+        last_ckpt = save(step, &trainer, skipped, wall)?;
     }
     metrics
         .write(&json!({"kind": "end", "step": step, "total_steps": total, "wall_s": wall, "skipped_files": skipped}))?;

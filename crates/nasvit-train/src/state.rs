@@ -7,9 +7,10 @@
 //!   last -> checkpoints/step-00001000
 //!   checkpoints/step-00001000/
 //!     supernet.safetensors   EMA weights (or raw, `--save-raw`), nasvit checkpoint: what eval/search/export read
-//!     train_state.safetensors  raw weights (`model.KEY`) and EMA weights (`ema.KEY`), every float tensor incl. BN statistics
-//!     optimizer.bpk          AdamW state (burn optimizer record, burnpack)
-//!     train_state.json       step, epoch, EMA update count, seed, parameter ids, ...
+//!     train_state.safetensors  raw weights (`model.KEY`) and EMA weights (`ema.KEY`), every float tensor incl. BN statistics;
+//!                            with the cpu engine also AdamW's moments (`adam_m.KEY`, `adam_v.KEY`)
+//!     optimizer.bpk          burn engine: AdamW state (burn optimizer record, burnpack)
+//!     train_state.json       step, epoch, EMA update count, seed, parameter ids, engine, cpu engine: AdamW step counts
 //! ```
 //!
 //! A checkpoint folder is written under a temporary name and renamed into place, then `last` is replaced
@@ -77,6 +78,35 @@ pub struct StateMeta {
     pub supernet_is_ema: bool,
     /// burn parameter id of every parameter, by key.
     pub param_ids: BTreeMap<String, u64>,
+    /// The engine that wrote the checkpoint (`burn` or `cpu`); its optimizer state is only readable by it.
+    #[serde(default = "burn_engine")]
+    pub engine: String,
+    /// cpu engine: AdamW steps taken per tensor, by key (tensors never stepped are absent).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub adam_steps: BTreeMap<String, u32>,
+}
+
+fn burn_engine() -> String {
+    "burn".into()
+}
+
+/// The optimizer state a checkpoint stores.
+pub enum OptimState<'a> {
+    /// burn's AdamW record (`optimizer.bpk`).
+    Burn(&'a ModuleOptimizer),
+    /// The cpu engine's AdamW moments (flat, in the layout of `store`); the step counts go in the sidecar.
+    Cpu {
+        store: &'a crate::cpu::Store,
+        m: &'a [f32],
+        v: &'a [f32],
+    },
+}
+
+/// AdamW's state of the cpu engine, as restored from a checkpoint.
+pub struct CpuAdam {
+    pub m: Vec<f32>,
+    pub v: Vec<f32>,
+    pub t: Vec<u32>,
 }
 
 /// What a checkpoint restores.
@@ -202,7 +232,7 @@ pub fn save_state(
     meta: &StateMeta,
     model: &Supernet,
     ema: &ModelEma<Supernet>,
-    optim: &ModuleOptimizer,
+    optim: OptimState,
     extra_metadata: &BTreeMap<String, String>,
     keep: usize,
 ) -> Result<PathBuf, StateError> {
@@ -238,12 +268,27 @@ pub fn save_state(
     for (k, v) in nasvit_model::named_tensors(ema.model()) {
         tensors.push((format!("ema.{k}"), v));
     }
+    if let OptimState::Cpu { store, m, v } = &optim {
+        for t in (0..store.tensors()).filter(|&t| store.trainable[t]) {
+            let shape = store.shapes[t].clone();
+            tensors.push((
+                format!("adam_m.{}", store.keys[t]),
+                TensorData::new(m[store.range(t)].to_vec(), shape.clone()),
+            ));
+            tensors.push((
+                format!("adam_v.{}", store.keys[t]),
+                TensorData::new(v[store.range(t)].to_vec(), shape),
+            ));
+        }
+    }
     let mut st_meta = HashMap::new();
     st_meta.insert("nasvit.space".to_string(), model.space().to_json().to_string());
     write_tensors(tensors, st_meta, &tmp.join(STATE_FILE)).map_err(|e| serr(&tmp, e.to_string()))?;
-    optim
-        .save(tmp.join(OPTIM_FILE))
-        .map_err(|e| serr(&tmp.join(OPTIM_FILE), format!("{e:?}")))?;
+    if let OptimState::Burn(optim) = optim {
+        optim
+            .save(tmp.join(OPTIM_FILE))
+            .map_err(|e| serr(&tmp.join(OPTIM_FILE), format!("{e:?}")))?;
+    }
     let json = serde_json::to_string_pretty(meta).map_err(|e| serr(&tmp, e.to_string()))?;
     std::fs::write(tmp.join(SIDECAR_FILE), json).map_err(|e| serr(&tmp, e.to_string()))?;
 
@@ -288,12 +333,24 @@ fn prune(ckpts: &Path, current: &str, keep: usize) {
 /// Tensors by key.
 type Named = HashMap<String, TensorData>;
 
-/// The raw (`model.`) and EMA (`ema.`) tensors of a state file.
-fn read_state_tensors(path: &Path) -> Result<(Named, Named), StateError> {
+/// The tensors of a state file by prefix: raw weights (`model.`), EMA (`ema.`), AdamW moments (`adam_m.`,
+/// `adam_v.`).
+struct StateTensors {
+    model: Named,
+    ema: Named,
+    adam_m: Named,
+    adam_v: Named,
+}
+
+fn read_state_tensors(path: &Path) -> Result<StateTensors, StateError> {
     let bytes = std::fs::read(path).map_err(|e| serr(path, e.to_string()))?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| serr(path, format!("not a safetensors file: {e}")))?;
-    let mut model = HashMap::new();
-    let mut ema = HashMap::new();
+    let mut out = StateTensors {
+        model: HashMap::new(),
+        ema: HashMap::new(),
+        adam_m: HashMap::new(),
+        adam_v: HashMap::new(),
+    };
     for (name, view) in st.tensors() {
         if view.dtype() != Dtype::F32 {
             return Err(serr(path, format!("tensor {name} is {:?}, F32 expected", view.dtype())));
@@ -304,13 +361,19 @@ fn read_state_tensors(path: &Path) -> Result<(Named, Named), StateError> {
             .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             .collect();
         let data = TensorData::new(values, view.shape().to_vec());
-        if let Some(k) = name.strip_prefix("model.") {
-            model.insert(k.to_string(), data);
-        } else if let Some(k) = name.strip_prefix("ema.") {
-            ema.insert(k.to_string(), data);
+        for (prefix, map) in [
+            ("model.", &mut out.model),
+            ("ema.", &mut out.ema),
+            ("adam_m.", &mut out.adam_m),
+            ("adam_v.", &mut out.adam_v),
+        ] {
+            if let Some(k) = name.strip_prefix(prefix) {
+                map.insert(k.to_string(), data);
+                break;
+            }
         }
     }
-    Ok((model, ema))
+    Ok(out)
 }
 
 /// Reads the sidecar of a checkpoint folder.
@@ -320,22 +383,42 @@ pub fn read_meta(dir: &Path) -> Result<StateMeta, StateError> {
     serde_json::from_str(&text).map_err(|e| serr(&path, e.to_string()))
 }
 
-/// Restores a checkpoint folder: raw weights on `device` (an autodiff device for training), the EMA on its
-/// plain counterpart, and `optim` (a freshly built optimiser of the same config) with its saved state.
+/// The weights of a checkpoint folder: raw weights on `device` (an autodiff device for training; parameter ids
+/// as saved), the EMA on its plain counterpart, and the sidecar.
+pub fn load_weights(
+    dir: &Path,
+    space: &SearchSpace,
+    device: &Device,
+) -> Result<(StateMeta, Supernet, ModelEma<Supernet>), StateError> {
+    let meta = read_meta(dir)?;
+    let state_path = dir.join(STATE_FILE);
+    let t = read_state_tensors(&state_path)?;
+    // The fresh values are all overwritten: any seed does.
+    let fresh = SupernetConfig::new(space.clone()).init(device);
+    let model = load_into(fresh, &t.model, Some(&meta.param_ids), &state_path)?;
+    let ema_model = load_into(model.valid(), &t.ema, None, &state_path)?;
+    let ema = ModelEma::from_parts(ema_model, meta.ema_decay, meta.ema_updates);
+    Ok((meta, model, ema))
+}
+
+/// Restores a checkpoint folder of the burn engine: [`load_weights`] and `optim` (a freshly built optimiser of the
+/// same config) with its saved state.
 pub fn load_state(
     dir: &Path,
     space: &SearchSpace,
     device: &Device,
     optim: ModuleOptimizer,
 ) -> Result<Restored, StateError> {
-    let meta = read_meta(dir)?;
-    let state_path = dir.join(STATE_FILE);
-    let (model_t, ema_t) = read_state_tensors(&state_path)?;
-    // The fresh values are all overwritten: any seed does.
-    let fresh = SupernetConfig::new(space.clone()).init(device);
-    let model = load_into(fresh, &model_t, Some(&meta.param_ids), &state_path)?;
-    let ema_model = load_into(model.valid(), &ema_t, None, &state_path)?;
-    let ema = ModelEma::from_parts(ema_model, meta.ema_decay, meta.ema_updates);
+    let (meta, model, ema) = load_weights(dir, space, device)?;
+    if meta.engine != "burn" {
+        return Err(serr(
+            dir,
+            format!(
+                "written by the {} engine; its optimizer state is not burn's (resume with engine: {})",
+                meta.engine, meta.engine
+            ),
+        ));
+    }
     let optim_path = dir.join(OPTIM_FILE);
     let optim = optim
         .load(&optim_path)
@@ -346,4 +429,42 @@ pub fn load_state(
         ema,
         optim,
     })
+}
+
+/// The cpu engine's AdamW state of a checkpoint folder, in the layout of `store`.
+pub fn load_cpu_adam(dir: &Path, meta: &StateMeta, store: &crate::cpu::Store) -> Result<CpuAdam, StateError> {
+    if meta.engine != "cpu" {
+        return Err(serr(
+            dir,
+            format!(
+                "written by the {} engine; its optimizer state is not the cpu engine's (resume with engine: {})",
+                meta.engine, meta.engine
+            ),
+        ));
+    }
+    let path = dir.join(STATE_FILE);
+    let t = read_state_tensors(&path)?;
+    let mut m = vec![0.0f32; store.len()];
+    let mut v = vec![0.0f32; store.len()];
+    let mut steps = vec![0u32; store.tensors()];
+    for i in (0..store.tensors()).filter(|&i| store.trainable[i]) {
+        let key = &store.keys[i];
+        for (map, dst, name) in [(&t.adam_m, &mut m, "adam_m"), (&t.adam_v, &mut v, "adam_v")] {
+            let d = map
+                .get(key)
+                .ok_or_else(|| serr(&path, format!("{name}.{key} missing")))?;
+            let vals = d
+                .try_to_vec::<f32>()
+                .map_err(|e| serr(&path, format!("{name}.{key}: {e:?}")))?;
+            if vals.len() != store.range(i).len() {
+                return Err(serr(
+                    &path,
+                    format!("{name}.{key}: {} values, expected {}", vals.len(), store.range(i).len()),
+                ));
+            }
+            dst[store.range(i)].copy_from_slice(&vals);
+        }
+        steps[i] = meta.adam_steps.get(key).copied().unwrap_or(0);
+    }
+    Ok(CpuAdam { m, v, t: steps })
 }

@@ -10,7 +10,7 @@ use nasvit_model::{load_checkpoint, named_tensors, SupernetConfig};
 use nasvit_space::SearchSpace;
 use nasvit_train::run::{build_optimizer, run, RunOptions, TrainError};
 use nasvit_train::sandwich::{sandwich_archs, train_step, MaxTarget, Role, StepSettings};
-use nasvit_train::state::{load_state, resolve_last, STATE_FILE};
+use nasvit_train::state::{load_cpu_adam, load_state, load_weights, resolve_last, STATE_FILE};
 use nasvit_train::{AlphaDivergence, CombineOptions, ModelEma, TrainConfig};
 use serde_json::Value;
 
@@ -177,8 +177,52 @@ fn one_sandwich_step_runs_max_min_random_and_changes_weights() {
 
 #[test]
 fn resume_continues_bit_for_bit() {
-    let dir = scratch("resume");
-    let cfg = idx_config(&dir, "max_steps: 6\n");
+    resume_check("resume-cpu", "engine: cpu\n");
+}
+
+#[test]
+fn resume_continues_bit_for_bit_on_the_burn_engine() {
+    resume_check("resume-burn", "engine: burn\n");
+}
+
+/// A run resumed with the other engine is refused with a message naming the run's engine; `auto` keeps it.
+#[test]
+fn a_resumed_run_keeps_its_engine() {
+    let dir = scratch("engine-switch");
+    let cfg = idx_config(&dir, "max_steps: 4\nengine: burn\n");
+    let out = dir.join("run");
+    run(&RunOptions {
+        stop_after: Some(1),
+        ..opts(Some(cfg), &out)
+    })
+    .expect("first step");
+    let err = run(&RunOptions {
+        resume: Some(out.clone()),
+        engine: Some(nasvit_train::EngineKind::Cpu),
+        quiet: true,
+        ..RunOptions::default()
+    })
+    .expect_err("a burn run resumed on the cpu engine");
+    assert!(err.to_string().contains("engine: burn"), "{err}");
+    let s = run(&RunOptions {
+        resume: Some(out.clone()),
+        stop_after: Some(2),
+        eval_every: Some(0),
+        quiet: true,
+        ..RunOptions::default()
+    })
+    .expect("auto resumes on burn");
+    assert_eq!(s.step, 2);
+    let resumed = metrics(&out)
+        .into_iter()
+        .rfind(|v| v["kind"] == "resume")
+        .expect("resume line");
+    assert_eq!(resumed["engine"], "burn");
+}
+
+fn resume_check(name: &str, engine: &str) {
+    let dir = scratch(name);
+    let cfg = idx_config(&dir, &format!("max_steps: 6\n{engine}"));
     // One run of 6 steps.
     let one = dir.join("one");
     let s = run(&opts(Some(cfg.clone()), &one)).expect("run");
@@ -316,7 +360,24 @@ fn non_finite_loss_stops_with_the_step_and_subnet_and_keeps_the_last_checkpoint(
         .iter()
         .all(|(_, t)| t.iter::<f32>().all(|v| v.is_finite())));
     let (config, space) = nasvit_train::run::load_config(&out.join("config.yaml")).expect("config");
-    load_state(&ckpt, &space, &Device::flex().autodiff(), build_optimizer(&config)).expect("state loads");
+    let (meta, model, ema) = load_weights(&ckpt, &space, &Device::flex()).expect("weights load");
+    match meta.engine.as_str() {
+        "cpu" => {
+            let eng = nasvit_train::cpu::CpuTrainer::new(
+                &model,
+                ema.model(),
+                meta.ema_decay,
+                meta.ema_updates,
+                nasvit_train::run::cpu_adam(&config),
+                1,
+            )
+            .expect("engine");
+            load_cpu_adam(&ckpt, &meta, eng.store()).expect("AdamW state loads");
+        }
+        _ => {
+            load_state(&ckpt, &space, &Device::flex().autodiff(), build_optimizer(&config)).expect("state loads");
+        }
+    }
     let event = metrics(&out)
         .into_iter()
         .find(|v| v["kind"] == "non_finite")

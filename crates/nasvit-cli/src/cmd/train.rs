@@ -44,6 +44,14 @@ pub struct TrainArgs {
     /// No progress bar (log lines instead).
     #[arg(long)]
     no_progress: bool,
+    /// What runs the training step (overrides the config's `engine`): `cpu` (nasvit's CPU engine: hand-written
+    /// kernels, data-parallel over the threads), `burn` (burn's autodiff), `auto` (cpu where it covers the space;
+    /// a resumed run keeps its engine).
+    #[arg(long, value_name = "ENGINE")]
+    engine: Option<nasvit_train::EngineKind>,
+    /// Threads of the cpu engine (default: RAYON_NUM_THREADS, else all cores).
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 pub fn run_cmd(args: TrainArgs) -> anyhow::Result<ExitCode> {
@@ -59,6 +67,8 @@ pub fn run_cmd(args: TrainArgs) -> anyhow::Result<ExitCode> {
         progress: !args.no_progress,
         save_raw: args.save_raw,
         quiet: false,
+        engine: args.engine,
+        threads: args.threads,
     };
     match run(&opts) {
         Ok(s) => {
