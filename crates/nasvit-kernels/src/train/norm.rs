@@ -60,17 +60,53 @@ pub fn moments(x: &[f32], c: usize, sum: &mut [f64], sumsq: &mut [f64]) {
 }
 
 #[inline(always)]
+/// Rows of `c` channels that fill a whole number of 16-lane vectors: `16 / gcd(c, 16)`. The per-channel loops
+/// run over such tiles with their per-channel vectors repeated to the tile's length, so every vector is full
+/// (a plain loop over `c = 24` channels ran one vector and 8 scalar lanes per row, each with its own `exp`).
+fn tile_rows(c: usize) -> usize {
+    let (mut a, mut b) = (c, 16);
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    16 / a.max(1)
+}
+
+#[inline(always)]
+fn lane(s: &[f32], o: usize) -> &[f32; 16] {
+    s[o..o + 16].try_into().expect("16 lanes")
+}
+
+#[inline(always)]
+fn lane_mut(s: &mut [f32], o: usize) -> &mut [f32; 16] {
+    (&mut s[o..o + 16]).try_into().expect("16 lanes")
+}
+
+#[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn apply_impl(x: &[f32], c: usize, mean: &[f32], scale: &[f32], beta: &[f32], swish: bool, y: &mut [f32], fma: bool) {
-    for (xr, yr) in x.chunks_exact(c).zip(y.chunks_exact_mut(c)) {
-        if swish {
-            for j in 0..c {
-                yr[j] = swish_one((xr[j] - mean[j]) * scale[j] + beta[j], fma);
+    let k = tile_rows(c);
+    let l = k * c;
+    let (m, s, b) = (mean.repeat(k), scale.repeat(k), beta.repeat(k));
+    let full = x.len() / l * l;
+    for t0 in (0..full).step_by(l) {
+        for o in (0..l).step_by(16) {
+            let (xv, yv) = (lane(x, t0 + o), lane_mut(y, t0 + o));
+            let (mv, sv, bv) = (lane(&m, o), lane(&s, o), lane(&b, o));
+            if swish {
+                for t in 0..16 {
+                    yv[t] = swish_one((xv[t] - mv[t]) * sv[t] + bv[t], fma);
+                }
+            } else {
+                for t in 0..16 {
+                    yv[t] = (xv[t] - mv[t]) * sv[t] + bv[t];
+                }
             }
-        } else {
-            for j in 0..c {
-                yr[j] = (xr[j] - mean[j]) * scale[j] + beta[j];
-            }
+        }
+    }
+    for (xr, yr) in x[full..].chunks_exact(c).zip(y[full..].chunks_exact_mut(c)) {
+        for j in 0..c {
+            let z = (xr[j] - mean[j]) * scale[j] + beta[j];
+            yr[j] = if swish { swish_one(z, fma) } else { z };
         }
     }
 }
@@ -107,35 +143,60 @@ fn backward_sums_impl(
     sum_dz_xhat: &mut [f64],
     fma: bool,
 ) {
-    let mut s1 = vec![0.0f32; c];
-    let mut s2 = vec![0.0f32; c];
-    let rows = x.len() / c;
-    let mut r0 = 0;
-    while r0 < rows {
-        let r1 = (r0 + BLOCK).min(rows);
-        s1.fill(0.0);
-        s2.fill(0.0);
-        for r in r0..r1 {
-            let xr = &x[r * c..(r + 1) * c];
-            let gr = &dy[r * c..(r + 1) * c];
-            let zr = &mut dz[r * c..(r + 1) * c];
-            for j in 0..c {
-                let d = xr[j] - mean[j];
+    let k = tile_rows(c);
+    let l = k * c;
+    let (m, s, b, r) = (mean.repeat(k), scale.repeat(k), beta.repeat(k), rstd.repeat(k));
+    let mut a1 = vec![0.0f32; l];
+    let mut a2 = vec![0.0f32; l];
+    let flush = |a1: &mut [f32], a2: &mut [f32], sum_dz: &mut [f64], sum_dz_xhat: &mut [f64]| {
+        for (i, (p, q)) in a1.iter_mut().zip(a2.iter_mut()).enumerate() {
+            sum_dz[i % c] += *p as f64;
+            sum_dz_xhat[i % c] += *q as f64;
+            *p = 0.0;
+            *q = 0.0;
+        }
+    };
+    let full = x.len() / l * l;
+    let tiles_per_flush = (BLOCK / k).max(1);
+    for (n, t0) in (0..full).step_by(l).enumerate() {
+        for o in (0..l).step_by(16) {
+            let (xv, gv, zv) = (lane(x, t0 + o), lane(dy, t0 + o), lane_mut(dz, t0 + o));
+            let (mv, sv, bv, rv) = (lane(&m, o), lane(&s, o), lane(&b, o), lane(&r, o));
+            let (p1, p2) = (lane_mut(&mut a1, o), lane_mut(&mut a2, o));
+            for t in 0..16 {
+                let d = xv[t] - mv[t];
                 let g = if swish {
-                    gr[j] * swish_grad_impl(d * scale[j] + beta[j], fma)
+                    gv[t] * swish_grad_impl(d * sv[t] + bv[t], fma)
                 } else {
-                    gr[j]
+                    gv[t]
                 };
-                zr[j] = g;
-                s1[j] += g;
-                s2[j] += g * (d * rstd[j]);
+                zv[t] = g;
+                p1[t] += g;
+                p2[t] += g * (d * rv[t]);
             }
         }
-        for j in 0..c {
-            sum_dz[j] += s1[j] as f64;
-            sum_dz_xhat[j] += s2[j] as f64;
+        if (n + 1) % tiles_per_flush == 0 {
+            flush(&mut a1, &mut a2, sum_dz, sum_dz_xhat);
         }
-        r0 = r1;
+    }
+    flush(&mut a1, &mut a2, sum_dz, sum_dz_xhat);
+    let tail = full..x.len();
+    for ((xr, gr), zr) in x[tail.clone()]
+        .chunks_exact(c)
+        .zip(dy[tail.clone()].chunks_exact(c))
+        .zip(dz[tail].chunks_exact_mut(c))
+    {
+        for j in 0..c {
+            let d = xr[j] - mean[j];
+            let g = if swish {
+                gr[j] * swish_grad_impl(d * scale[j] + beta[j], fma)
+            } else {
+                gr[j]
+            };
+            zr[j] = g;
+            sum_dz[j] += g as f64;
+            sum_dz_xhat[j] += (g * (d * rstd[j])) as f64;
+        }
     }
 }
 
@@ -200,7 +261,20 @@ pub fn backward_sums(
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn affine2_impl(x: &[f32], mean: &[f32], g: &mut [f32], c: usize, a: &[f32], b: &[f32], k: &[f32], _fma: bool) {
-    for (xr, gr) in x.chunks_exact(c).zip(g.chunks_exact_mut(c)) {
+    let kr = tile_rows(c);
+    let l = kr * c;
+    let (mt, at, bt, kt) = (mean.repeat(kr), a.repeat(kr), b.repeat(kr), k.repeat(kr));
+    let full = x.len() / l * l;
+    for t0 in (0..full).step_by(l) {
+        for o in (0..l).step_by(16) {
+            let (xv, gv) = (lane(x, t0 + o), lane_mut(g, t0 + o));
+            let (mv, av, bv, kv) = (lane(&mt, o), lane(&at, o), lane(&bt, o), lane(&kt, o));
+            for t in 0..16 {
+                gv[t] = av[t] * gv[t] + bv[t] * (xv[t] - mv[t]) + kv[t];
+            }
+        }
+    }
+    for (xr, gr) in x[full..].chunks_exact(c).zip(g[full..].chunks_exact_mut(c)) {
         for j in 0..c {
             gr[j] = a[j] * gr[j] + b[j] * (xr[j] - mean[j]) + k[j];
         }
