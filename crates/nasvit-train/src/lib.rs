@@ -12,10 +12,12 @@
 //! | [`teacher`] | external teachers of the max subnet (logits file or checkpoint) |
 //! | [`state`] | checkpoints of a run folder (weights, EMA, AdamW state, sidecar), `last` |
 //! | [`run`] | a resumable training run: run folder, metrics, evaluation, progress |
+//! | [`bench`] | timing of the sandwich step on random data (`nasvit bench-train`) |
 //! | [`conflict`] | gradient-conflict measurement of a checkpoint |
 //! | [`cpu`] | the CPU training engine: the sandwich step with hand-written forward/backward kernels |
 //!
 
+pub mod bench;
 pub mod config;
 pub mod conflict;
 pub mod cpu;

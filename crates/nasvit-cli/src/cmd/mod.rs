@@ -1,4 +1,5 @@
 pub mod bench;
+pub mod bench_train;
 pub mod conflict;
 pub mod data;
 pub mod demo;
