@@ -110,7 +110,9 @@ pub fn bench_train(o: &BenchTrainOptions, mut on_step: impl FnMut(usize, f64)) -
             }
         }
         _ => {
-            let model = SupernetConfig::new(space.clone()).with_seed(o.seed).init(&Device::flex());
+            let model = SupernetConfig::new(space.clone())
+                .with_seed(o.seed)
+                .init(&Device::flex());
             let mut eng = CpuTrainer::new(&model, &model, cfg.ema_decay, 0, cpu_adam(&cfg), o.threads)?;
             drop(model);
             let target = CpuTarget::Labels {

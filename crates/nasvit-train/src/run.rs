@@ -182,6 +182,7 @@ pub fn cpu_adam(config: &TrainConfig) -> cpu::AdamW {
 }
 
 /// The training state of a run, by engine.
+#[allow(clippy::large_enum_variant)]
 enum Trainer {
     Burn {
         model: Supernet,

@@ -107,14 +107,11 @@ fn check(what: &str, got: &[f32], want: &[f32], atol: f32, rel: f32, rtol: f32) 
     worst
 }
 
+/// Values by key.
+type Named = HashMap<String, Vec<f32>>;
+
 /// burn's logits and gradients of `sum(logits * w)` (training mode) and the running statistics after it.
-fn burn_probe(
-    net: &Supernet,
-    arch: &Arch,
-    x: &[f32],
-    shape: [usize; 4],
-    w: &[f32],
-) -> (Vec<f32>, HashMap<String, Vec<f32>>, HashMap<String, Vec<f32>>) {
+fn burn_probe(net: &Supernet, arch: &Arch, x: &[f32], shape: [usize; 4], w: &[f32]) -> (Vec<f32>, Named, Named) {
     let ad = Device::flex().autodiff();
     // `valid` copies the running statistics; a fresh module for each probe keeps the runs apart
     let mut net = net.valid().train().fork(&ad);

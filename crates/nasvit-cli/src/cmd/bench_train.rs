@@ -9,10 +9,12 @@ use nasvit_train::bench::{bench_train, BenchTrainOptions};
 use nasvit_train::EngineKind;
 
 #[derive(Args)]
-#[command(after_help = "Prints the median step time and images/s (batch / median). `--json` prints \
+#[command(
+    after_help = "Prints the median step time and images/s (batch / median). `--json` prints \
     {\"step_s_median\", \"step_s\", \"images_per_s\", \"threads\", \"engine\", \"peak_rss_mib\"}. The supernet is \
     the space's seeded init; each step draws its subnets as training does (subnets vary between steps, so \
-    several steps give a fair median).")]
+    several steps give a fair median)."
+)]
 pub struct BenchTrainArgs {
     /// Search space: built-in name (official, paper, tiny) or YAML file.
     #[arg(long, default_value = "tiny")]
@@ -64,7 +66,11 @@ pub fn run(args: BenchTrainArgs) -> anyhow::Result<()> {
     let json = args.json;
     let r = bench_train(&opts, |i, s| {
         if !json {
-            let what = if i == 0 { "warm-up".to_string() } else { format!("step {i}") };
+            let what = if i == 0 {
+                "warm-up".to_string()
+            } else {
+                format!("step {i}")
+            };
             eprintln!("{what}: {s:.3} s");
         }
     })?;

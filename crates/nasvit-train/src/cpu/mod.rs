@@ -50,7 +50,7 @@ pub fn supports(space: &SearchSpace) -> Result<(), String> {
         for &r in &space.resolutions {
             let sizes = space.stage_sizes(r);
             if let Some(first) = space.transformer_stages().next() {
-                if sizes[first + 1] % 2 != 0 {
+                if !sizes[first + 1].is_multiple_of(2) {
                     return Err(format!(
                         "2x2 attention windows on an odd {0}x{0} grid (resolution {r})",
                         sizes[first + 1]

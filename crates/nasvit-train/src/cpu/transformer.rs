@@ -109,6 +109,7 @@ fn ln_forward(ctx: &mut Ctx, l: LinIdx, x: Buf, b: usize, n: usize, c: usize) ->
 }
 
 /// Adds the input gradient of a layer norm to `dx` (and its affine gradients) from `du`.
+#[allow(clippy::too_many_arguments)]
 fn ln_backward(ctx: &mut Ctx, l: LinIdx, s: &LnSaved, du: &[f32], b: usize, n: usize, c: usize, dx: &mut [f32]) {
     let gamma = ctx.w.t(l.w);
     let mut tmp = ctx.take(n * c);
