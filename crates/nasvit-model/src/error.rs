@@ -28,6 +28,8 @@ pub enum ModelError {
     BnStats(String),
     #[error("tensors do not fit the supernet: {0}")]
     Tensors(String),
+    #[error("BN re-calibration: {0}")]
+    Calibration(String),
     #[error("input has {got} channels, the space needs {expected}")]
     InputChannels { got: usize, expected: usize },
     #[error("input must be square, got {h}x{w}")]

@@ -4,9 +4,10 @@
 //!   picks a subnet, [`Supernet::forward`] (training mode), [`Supernet::forward_eval`], [`Supernet::features`].
 //! - [`StaticNet`]: a subnet extracted with [`Supernet::extract`], inference only.
 //! - Checkpoints: [`save_checkpoint`], [`load_checkpoint`], [`import_official`], and BN statistics override
-//!   [`Supernet::set_bn_stats`].
+//!   [`Supernet::set_bn_stats`]; BN re-calibration of a subnet, [`Supernet::calibrate_bn`].
 
 pub mod blocks;
+pub mod calibrate;
 pub mod checkpoint;
 pub mod conv_bn;
 pub mod elastic;
@@ -18,6 +19,7 @@ pub mod net;
 pub mod static_net;
 pub mod supernet;
 
+pub use calibrate::{Calibration, DEFAULT_CALIB_BATCHES};
 pub use checkpoint::{import_official, is_ignored_key, load_checkpoint, read_metadata, save_checkpoint};
 pub use elastic::Mode;
 pub use error::ModelError;

@@ -2,8 +2,8 @@
 //! a MACs and/or latency budget, a per-block latency lookup table measured with the `nasvit-infer` engine, and the
 //! Pareto outputs (`pareto.json`, `pareto.svg`).
 //!
-//! - [`bn_calib`]: [`Calibrate`] (cumulative-average BN re-calibration of one subnet), implemented for
-//!   [`nasvit_model::Supernet`].
+//! - [`bn_calib`]: [`Calibrate`], the model's native BN re-calibration on the search's `(images, labels)`
+//!   batches.
 //! - [`evaluate`]: top-1 / top-5 / loss over any iterator of `(images, labels)` batches.
 //! - [`evolution`]: [`Evaluator`], [`SupernetEvaluator`], [`Evolution`], [`search`] / [`resume`], [`SearchState`].
 //! - [`pareto`]: [`Record`], [`ParetoTable`] (best top-1 per MACs bucket), [`front`].
@@ -20,7 +20,7 @@ pub mod latency;
 pub mod output;
 pub mod pareto;
 
-pub use bn_calib::{CalibReport, Calibrate, CumulativeStats, DEFAULT_CALIB_BATCHES};
+pub use bn_calib::{CalibReport, Calibrate, DEFAULT_CALIB_BATCHES};
 pub use config::SearchConfig;
 pub use error::{Result, SearchError};
 pub use evaluate::{evaluate_batches, select_per_class, Batch, Score, ScoreAccumulator};

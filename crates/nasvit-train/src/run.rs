@@ -9,7 +9,7 @@
 //! - A non-finite loss stops the run with [`TrainError::NonFinite`] (naming the step and the subnet) without
 //!   writing a checkpoint of the broken state.
 //! - Evaluation (top-1 of the max and min subnets on the validation split) uses a copy of the **EMA weights
-//!   with BN re-calibrated** on `calib_batches` training batches (cumulative average, `nasvit_search::Calibrate`),
+//!   with BN re-calibrated** on `calib_batches` training batches (cumulative average, `Supernet::calibrate_bn`),
 //!   as `nasvit eval` does; the metric names say so (`top1_max_recal`). The EMA's own running statistics are
 //!   shared by every subnet of the sandwich and do not match the EMA weights early in a run.
 
@@ -227,15 +227,10 @@ pub fn top1(
     max_batches: Option<usize>,
     device: &Device,
 ) -> Result<(f64, usize), TrainError> {
-    use nasvit_search::Calibrate;
     // `valid` copies the running statistics (a clone would share them with the EMA).
     let mut net = net.valid();
-    let batches = calib.epoch(0, 0).map(|b| {
-        let labels: Vec<usize> = b.labels.iter().map(|l| *l as usize).collect();
-        (b.into_tensors(device).0, labels)
-    });
-    net.recalibrate_bn(arch, batches, calib_batches.max(1))
-        .map_err(|e| TrainError::Usage(format!("BN re-calibration: {e}")))?;
+    let batches = calib.epoch(0, 0).map(|b| b.into_tensors(device).0);
+    net.calibrate_bn(arch, batches, calib_batches.max(1))?;
     let (mut correct, mut total) = (0usize, 0usize);
     for batch in val.epoch(0, 0).take(max_batches.unwrap_or(usize::MAX)) {
         let labels = batch.labels.clone();

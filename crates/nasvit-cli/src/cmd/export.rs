@@ -10,11 +10,10 @@ use clap::Args;
 use nasvit_infer::export::Preprocess;
 use nasvit_infer::{ExportedModel, StateDict, Tensor as InferTensor};
 use nasvit_model::load_checkpoint;
-use nasvit_search::Calibrate;
 use nasvit_space::Arch;
 use nasvit_train::data::{open_datasets, train_loader};
 
-use super::data::{data_config, to_eval_batch, DATA_HELP};
+use super::data::{data_config, DATA_HELP};
 
 #[derive(Args)]
 pub struct ExportArgs {
@@ -53,8 +52,8 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
         let config = data_config(data, &space)?;
         let sets = open_datasets(&config).context("opening the data")?;
         let loader = train_loader(&config, sets.train.clone());
-        let batches = loader.epoch(0, 0).map(|b| to_eval_batch(b, &device));
-        let report = net.recalibrate_bn(&arch, batches, args.calib_batches)?;
+        let batches = loader.epoch(0, 0).map(|b| b.into_tensors(&device).0);
+        let report = net.calibrate_bn(&arch, batches, args.calib_batches)?;
         eprintln!(
             "BN re-calibrated on {} batches ({} images)",
             report.batches, report.images

@@ -23,6 +23,10 @@ pub enum Mode {
     Train,
     /// Running statistics.
     Eval,
+    /// BN re-calibration, batch `index` (0-based) of a calibration pass: batch statistics as in `Train`, and the
+    /// running statistics of the active channels become the cumulative average over the batches `0 ..= index`
+    /// (momentum `1 / (index + 1)`, PyTorch's `momentum = None`; batch 0 replaces the old values).
+    Calibrate { index: usize },
 }
 
 /// The leading `sizes` slice of a tensor (`t[:s0, :s1, ...]`); no-op on dimensions already that size.

@@ -60,13 +60,17 @@ impl ElasticBatchNorm {
                 let var = lead(self.bn.running_var.value_sync(), [c]);
                 batch_norm(x, gamma, beta, mean, var, EPS)
             }
-            Mode::Train => {
+            Mode::Train | Mode::Calibrate { .. } => {
+                let momentum = match mode {
+                    Mode::Calibrate { index } => 1.0 / (index as f64 + 1.0),
+                    _ => BN_MOMENTUM,
+                };
                 let out = batch_norm_train(x, gamma, beta, EPS);
                 let n = (b * h * w) as f64;
                 // PyTorch updates the running variance with the unbiased batch variance.
                 let unbias = if n > 1.0 { n / (n - 1.0) } else { 1.0 };
-                update_slice(&self.bn.running_mean, out.mean.detach(), 1.0);
-                update_slice(&self.bn.running_var, out.variance.detach(), unbias);
+                update_slice(&self.bn.running_mean, out.mean.detach(), 1.0, momentum);
+                update_slice(&self.bn.running_var, out.variance.detach(), unbias, momentum);
                 out.output
             }
         }
@@ -86,13 +90,17 @@ impl ElasticBatchNorm {
 }
 
 /// `state[:C] = (1 - m) state[:C] + m * factor * batch` with the rest of the state untouched.
-fn update_slice(state: &RunningState<Tensor<1>>, batch: Tensor<1>, factor: f64) {
+fn update_slice(state: &RunningState<Tensor<1>>, batch: Tensor<1>, factor: f64, momentum: f64) {
     let full = state.value_sync().detach();
     let cmax = full.dims()[0];
     let c = batch.dims()[0];
     let batch = batch.to_device(&full.device());
     let old = lead(full.clone(), [c]);
-    let new = old.mul_scalar(1.0 - BN_MOMENTUM) + batch.mul_scalar(BN_MOMENTUM * factor);
+    let new = if momentum >= 1.0 {
+        batch.mul_scalar(factor)
+    } else {
+        old.mul_scalar(1.0 - momentum) + batch.mul_scalar(momentum * factor)
+    };
     // One range per dimension of a 1-D tensor, not a vec of indices.
     #[allow(clippy::single_range_in_vec_init)]
     let updated = if c == cmax { new } else { full.slice_assign([0..c], new) };
