@@ -187,3 +187,39 @@ fn bench_profile_splits_a_run_into_ops() {
     assert_eq!(v["kernels"], "generic");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn bench_train_prints_the_median_step_in_json() {
+    let out = nasvit(&[
+        "bench-train",
+        "--space",
+        "tiny",
+        "--batch",
+        "4",
+        "--input",
+        "28",
+        "--steps",
+        "2",
+        "--threads",
+        "2",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let steps: Vec<f64> = v["step_s"]
+        .as_array()
+        .expect("step_s")
+        .iter()
+        .filter_map(|s| s.as_f64())
+        .collect();
+    assert_eq!(steps.len(), 2);
+    let median = v["step_s_median"].as_f64().expect("median");
+    assert!((median - (steps[0] + steps[1]) / 2.0).abs() < 1e-9 && median > 0.0);
+    assert!((v["images_per_s"].as_f64().expect("images/s") - 4.0 / median).abs() < 1e-6);
+    assert_eq!(v["threads"], 2);
+    assert_eq!(v["engine"], "cpu");
+
+    let out = nasvit(&["bench-train", "--batch", "0"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("at least 1"));
+}

@@ -27,7 +27,7 @@ use nasvit_space::{Arch, SearchSpace};
 use serde_json::{json, Value};
 
 use crate::config::{ConfigError, EngineKind, TrainConfig};
-use crate::cpu::{self, CpuTarget, CpuTrainer};
+use crate::cpu::{self, CpuNet, CpuTarget, CpuTrainer};
 use crate::data::{self, eval_loader, open_datasets, train_loader, DataError, Dataset, Loader};
 use crate::ema::ModelEma;
 use crate::sandwich::{sandwich_archs, train_step, MaxTarget, StepError, StepSettings};
@@ -239,6 +239,42 @@ pub fn top1(
         let pred = pred.try_to_vec::<i64>().unwrap_or_default();
         correct += pred.iter().zip(&labels).filter(|(p, l)| p == l).count();
         total += labels.len();
+    }
+    Ok((
+        if total == 0 {
+            0.0
+        } else {
+            100.0 * correct as f64 / total as f64
+        },
+        total,
+    ))
+}
+
+/// [`top1`] on the cpu engine: `net` (a copy of the weights to evaluate) re-calibrated on at most `calib_batches`
+/// batches of `calib`, then scored on at most `max_batches` batches of `val`.
+pub fn top1_cpu(
+    mut net: CpuNet,
+    arch: &Arch,
+    calib: &Loader,
+    calib_batches: usize,
+    val: &Loader,
+    max_batches: Option<usize>,
+) -> Result<(f64, usize), TrainError> {
+    let batches = calib.epoch(0, 0).map(|b| (b.images, b.shape));
+    net.calibrate_bn(arch, batches, calib_batches.max(1))?;
+    let classes = net.space().num_classes;
+    let (mut correct, mut total) = (0usize, 0usize);
+    for batch in val.epoch(0, 0).take(max_batches.unwrap_or(usize::MAX)) {
+        let logits = net.logits(arch, &batch.images, batch.shape)?;
+        for (row, &label) in logits.chunks_exact(classes).zip(&batch.labels) {
+            let pred = row
+                .iter()
+                .enumerate()
+                .fold((0, f32::NEG_INFINITY), |m, (i, &v)| if v > m.1 { (i, v) } else { m })
+                .0;
+            correct += usize::from(pred as i64 == label);
+        }
+        total += batch.labels.len();
     }
     Ok((
         if total == 0 {
@@ -529,11 +565,22 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary, TrainError> {
         let Some(vl) = &val_loader else {
             return Ok(None);
         };
-        let ema = trainer.ema_model()?;
         let t = Instant::now();
         let cb = opts.calib_batches.unwrap_or(16);
-        let (max_top1, n) = top1(&ema, &space.max_arch(), &loader, cb, vl, opts.eval_batches, &plain)?;
-        let (min_top1, _) = top1(&ema, &space.min_arch(), &loader, cb, vl, opts.eval_batches, &plain)?;
+        let (max_arch, min_arch) = (space.max_arch(), space.min_arch());
+        let ((max_top1, n), (min_top1, _)) = match trainer {
+            Trainer::Cpu { eng, .. } => (
+                top1_cpu(eng.ema_net(), &max_arch, &loader, cb, vl, opts.eval_batches)?,
+                top1_cpu(eng.ema_net(), &min_arch, &loader, cb, vl, opts.eval_batches)?,
+            ),
+            Trainer::Burn { .. } => {
+                let ema = trainer.ema_model()?;
+                (
+                    top1(&ema, &max_arch, &loader, cb, vl, opts.eval_batches, &plain)?,
+                    top1(&ema, &min_arch, &loader, cb, vl, opts.eval_batches, &plain)?,
+                )
+            }
+        };
         let v = json!({
             "kind": "eval", "step": step, "epoch": step as f64 / spe as f64, "split": "val",
             "top1_max_recal": max_top1, "top1_min_recal": min_top1, "images": n, "calib_batches": cb,

@@ -440,3 +440,50 @@ fn sandwich_step_matches_the_burn_step() {
         );
     }
 }
+
+/// The engine's evaluation path (`CpuNet`): BN re-calibration and inference-mode logits against the model's
+/// `calibrate_bn` and `forward_eval`, on 1 and 2 workers.
+#[test]
+fn calibration_and_inference_match_the_model() {
+    let space = SearchSpace::builtin("tiny").expect("tiny");
+    let plain = Device::flex();
+    let net = perturbed(SupernetConfig::new(space.clone()).with_seed(8).init(&plain), 14);
+    let mut rng = Rng::new(31);
+    let shape = [5, 3, 28, 28];
+    let batches: Vec<Vec<f32>> = (0..3).map(|_| rng.values(shape.iter().product())).collect();
+    let test = rng.values(shape.iter().product());
+    for arch in [space.min_arch(), random_arch(&space, &mut rng)] {
+        let mut model = net.valid();
+        let tensors = batches
+            .iter()
+            .map(|x| Tensor::<4>::from_data(TensorData::new(x.clone(), shape), &plain));
+        let want_cal = model.calibrate_bn(&arch, tensors, 8).expect("model calibration");
+        let want_stats: HashMap<String, Vec<f32>> = model.bn_stats().into_iter().map(|(k, d)| (k, data(d))).collect();
+        let want_logits = data(
+            model
+                .forward_eval(Tensor::<4>::from_data(TensorData::new(test.clone(), shape), &plain))
+                .into_data(),
+        );
+        for threads in [1, 2] {
+            let mut cpu = nasvit_train::cpu::CpuNet::from_supernet(&net, threads).expect("engine");
+            let cal = cpu
+                .calibrate_bn(&arch, batches.iter().map(|x| (x.clone(), shape)), 8)
+                .expect("engine calibration");
+            assert_eq!((cal.batches, cal.images), (want_cal.batches, want_cal.images));
+            assert_eq!(cal.bn_layers, want_cal.bn_layers, "BN layers of the subnet");
+            let back = cpu.write_into(net.valid()).expect("write back");
+            for (k, d) in back.bn_stats() {
+                check(&format!("{threads}t {k}"), &data(d), &want_stats[&k], 1e-5, 0.0, 1e-4);
+            }
+            let logits = cpu.logits(&arch, &test, shape).expect("logits");
+            check(
+                &format!("{threads}t eval logits"),
+                &logits,
+                &want_logits,
+                1e-4,
+                0.0,
+                1e-3,
+            );
+        }
+    }
+}

@@ -9,9 +9,10 @@ use nasvit_train::run::{run, RunOptions, TrainError};
 #[derive(Args)]
 #[command(
     after_help = "The run folder holds config.yaml (resolved), metrics.jsonl, checkpoints/step-N/ \
-    {supernet.safetensors (EMA weights: what eval/search/export read), train_state.safetensors, optimizer.bpk, \
-    train_state.json} and `last` pointing at the newest checkpoint. Use RUN/last/supernet.safetensors as the \
-    checkpoint of the other commands."
+    {supernet.safetensors (EMA weights: what eval/search/export read), train_state.safetensors (raw and EMA \
+    weights; with the cpu engine also AdamW's moments), optimizer.bpk (burn engine), train_state.json} and `last` \
+    pointing at the newest checkpoint. Use RUN/last/supernet.safetensors as the checkpoint of the other commands. \
+    A run resumes exactly (bit for bit on the same number of threads) on the engine that started it."
 )]
 pub struct TrainArgs {
     /// Training config (YAML); see configs/train/. Not needed with --resume.

@@ -62,6 +62,8 @@ pub struct Ctx<'a> {
     /// Worker 0 logs the batch statistics of every BN forward here.
     pub bn_log: Option<&'a mut Vec<BnStat>>,
     pub scratch: &'a mut Scratch,
+    /// Batch norm in inference mode (the running statistics of the weights), for evaluation.
+    pub bn_eval: bool,
 }
 
 impl<'a> Ctx<'a> {
@@ -87,6 +89,7 @@ impl<'a> Ctx<'a> {
             arena,
             bn_log,
             scratch,
+            bn_eval: false,
         }
     }
 
@@ -128,8 +131,25 @@ pub struct BnSaved {
 }
 
 /// Training-mode BN over this worker's rows `x: [rows, c]` with statistics of the whole batch (`count` rows over
-/// all workers), then swish when `swish`: `y = act((x - mean) gamma / sqrt(var + eps) + beta)`.
+/// all workers), then swish when `swish`: `y = act((x - mean) gamma / sqrt(var + eps) + beta)`. In inference
+/// mode (`ctx.bn_eval`) `mean` and `var` are the running statistics.
 pub fn bn_forward(ctx: &mut Ctx, bn: BnIdx, x: &[f32], c: usize, swish: bool, count: usize, y: &mut [f32]) -> BnSaved {
+    if ctx.bn_eval {
+        let gamma = &ctx.w.t(bn.gamma)[..c];
+        let mean = ctx.w.t(bn.mean)[..c].to_vec();
+        let rstd: Vec<f32> = ctx.w.t(bn.var)[..c]
+            .iter()
+            .map(|&v| (1.0 / (v as f64 + EPS).sqrt()) as f32)
+            .collect();
+        let scale: Vec<f32> = (0..c).map(|j| gamma[j] * rstd[j]).collect();
+        norm::apply(x, c, &mean, &scale, ctx.w.t(bn.beta), swish, y);
+        return BnSaved {
+            mean,
+            rstd,
+            scale,
+            count,
+        };
+    }
     let mut sums = vec![0.0f64; 2 * c];
     {
         let (s1, s2) = sums.split_at_mut(c);

@@ -57,7 +57,7 @@ pub struct MbSaved {
 
 impl MbSaved {
     /// Gives every buffer back to the arena.
-    fn release(self, ctx: &Ctx) {
+    pub fn release(self, ctx: &Ctx) {
         ctx.put(self.x);
         if let Some((e, _)) = self.e {
             ctx.put(e);

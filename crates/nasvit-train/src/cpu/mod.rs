@@ -28,9 +28,11 @@
 //! | `mbconv.rs`, `transformer.rs`, `net.rs` | the blocks and the whole subnet, forward and backward |
 //! | `loss.rs` | label-smoothed / soft-target cross entropy, adaptive alpha-divergence, with gradients |
 //! | `step.rs` | [`CpuTrainer`]: the step, AdamW, EMA |
+//! | `eval.rs` | [`CpuNet`]: BN re-calibration and inference-mode logits of a subnet |
 
 mod comm;
 mod ctx;
+mod eval;
 mod loss;
 mod mbconv;
 mod net;
@@ -38,6 +40,7 @@ mod params;
 mod step;
 mod transformer;
 
+pub use eval::CpuNet;
 pub use params::{NetIdx, Store};
 pub use step::{AdamW, CpuTarget, CpuTrainer, Probe};
 

@@ -120,6 +120,29 @@ pub struct Tape {
     af: Buf,
 }
 
+impl Tape {
+    /// Gives every buffer back to the arena (a forward without backward: evaluation, re-calibration).
+    pub fn release(self, ctx: &Ctx) {
+        for saved in self.blocks {
+            match saved {
+                Saved::Mb(sv) => sv.release(ctx),
+                Saved::Tf(sv) => transformer::release(ctx, sv),
+            }
+        }
+        for buf in [
+            self.stem_cols,
+            self.stem_s,
+            self.head_x,
+            self.head_e,
+            self.pooled,
+            self.f,
+            self.af,
+        ] {
+            ctx.put(buf);
+        }
+    }
+}
+
 /// Forward of `b` images `x: [b, r, r, cin]` (already at the arch's resolution) of a batch of `bt` over all
 /// workers: the logits `[b, classes]` and the tape. With `taps`, copies of the stem's and every stage's output
 /// (`[b, H, W, C]`) are pushed there.

@@ -17,6 +17,7 @@ use nasvit_space::{Arch, SearchSpace, SubnetShape};
 
 use super::comm::{Comm, Round};
 use super::ctx::{BnStat, Ctx, Scratch, Weights};
+use super::eval::CpuNet;
 use super::loss;
 use super::net::{self, Plan};
 use super::params::{NetIdx, Store};
@@ -34,7 +35,7 @@ pub enum CpuTarget {
 }
 
 /// What the workers compute from the logits.
-enum Job<'a> {
+pub(super) enum Job<'a> {
     /// The sandwich: the first subnet learns from `target`, the others from its logits.
     Sandwich {
         target: &'a CpuTarget,
@@ -42,6 +43,10 @@ enum Job<'a> {
     },
     /// One subnet, loss `sum(logits * weight)`, with the stage outputs.
     Probe { weight: &'a [f32] },
+    /// One subnet, forward only, BN in inference mode (running statistics): the logits.
+    Eval,
+    /// One subnet, forward only, BN with batch statistics (logged for a re-calibration): no gradient.
+    Calibrate,
 }
 
 /// The result of [`CpuTrainer::probe`].
@@ -68,7 +73,7 @@ pub struct AdamW {
 
 /// A worker's buffers, kept between steps.
 #[derive(Default)]
-struct Worker {
+pub(super) struct Worker {
     arena: Arena,
     g_sup: Vec<f32>,
     g_sub: Vec<f32>,
@@ -78,15 +83,15 @@ struct Worker {
 }
 
 /// What a worker brings back from a step.
-struct WorkerOut {
+pub(super) struct WorkerOut {
     /// Sum over the worker's rows of each subnet's loss.
-    losses: Vec<f64>,
+    pub losses: Vec<f64>,
     /// Worker 0: the BN batch statistics of each subnet, in forward order.
-    bn: Vec<Vec<BnStat>>,
+    pub bn: Vec<Vec<BnStat>>,
     /// The first subnet's logits of the worker's rows.
-    logits: Vec<f32>,
+    pub logits: Vec<f32>,
     /// Probe only: the worker's stage outputs, `[b, H, W, C]` each.
-    taps: Vec<Vec<f32>>,
+    pub taps: Vec<Vec<f32>>,
 }
 
 /// The CPU training engine of one supernet.
@@ -215,6 +220,17 @@ impl CpuTrainer {
         self.store.write_into(template, &self.values)
     }
 
+    /// The EMA weights (and the EMA of the BN statistics) for evaluation on the engine.
+    pub fn ema_net(&self) -> CpuNet {
+        CpuNet::from_parts(
+            self.space.clone(),
+            self.store.clone(),
+            self.idx.clone(),
+            self.ema.clone(),
+            self.threads,
+        )
+    }
+
     /// `template` holding the EMA weights.
     pub fn ema_into(&self, template: Supernet) -> Result<Supernet, ModelError> {
         self.store.write_into(template, &self.ema)
@@ -331,65 +347,14 @@ impl CpuTrainer {
         archs: &[&Arch],
         job: &Job,
     ) -> Result<(Vec<WorkerOut>, usize), StepError> {
-        let [bt, cin, h, w] = shape;
-        if images.len() != bt * cin * h * w || labels.len() != bt || bt == 0 {
-            return Err(StepError::Model(ModelError::Tensors(format!(
-                "a batch of {} values and {} labels for shape {shape:?}",
-                images.len(),
-                labels.len()
-            ))));
-        }
-        if cin != self.space.in_channels {
-            return Err(StepError::Model(ModelError::InputChannels {
-                got: cin,
-                expected: self.space.in_channels,
-            }));
-        }
-        let mut plans = Vec::with_capacity(archs.len());
-        for a in archs {
-            a.validate(&self.space).map_err(ModelError::from)?;
-            plans.push(Plan::new(&self.idx, SubnetShape::new(&self.space, a), a));
-        }
-        let threads = self.threads.min(bt).max(1);
-        let len = self.values.len();
-        let n_t = self.store.tensors();
-        self.workers.resize_with(threads, Worker::default);
-        let rows = split(bt, threads);
-        let comm = Comm::new(threads);
-        let weights = Weights {
-            values: &self.values,
+        let net = NetRef {
+            space: &self.space,
             store: &self.store,
             idx: &self.idx,
+            values: &self.values,
+            threads: self.threads,
         };
-        let plans = &plans;
-        let outs: Vec<WorkerOut> = std::thread::scope(|s| {
-            let handles: Vec<_> = self
-                .workers
-                .iter_mut()
-                .take(threads)
-                .enumerate()
-                .map(|(rank, wk)| {
-                    let comm = &comm;
-                    let r = rows[rank].clone();
-                    let body = move || {
-                        let _ftz = FlushDenormals::new();
-                        run_worker(wk, rank, r, weights, comm, plans, images, shape, labels, job, len, n_t)
-                    };
-                    s.spawn(move || match catch_unwind(AssertUnwindSafe(body)) {
-                        Ok(v) => v,
-                        Err(e) => {
-                            comm.poison();
-                            resume_unwind(e)
-                        }
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap_or_else(|e| resume_unwind(e)))
-                .collect()
-        });
-        Ok((outs, threads))
+        run_job(net, &mut self.workers, images, shape, labels, archs, job)
     }
 
     /// BN running statistics, in forward order (momentum 0.1, unbiased variance), from worker 0's log.
@@ -404,22 +369,7 @@ impl CpuTrainer {
     }
 
     fn update_running(&mut self, st: &BnStat) {
-        let unbias = if st.count > 1 {
-            st.count as f64 / (st.count as f64 - 1.0)
-        } else {
-            1.0
-        };
-        let c = st.mean.len();
-        let mom = 0.1f32;
-        let rm = self.store.range(st.bn.mean);
-        for (r, &b) in self.values[rm][..c].iter_mut().zip(&st.mean) {
-            *r = *r * (1.0 - mom) + b * mom;
-        }
-        let rv = self.store.range(st.bn.var);
-        let f = (0.1 * unbias) as f32;
-        for (r, &b) in self.values[rv][..c].iter_mut().zip(&st.var) {
-            *r = *r * (1.0 - mom) + b * f;
-        }
+        update_running(&self.store, &mut self.values, st, 0.1);
     }
 
     /// Sums the workers' gradients, combines `g_sup` and `g_sub`, steps AdamW and the EMA.
@@ -611,6 +561,111 @@ impl CpuTrainer {
     }
 }
 
+/// `running[:C] = (1 - m) running[:C] + m * batch` for the mean and (with the unbiased variance) the variance of
+/// one BN, as the model's update (`m >= 1` replaces the values: the first batch of a re-calibration).
+pub(super) fn update_running(store: &Store, values: &mut [f32], st: &BnStat, momentum: f64) {
+    let unbias = if st.count > 1 {
+        st.count as f64 / (st.count as f64 - 1.0)
+    } else {
+        1.0
+    };
+    let c = st.mean.len();
+    for (t, batch, factor) in [(st.bn.mean, &st.mean, 1.0), (st.bn.var, &st.var, unbias)] {
+        let r = store.range(t);
+        if momentum >= 1.0 {
+            let f = factor as f32;
+            for (r, &b) in values[r][..c].iter_mut().zip(batch) {
+                *r = b * f;
+            }
+        } else {
+            let (keep, f) = ((1.0 - momentum) as f32, (momentum * factor) as f32);
+            for (r, &b) in values[r][..c].iter_mut().zip(batch) {
+                *r = *r * keep + b * f;
+            }
+        }
+    }
+}
+
+/// What the workers read: the space, the weights and their index, the thread count.
+#[derive(Clone, Copy)]
+pub(super) struct NetRef<'a> {
+    pub space: &'a SearchSpace,
+    pub store: &'a Store,
+    pub idx: &'a NetIdx,
+    pub values: &'a [f32],
+    pub threads: usize,
+}
+
+/// Validates the inputs and runs `job` on the workers.
+pub(super) fn run_job(
+    net: NetRef,
+    workers: &mut Vec<Worker>,
+    images: &[f32],
+    shape: [usize; 4],
+    labels: &[i64],
+    archs: &[&Arch],
+    job: &Job,
+) -> Result<(Vec<WorkerOut>, usize), StepError> {
+    let [bt, cin, h, w] = shape;
+    if images.len() != bt * cin * h * w || labels.len() != bt || bt == 0 {
+        return Err(StepError::Model(ModelError::Tensors(format!(
+            "a batch of {} values and {} labels for shape {shape:?}",
+            images.len(),
+            labels.len()
+        ))));
+    }
+    if cin != net.space.in_channels {
+        return Err(StepError::Model(ModelError::InputChannels {
+            got: cin,
+            expected: net.space.in_channels,
+        }));
+    }
+    let mut plans = Vec::with_capacity(archs.len());
+    for a in archs {
+        a.validate(net.space).map_err(ModelError::from)?;
+        plans.push(Plan::new(net.idx, SubnetShape::new(net.space, a), a));
+    }
+    let threads = net.threads.min(bt).max(1);
+    let len = net.values.len();
+    let n_t = net.store.tensors();
+    workers.resize_with(threads, Worker::default);
+    let rows = split(bt, threads);
+    let comm = Comm::new(threads);
+    let weights = Weights {
+        values: net.values,
+        store: net.store,
+        idx: net.idx,
+    };
+    let plans = &plans;
+    let outs: Vec<WorkerOut> = std::thread::scope(|s| {
+        let handles: Vec<_> = workers
+            .iter_mut()
+            .take(threads)
+            .enumerate()
+            .map(|(rank, wk)| {
+                let comm = &comm;
+                let r = rows[rank].clone();
+                let body = move || {
+                    let _ftz = FlushDenormals::new();
+                    run_worker(wk, rank, r, weights, comm, plans, images, shape, labels, job, len, n_t)
+                };
+                s.spawn(move || match catch_unwind(AssertUnwindSafe(body)) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        comm.poison();
+                        resume_unwind(e)
+                    }
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|e| resume_unwind(e)))
+            .collect()
+    });
+    Ok((outs, threads))
+}
+
 /// One worker's share of a step: every subnet's forward, loss and backward on rows `rows` of the batch.
 #[allow(clippy::too_many_arguments)]
 fn run_worker(
@@ -629,6 +684,10 @@ fn run_worker(
 ) -> WorkerOut {
     let [bt, cin, h, w] = shape;
     let b = rows.len();
+    let (len, tensors) = match job {
+        Job::Eval | Job::Calibrate => (0, 0),
+        _ => (len, tensors),
+    };
     for g in [&mut wk.g_sup, &mut wk.g_sub] {
         g.clear();
         g.resize(len, 0.0);
@@ -677,8 +736,18 @@ fn run_worker(
             (rank == 0).then_some(&mut log),
             &mut wk.scratch,
         );
+        ctx.bn_eval = matches!(job, Job::Eval);
         let keep = matches!(job, Job::Probe { .. }).then_some(&mut taps);
         let (logits, tape) = net::forward(&mut ctx, plan, x, b, bt, keep);
+        if matches!(job, Job::Eval | Job::Calibrate) {
+            tape.release(&ctx);
+            if k == 0 {
+                teacher = logits;
+            }
+            losses.push(0.0);
+            bn.push(log);
+            continue;
+        }
         let nc = plan.shape.num_classes.min(classes);
         let mut dlogits = vec![0.0f32; logits.len()];
         let l = match job {
@@ -704,6 +773,7 @@ fn run_worker(
                     .map(|(a, b)| (*a as f64) * (*b as f64))
                     .sum()
             }
+            Job::Eval | Job::Calibrate => unreachable!("forward-only jobs return above"),
         };
         net::backward(&mut ctx, plan, tape, &dlogits, b);
         if k == 0 {

@@ -534,7 +534,8 @@ pub fn backward(ctx: &mut Ctx, ix: &TfIdx, sh: &TfShape, b: usize, sv: TfSaved, 
     dt
 }
 
-fn release(ctx: &Ctx, sv: TfSaved) {
+/// Gives every buffer of a tape entry back to the arena.
+pub fn release(ctx: &Ctx, sv: TfSaved) {
     for l in [sv.ln1, sv.ln3, sv.ln2] {
         ctx.put(l.x);
         ctx.put(l.u);
