@@ -48,6 +48,8 @@ enum Command {
     /// The engine runs its AVX-512 kernels where the CPU has AVX-512F; NASVIT_NO_AVX512=1 times the kernels of
     /// the CPUs without it instead (the report's `kernels` says which ran).
     Bench(cmd::bench::BenchArgs),
+    /// A self-contained report.html of a run (training curves, Pareto front, models, sample predictions).
+    Report(cmd::report::ReportArgs),
     /// Time of one supernet training step (sandwich of subnets, backward, AdamW, EMA) on random data.
     BenchTrain(cmd::bench_train::BenchTrainArgs),
     /// Gradient-conflict table: share of negative cosines between supernet and subnet gradients.
@@ -72,6 +74,7 @@ fn main() -> ExitCode {
         Command::Infer(args) => cmd::infer::run(args),
         Command::Bench(args) => cmd::bench::run(args),
         Command::BenchTrain(args) => cmd::bench_train::run(args),
+        Command::Report(args) => cmd::report::run(args),
         Command::Conflict(args) => cmd::conflict::run(args),
         Command::ImportOfficial(args) => cmd::import::run(args),
     };

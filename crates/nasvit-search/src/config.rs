@@ -15,6 +15,8 @@
 //! calib_batches: 64      # BN re-calibration batches per subnet
 //! heldout_per_class: 5   # training images per class held out as the search's validation set
 //! max_tries: 10000       # draws before rejection sampling gives up
+//! strata: 1              # the initial random subnets come round-robin from this many equal MACs intervals
+//! include_max: false     # the max subnet joins the initial population (beside the min subnet)
 //! ```
 
 use std::path::Path;
@@ -44,6 +46,13 @@ pub struct SearchConfig {
     pub calib_batches: usize,
     pub heldout_per_class: usize,
     pub max_tries: usize,
+    /// The initial population's random subnets are drawn round-robin from this many equal intervals of the MACs
+    /// range (1: the whole range, as released). Uniform genes concentrate a population in the middle of the range
+    /// (in the `tiny` space almost nothing above 70 % of the max), so a budget near the top would see only the
+    /// subnets that evolution happens to push there.
+    pub strata: usize,
+    /// The max subnet joins the initial population (the released search starts from the min subnet only).
+    pub include_max: bool,
 }
 
 impl Default for SearchConfig {
@@ -65,6 +74,8 @@ impl Default for SearchConfig {
             calib_batches: DEFAULT_CALIB_BATCHES,
             heldout_per_class: 5,
             max_tries: 10_000,
+            strata: 1,
+            include_max: false,
         }
     }
 }
@@ -148,6 +159,9 @@ impl SearchConfig {
         }
         if self.calib_batches == 0 {
             return Err(bad("calib_batches", "must be at least 1"));
+        }
+        if self.strata == 0 {
+            return Err(bad("strata", "must be at least 1"));
         }
         if self.max_tries == 0 {
             return Err(bad("max_tries", "must be at least 1"));

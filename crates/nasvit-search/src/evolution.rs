@@ -39,6 +39,12 @@ pub trait Evaluator {
     fn evaluate(&mut self, arch: &Arch) -> Result<Score>;
 }
 
+impl<E: Evaluator + ?Sized> Evaluator for Box<E> {
+    fn evaluate(&mut self, arch: &Arch) -> Result<Score> {
+        (**self).evaluate(arch)
+    }
+}
+
 /// An [`Evaluator`] from a closure.
 pub struct FnEvaluator<F>(pub F);
 
@@ -282,8 +288,32 @@ impl<'a> Evolution<'a> {
         if min_ok {
             population.push(min);
         }
+        let max = self.space.max_arch();
+        if self.config.include_max && population.len() < self.config.population && self.admissible(&max)? {
+            population.push(max);
+        }
+        let strata = self.config.strata.max(1);
+        let width = (self.range.max - self.range.min) / strata as f64;
+        let mut k = 0;
         while population.len() < self.config.population {
-            population.push(self.draw("random subnet", || self.space.sample_random(&mut rng))?);
+            let (lo, hi) = (
+                self.range.min + width * k as f64,
+                self.range.min + width * (k + 1) as f64,
+            );
+            k = (k + 1) % strata;
+            let in_stratum = (strata > 1).then(|| {
+                (0..self.config.max_tries).find_map(|_| {
+                    let a = self.space.sample_random(&mut rng);
+                    let m = self.space.cost(&a).mmacs;
+                    (m >= lo && m <= hi && self.admissible(&a).unwrap_or(false)).then_some(a)
+                })
+            });
+            // A stratum that rejection sampling cannot reach (a gap of the space) falls back to the whole range.
+            let arch = match in_stratum.flatten() {
+                Some(a) => a,
+                None => self.draw("random subnet", || self.space.sample_random(&mut rng))?,
+            };
+            population.push(arch);
         }
         Ok(SearchState {
             format: STATE_FORMAT.into(),

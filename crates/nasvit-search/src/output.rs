@@ -90,7 +90,7 @@ pub fn write_outputs(dir: &Path, state: &SearchState) -> Result<()> {
 }
 
 /// "Nice" tick values covering `[lo, hi]` (about `n` of them).
-fn ticks(lo: f64, hi: f64, n: usize) -> Vec<f64> {
+pub fn ticks(lo: f64, hi: f64, n: usize) -> Vec<f64> {
     let span = (hi - lo).max(1e-9);
     let raw = span / n.max(1) as f64;
     let mag = 10f64.powf(raw.log10().floor());
@@ -108,7 +108,8 @@ fn ticks(lo: f64, hi: f64, n: usize) -> Vec<f64> {
     out
 }
 
-fn fmt_tick(v: f64) -> String {
+/// A tick label: an integer, or up to two decimals.
+pub fn fmt_tick(v: f64) -> String {
     if (v - v.round()).abs() < 1e-9 {
         format!("{}", v.round() as i64)
     } else {
@@ -117,7 +118,8 @@ fn fmt_tick(v: f64) -> String {
     }
 }
 
-fn escape(s: &str) -> String {
+/// Text escaped for XML and HTML.
+pub fn escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")

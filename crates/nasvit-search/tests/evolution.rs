@@ -376,3 +376,45 @@ fn a_latency_budget_keeps_every_candidate_within_it() {
     .unwrap_err();
     assert!(err.to_string().contains("latency"), "{err}");
 }
+
+#[test]
+fn a_stratified_population_covers_the_whole_range_and_holds_min_and_max() {
+    let space = tiny();
+    let (lo, hi) = (space.cost(&space.min_arch()).mmacs, space.cost(&space.max_arch()).mmacs);
+    let quarter = |m: f64| (((m - lo) / (hi - lo) * 4.0) as usize).min(3);
+    let plain = Evolution::new(&space, small_config(3), None)
+        .expect("config")
+        .init()
+        .expect("init");
+    let strat = Evolution::new(
+        &space,
+        SearchConfig {
+            strata: 4,
+            include_max: true,
+            ..small_config(3)
+        },
+        None,
+    )
+    .expect("config")
+    .init()
+    .expect("init");
+    let count = |pop: &[Arch]| {
+        let mut c = [0usize; 4];
+        for a in pop {
+            c[quarter(space.cost(a).mmacs)] += 1;
+        }
+        c
+    };
+    let (cp, cs) = (count(&plain.population), count(&strat.population));
+    // uniform genes rarely reach the top quarter of the tiny space; the strata give each quarter its share
+    assert!(cs.iter().all(|&n| n >= 5), "stratified quarters {cs:?} (plain {cp:?})");
+    assert!(cs[3] > cp[3], "stratified {cs:?} vs plain {cp:?}");
+    assert_eq!(strat.population[0], space.min_arch());
+    assert_eq!(strat.population[1], space.max_arch());
+    assert_eq!(strat.population.len(), 24);
+    let bad = SearchConfig {
+        strata: 0,
+        ..small_config(3)
+    };
+    assert!(Evolution::new(&space, bad, None).is_err());
+}

@@ -60,6 +60,9 @@ pub struct TrainConfig {
     pub optim: OptimConfig,
     /// Decay of the weight EMA, updated every iteration; evaluation uses the EMA weights.
     pub ema_decay: f64,
+    /// Warm the EMA up as timm does (`min(ema_decay, (1 + t) / (10 + t))` at update t), so that a short run's
+    /// average is not dominated by the initial weights. Off in the released recipe.
+    pub ema_warmup: bool,
     /// Subnets per step: max, min, then `n_subnets - 2` random ones (sandwich rule).
     pub n_subnets: usize,
     pub kd: KdConfig,
@@ -127,6 +130,7 @@ impl Default for TrainConfig {
             max_steps: None,
             optim: OptimConfig::default(),
             ema_decay: crate::ema::DEFAULT_EMA_DECAY,
+            ema_warmup: false,
             n_subnets: 4,
             kd: KdConfig::default(),
             grad_proj: GradProjConfig::default(),

@@ -21,6 +21,17 @@ pub struct ModelEma<M: Module> {
     model: M,
     decay: f64,
     updates: u64,
+    warmup: bool,
+}
+
+/// The decay of update number `updates` (0-based): `decay`, or with the warm-up of timm's EMA (`ModelEmaV3`,
+/// `min(decay, (1 + t) / (10 + t))`) so that a short run's average is not dominated by the initial weights.
+pub fn effective_decay(decay: f64, updates: u64, warmup: bool) -> f64 {
+    if warmup {
+        decay.min((1.0 + updates as f64) / (10.0 + updates as f64))
+    } else {
+        decay
+    }
 }
 
 impl<M: Module> ModelEma<M> {
@@ -30,7 +41,13 @@ impl<M: Module> ModelEma<M> {
             model: model.valid(),
             decay,
             updates: 0,
+            warmup: false,
         }
+    }
+
+    /// With the decay warm-up of [`effective_decay`].
+    pub fn with_warmup(self, warmup: bool) -> Self {
+        Self { warmup, ..self }
     }
 
     /// Resumes from a stored average (e.g. loaded from a checkpoint) and its update count.
@@ -39,6 +56,7 @@ impl<M: Module> ModelEma<M> {
             model: model.valid(),
             decay,
             updates,
+            warmup: false,
         }
     }
 
@@ -49,7 +67,7 @@ impl<M: Module> ModelEma<M> {
         model.visit(&mut collect);
         let mut blend = Blend {
             values: collect.values,
-            decay: self.decay,
+            decay: effective_decay(self.decay, self.updates, self.warmup),
         };
         self.model = self.model.clone().map(&mut blend);
         self.updates += 1;
@@ -161,6 +179,19 @@ mod tests {
             "the average lives on the plain device"
         );
         assert_eq!(ema.model().w.id, model.w.id);
+    }
+
+    #[test]
+    fn warmup_starts_fast_and_reaches_the_decay() {
+        assert_eq!(effective_decay(0.999, 0, true), 0.1);
+        assert_eq!(effective_decay(0.999, 0, false), 0.999);
+        assert!((effective_decay(0.999, 90, true) - 0.91).abs() < 1e-12);
+        assert_eq!(effective_decay(0.99, 10_000, true), 0.99);
+        let device = Device::flex();
+        let mut ema = ModelEma::new(&toy(0.0, 0.0, &device), 0.99).with_warmup(true);
+        ema.update(&toy(1.0, 1.0, &device));
+        // first update: decay 0.1, so 0.9 of the new weights
+        assert!((vals(ema.model().b.val())[0] - 0.9).abs() < 1e-6);
     }
 
     #[test]

@@ -424,7 +424,8 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary, TrainError> {
             )
         }
         (Some(dir), _) => {
-            let r = load_state(dir, &space, &ad, build_optimizer(&cfg))?;
+            let mut r = load_state(dir, &space, &ad, build_optimizer(&cfg))?;
+            r.ema = r.ema.with_warmup(cfg.ema_warmup);
             log(&format!(
                 "resuming {} at step {} (burn engine)",
                 run_dir.display(),
@@ -443,12 +444,13 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary, TrainError> {
         }
         (None, EngineKind::Cpu) => {
             let model = SupernetConfig::new(space.clone()).with_seed(cfg.seed).init(&plain);
-            let eng = CpuTrainer::new(&model, &model.valid(), cfg.ema_decay, 0, cpu_adam(&cfg), threads)?;
+            let mut eng = CpuTrainer::new(&model, &model.valid(), cfg.ema_decay, 0, cpu_adam(&cfg), threads)?;
+            eng.set_ema_warmup(cfg.ema_warmup);
             (Trainer::Cpu { eng, skeleton: model }, 0, 0, 0.0)
         }
         (None, _) => {
             let model = SupernetConfig::new(space.clone()).with_seed(cfg.seed).init(&ad);
-            let ema = ModelEma::new(&model, cfg.ema_decay);
+            let ema = ModelEma::new(&model, cfg.ema_decay).with_warmup(cfg.ema_warmup);
             (
                 Trainer::Burn {
                     model,

@@ -35,6 +35,13 @@ pub struct EvalArgs {
     /// Also write the result as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// `cpu` (nasvit's CPU engine, data-parallel over the threads), `burn` (the burn model) or `auto` (cpu where
+    /// it covers the space).
+    #[arg(long, default_value = "auto")]
+    engine: nasvit_train::EngineKind,
+    /// Threads of the cpu engine (default: RAYON_NUM_THREADS, else all cores).
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
@@ -55,18 +62,22 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let calib = train_loader(&config, sets.train.clone());
     let val_loader = eval_loader(&config, val, config.batch_size, false);
     let limit = args.limit.unwrap_or(usize::MAX);
-    let val_batches = val_loader
-        .epoch(0, 0)
-        .scan(0usize, |seen, b| {
-            (*seen < limit).then(|| {
-                *seen += b.len();
-                b
-            })
+    let val_batches = val_loader.epoch(0, 0).scan(0usize, |seen, b| {
+        (*seen < limit).then(|| {
+            *seen += b.len();
+            b
         })
-        .map(|b| to_eval_batch(b, &device));
-    let calib_batches = calib.epoch(0, 0).map(|b| to_eval_batch(b, &device));
+    });
     let t0 = std::time::Instant::now();
-    let (score, report) = evaluate_subnet(&mut net, &arch, calib_batches, args.calib_batches, val_batches)?;
+    let (score, report) = if super::cpu_eval::use_cpu(args.engine, &space) {
+        let threads = args.threads.unwrap_or_else(nasvit_train::cpu::default_threads);
+        let base = nasvit_train::cpu::CpuNet::from_supernet(&net, threads)?;
+        super::cpu_eval::evaluate(&base, &arch, calib.epoch(0, 0), args.calib_batches, val_batches)?
+    } else {
+        let val_batches = val_batches.map(|b| to_eval_batch(b, &device));
+        let calib_batches = calib.epoch(0, 0).map(|b| to_eval_batch(b, &device));
+        evaluate_subnet(&mut net, &arch, calib_batches, args.calib_batches, val_batches)?
+    };
     let cost = space.cost(&arch);
     println!(
         "top-1 {:.2}%  top-5 {:.2}%  loss {:.4}  on {} images  |  {:.2} MMACs, {:.3} M params  |  BN re-calibrated on {} batches ({} images)  [{:.1} s]",

@@ -39,6 +39,9 @@ pub struct ExportArgs {
     /// Skip writing model.onnx.
     #[arg(long)]
     no_onnx: bool,
+    /// What re-calibrates BN: `cpu` (nasvit's CPU engine), `burn` (the burn model) or `auto`.
+    #[arg(long, default_value = "auto")]
+    engine: nasvit_train::EngineKind,
 }
 
 pub fn run(args: ExportArgs) -> anyhow::Result<()> {
@@ -52,8 +55,19 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
         let config = data_config(data, &space)?;
         let sets = open_datasets(&config).context("opening the data")?;
         let loader = train_loader(&config, sets.train.clone());
-        let batches = loader.epoch(0, 0).map(|b| b.into_tensors(&device).0);
-        let report = net.calibrate_bn(&arch, batches, args.calib_batches)?;
+        let report = if super::cpu_eval::use_cpu(args.engine, &space) {
+            let mut cpu = nasvit_train::cpu::CpuNet::from_supernet(&net, nasvit_train::cpu::default_threads())?;
+            let report = cpu.calibrate_bn(
+                &arch,
+                loader.epoch(0, 0).map(|b| (b.images, b.shape)),
+                args.calib_batches,
+            )?;
+            net = cpu.write_into(net)?;
+            report
+        } else {
+            let batches = loader.epoch(0, 0).map(|b| b.into_tensors(&device).0);
+            net.calibrate_bn(&arch, batches, args.calib_batches)?
+        };
         eprintln!(
             "BN re-calibrated on {} batches ({} images)",
             report.batches, report.images

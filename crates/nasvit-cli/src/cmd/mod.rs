@@ -1,6 +1,7 @@
 pub mod bench;
 pub mod bench_train;
 pub mod conflict;
+pub mod cpu_eval;
 pub mod data;
 pub mod demo;
 pub mod eval;
@@ -8,6 +9,7 @@ pub mod export;
 pub mod flops;
 pub mod import;
 pub mod infer;
+pub mod report;
 pub mod search;
 pub mod space;
 pub mod train;

@@ -10,9 +10,9 @@ use burn::tensor::Device;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use nasvit_model::load_checkpoint;
-use nasvit_search::evolution::{resume, search, Event, SupernetEvaluator};
+use nasvit_search::evolution::{resume, search, Evaluator, Event, FnEvaluator, SupernetEvaluator};
 use nasvit_search::latency::{build_lut, LatencyLut, LutOptions};
-use nasvit_search::{write_outputs, SearchConfig};
+use nasvit_search::{write_outputs, SearchConfig, SearchError};
 use nasvit_train::data::{eval_loader, open_datasets, train_loader};
 
 use super::data::{data_config, to_eval_batch, DATA_HELP};
@@ -25,7 +25,8 @@ pub struct SearchArgs {
     #[arg(long, help = DATA_HELP)]
     data: PathBuf,
     /// Search settings (YAML: population, mutate, crossover, generations, mutate_prob, crossover_prob,
-    /// bucket_step, macs_min, macs_max, latency_max, seed, calib_batches, heldout_per_class, max_tries).
+    /// bucket_step, macs_min, macs_max, latency_max, seed, calib_batches, heldout_per_class, max_tries, strata,
+    /// include_max).
     #[arg(long)]
     config: Option<PathBuf>,
     /// Largest MMACs of a candidate (overrides the config).
@@ -52,6 +53,13 @@ pub struct SearchArgs {
     /// Continue the search saved in OUT/search_state.json.
     #[arg(long)]
     resume: bool,
+    /// What evaluates the candidates: `cpu` (nasvit's CPU engine), `burn` (the burn model) or `auto` (cpu where
+    /// it covers the space).
+    #[arg(long, default_value = "auto")]
+    engine: nasvit_train::EngineKind,
+    /// Threads of the cpu engine (default: RAYON_NUM_THREADS, else all cores).
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 pub fn run(args: SearchArgs) -> anyhow::Result<()> {
@@ -104,17 +112,34 @@ pub fn run(args: SearchArgs) -> anyhow::Result<()> {
     let holdout = sets.holdout.clone().context("no held-out split")?;
     let calib_loader = Arc::new(train_loader(&data, sets.train.clone()));
     let val_loader = Arc::new(eval_loader(&data, holdout, data.batch_size, false));
-    let dev = device.clone();
-    let calib = move || {
-        let dev = dev.clone();
-        calib_loader.epoch(0, 0).map(move |b| to_eval_batch(b, &dev))
+    let mut evaluator: Box<dyn Evaluator> = if super::cpu_eval::use_cpu(args.engine, &space) {
+        let threads = args.threads.unwrap_or_else(nasvit_train::cpu::default_threads);
+        let base = nasvit_train::cpu::CpuNet::from_supernet(&net, threads)?;
+        let calib_batches = cfg.calib_batches;
+        Box::new(FnEvaluator(move |arch: &nasvit_space::Arch| {
+            super::cpu_eval::evaluate(
+                &base,
+                arch,
+                calib_loader.epoch(0, 0),
+                calib_batches,
+                val_loader.epoch(0, 0),
+            )
+            .map(|(score, _)| score)
+            .map_err(|e| SearchError::Evaluator(format!("{e:#}")))
+        }))
+    } else {
+        let dev = device.clone();
+        let calib = move || {
+            let dev = dev.clone();
+            calib_loader.epoch(0, 0).map(move |b| to_eval_batch(b, &dev))
+        };
+        let dev = device.clone();
+        let val = move || {
+            let dev = dev.clone();
+            val_loader.epoch(0, 0).map(move |b| to_eval_batch(b, &dev))
+        };
+        Box::new(SupernetEvaluator::new(net, calib, val, cfg.calib_batches))
     };
-    let dev = device.clone();
-    let val = move || {
-        let dev = dev.clone();
-        val_loader.epoch(0, 0).map(move |b| to_eval_batch(b, &dev))
-    };
-    let mut evaluator = SupernetEvaluator::new(net, calib, val, cfg.calib_batches);
 
     let state_path = args.out.join("search_state.json");
     let generations = cfg.generations;

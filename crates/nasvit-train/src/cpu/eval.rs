@@ -50,6 +50,18 @@ impl CpuNet {
         &self.space
     }
 
+    /// A copy of the weights and statistics (with workers of its own), to re-calibrate for one subnet while this
+    /// one stays as it is.
+    pub fn fork(&self) -> Self {
+        Self::from_parts(
+            self.space.clone(),
+            self.store.clone(),
+            self.idx.clone(),
+            self.values.clone(),
+            self.threads,
+        )
+    }
+
     /// The weights and BN statistics (flat, [`Store`] layout).
     pub fn values(&self) -> &[f32] {
         &self.values

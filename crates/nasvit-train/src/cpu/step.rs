@@ -107,6 +107,7 @@ pub struct CpuTrainer {
     ema: Vec<f32>,
     ema_decay: f64,
     ema_updates: u64,
+    ema_warmup: bool,
     adam: AdamW,
     threads: usize,
     workers: Vec<Worker>,
@@ -164,6 +165,7 @@ impl CpuTrainer {
             ema: ema_values,
             ema_decay,
             ema_updates,
+            ema_warmup: false,
             adam,
             threads: threads.max(1),
             workers: Vec::new(),
@@ -191,6 +193,11 @@ impl CpuTrainer {
 
     pub fn ema_updates(&self) -> u64 {
         self.ema_updates
+    }
+
+    /// With the EMA's decay warm-up (`crate::ema::effective_decay`).
+    pub fn set_ema_warmup(&mut self, warmup: bool) {
+        self.ema_warmup = warmup;
     }
 
     pub fn ema_decay(&self) -> f64 {
@@ -442,7 +449,7 @@ impl CpuTrainer {
         } as f32;
         // pass 2: combine, AdamW, EMA per tensor group
         let adam = self.adam;
-        let decay = self.ema_decay;
+        let decay = crate::ema::effective_decay(self.ema_decay, self.ema_updates, self.ema_warmup);
         let (ed, ed1) = (decay as f32, (1.0 - decay) as f32);
         let lr32 = lr as f32;
         let mut values: Vec<&mut [f32]> = Vec::new();
