@@ -355,7 +355,8 @@ fn sandwich_step_matches_the_burn_step() {
 
     // burn
     let model = start.valid().train().fork(&ad);
-    let mut ema = ModelEma::new(&model, decay);
+    // with the EMA warm-up, so that both engines' warm-up is compared too (decay min(0.9, 1/10) at the first step)
+    let mut ema = ModelEma::new(&model, decay).with_warmup(true);
     let cfg = TrainConfig::default();
     let mut optim = build_optimizer(&cfg);
     let settings = StepSettings { kd, combine };
@@ -391,6 +392,7 @@ fn sandwich_step_matches_the_burn_step() {
     };
     for threads in [1, 2] {
         let mut eng = CpuTrainer::new(&start, &start.valid(), decay, 0, adam, threads).expect("engine");
+        eng.set_ema_warmup(true);
         let r = eng
             .step(
                 &x,
@@ -415,7 +417,13 @@ fn sandwich_step_matches_the_burn_step() {
         }
         let (gn, wn) = (r.sub_grad_norm.expect("norm"), report.sub_grad_norm.expect("norm"));
         assert!((gn - wn).abs() < 1e-3 * wn, "subnet gradient norm {gn} vs {wn}");
-        assert_eq!(r.conflicts, report.conflicts, "conflicting tensors");
+        // a tensor whose two gradients are nearly orthogonal can change the sign of their inner product with the
+        // summation order: the counts may differ by a few
+        let (a, b) = (r.conflicts.expect("count"), report.conflicts.expect("count"));
+        assert!(
+            (a - b).abs() <= 0.03 * report.tensors_both as f64,
+            "conflicting tensors {a} vs {b}"
+        );
         assert_eq!(r.tensors_both, report.tensors_both);
         // Adam's first step moves a weight by about lr whatever the size of its gradient (m / sqrt(v) = g / |g|),
         // so for a gradient near Adam's eps (1e-8) or one that is a cancellation of larger terms, the summation

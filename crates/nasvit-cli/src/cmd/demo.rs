@@ -201,7 +201,8 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         .and_then(|v| v["wall_s"].as_f64())
         .unwrap_or(train_s);
 
-    // 2. Search.
+    // 2. Search. The search, the evaluations and the exports read the data through the training config, so that
+    // they see the training run's preprocessing (no centre crop, its normalisation) and its calibration batches.
     step("2/6 evolutionary search (BN re-calibrated subnets scored on 50 held-out training images per class)");
     let search_dir = out.join("search");
     let search_cfg = out.join("search.yaml");
@@ -221,7 +222,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         "--checkpoint",
         &s(&ckpt),
         "--data",
-        &s(&data),
+        &s(&config_path),
         "--config",
         &s(&search_cfg),
         "--out",
@@ -285,7 +286,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             "--arch",
             &s(&arch_path),
             "--data",
-            &s(&data),
+            &s(&config_path),
             "--calib-batches",
             &calib,
             "--limit",
@@ -305,7 +306,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             "--out",
             &s(&model_dir),
             "--data",
-            &s(&data),
+            &s(&config_path),
             "--calib-batches",
             &calib,
             "--labels",

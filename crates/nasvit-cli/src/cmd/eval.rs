@@ -26,7 +26,7 @@ pub struct EvalArgs {
     /// Training batches for BN re-calibration (the released evaluation uses 64).
     #[arg(long, default_value_t = 64)]
     calib_batches: usize,
-    /// Evaluate at most this many validation images (all by default).
+    /// Evaluate the first N validation images (all by default).
     #[arg(long)]
     limit: Option<usize>,
     /// Batch size (default: the data config's).
@@ -62,9 +62,18 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let calib = train_loader(&config, sets.train.clone());
     let val_loader = eval_loader(&config, val, config.batch_size, false);
     let limit = args.limit.unwrap_or(usize::MAX);
-    let val_batches = val_loader.epoch(0, 0).scan(0usize, |seen, b| {
+    // exactly `limit` images: the last batch is cut
+    let val_batches = val_loader.epoch(0, 0).scan(0usize, |seen, mut b| {
         (*seen < limit).then(|| {
-            *seen += b.len();
+            let keep = b.len().min(limit - *seen);
+            if keep < b.len() {
+                let per = b.images.len() / b.len().max(1);
+                b.images.truncate(keep * per);
+                b.labels.truncate(keep);
+                b.indices.truncate(keep);
+                b.shape[0] = keep;
+            }
+            *seen += keep;
             b
         })
     });

@@ -3,8 +3,9 @@
 //! The supernet's depthwise weight is `[C_max, 1, K, K]` and a subnet uses the first `C` filters and the centre
 //! `k x k` crop ([`pack`] cuts and transposes it to the tap-major `[k k, C]` the kernels read). The forward is the
 //! inference engine's channel-minor kernel (`nhwc::dwconv`); the backward computes the input and the weight
-//! gradient in one pass over the output: for every output pixel and tap, one `C`-wide FMA into `dx` and one into
-//! the tap's weight gradient, both on rows of `C` contiguous values.
+//! gradient in one pass per block of 16 channels and tap: the tap's weight gradient stays in a register while
+//! every output adds its share into `dx` (the output-then-tap order re-read each tap's gradient right after
+//! storing it, a store-to-load chain per tap).
 
 use crate::nhwc;
 use crate::{Act, ConvGeom, Par};
@@ -42,6 +43,104 @@ pub fn forward(x: &[f32], c: usize, g: ConvGeom, wt: &[f32], y: &mut [f32]) {
     nhwc::dwconv(x, c, g, wt, None, y, Act::None, Par { threads: 1 });
 }
 
+/// The outputs `ox` of a row whose tap `kx` reads an input column inside `[0, w)`: `ix = ox s + kx - p`.
+#[inline(always)]
+fn valid_outputs(kx: usize, s: usize, p: usize, w: usize, wo: usize) -> std::ops::Range<usize> {
+    // ox >= ceil((p - kx) / s) when kx < p; ox <= floor((w - 1 + p - kx) / s)
+    let lo = if kx < p { (p - kx).div_ceil(s) } else { 0 };
+    let hi = if w + p > kx {
+        ((w - 1 + p - kx) / s + 1).min(wo)
+    } else {
+        0
+    };
+    lo..hi.max(lo)
+}
+
+/// One block of 16 channels (`c0 .. c0 + 16`): for every tap, the weight gradient is a sum over all outputs
+/// held in a register, and each output adds its tap's share into `dx` (no value of `dx` or `dwt` is
+/// read back right after it was stored, which the loop order output-then-tap did for `dwt`).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn backward_block16(
+    x: &[f32],
+    dy: &[f32],
+    c: usize,
+    c0: usize,
+    g: ConvGeom,
+    wt: &[f32],
+    dx: &mut [f32],
+    dwt: &mut [f32],
+) {
+    let (ho, wo) = g.out();
+    let (k, s, p) = (g.k, g.stride, g.k / 2);
+    for ky in 0..k {
+        for kx in 0..k {
+            let tap = (ky * k + kx) * c + c0;
+            let wv: [f32; 16] = wt[tap..tap + 16].try_into().expect("16 lanes");
+            let mut acc = [0.0f32; 16];
+            let cols = valid_outputs(kx, s, p, g.w, wo);
+            for oy in 0..ho {
+                let iy = (oy * s + ky) as isize - p as isize;
+                if iy < 0 || iy >= g.h as isize {
+                    continue;
+                }
+                let iy = iy as usize;
+                for ox in cols.clone() {
+                    let ix = ox * s + kx - p;
+                    let o = (oy * wo + ox) * c + c0;
+                    let i = (iy * g.w + ix) * c + c0;
+                    let gv: &[f32; 16] = dy[o..o + 16].try_into().expect("16 lanes");
+                    let xv: &[f32; 16] = x[i..i + 16].try_into().expect("16 lanes");
+                    let dv: &mut [f32; 16] = (&mut dx[i..i + 16]).try_into().expect("16 lanes");
+                    for t in 0..16 {
+                        acc[t] += gv[t] * xv[t];
+                        dv[t] += gv[t] * wv[t];
+                    }
+                }
+            }
+            for (d, a) in dwt[tap..tap + 16].iter_mut().zip(acc) {
+                *d += a;
+            }
+        }
+    }
+}
+
+/// The channels `c0 ..` past the last whole block of 16, the same loops on slices.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn backward_rest(x: &[f32], dy: &[f32], c: usize, c0: usize, g: ConvGeom, wt: &[f32], dx: &mut [f32], dwt: &mut [f32]) {
+    let (ho, wo) = g.out();
+    let (k, s, p) = (g.k, g.stride, g.k / 2);
+    let n = c - c0;
+    let mut acc = vec![0.0f32; n];
+    for ky in 0..k {
+        for kx in 0..k {
+            let tap = (ky * k + kx) * c + c0;
+            acc.fill(0.0);
+            let cols = valid_outputs(kx, s, p, g.w, wo);
+            for oy in 0..ho {
+                let iy = (oy * s + ky) as isize - p as isize;
+                if iy < 0 || iy >= g.h as isize {
+                    continue;
+                }
+                let iy = iy as usize;
+                for ox in cols.clone() {
+                    let ix = ox * s + kx - p;
+                    let o = (oy * wo + ox) * c + c0;
+                    let i = (iy * g.w + ix) * c + c0;
+                    for j in 0..n {
+                        acc[j] += dy[o + j] * x[i + j];
+                        dx[i + j] += dy[o + j] * wt[tap + j];
+                    }
+                }
+            }
+            for (d, a) in dwt[tap..tap + n].iter_mut().zip(&acc) {
+                *d += a;
+            }
+        }
+    }
+}
+
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn backward_impl(
@@ -54,34 +153,12 @@ fn backward_impl(
     dwt: &mut [f32],
     _fma: bool,
 ) {
-    let (ho, wo) = g.out();
-    let (h, w, k, s, p) = (g.h as isize, g.w as isize, g.k, g.stride as isize, (g.k / 2) as isize);
-    for oy in 0..ho {
-        for ky in 0..k {
-            let iy = oy as isize * s + ky as isize - p;
-            if iy < 0 || iy >= h {
-                continue;
-            }
-            for ox in 0..wo {
-                let gy = &dy[(oy * wo + ox) * c..(oy * wo + ox + 1) * c];
-                for kx in 0..k {
-                    let ix = ox as isize * s + kx as isize - p;
-                    if ix < 0 || ix >= w {
-                        continue;
-                    }
-                    let at = (iy * w + ix) as usize * c;
-                    let tap = (ky * k + kx) * c;
-                    let xr = &x[at..at + c];
-                    let dxr = &mut dx[at..at + c];
-                    let wr = &wt[tap..tap + c];
-                    let dwr = &mut dwt[tap..tap + c];
-                    for j in 0..c {
-                        dxr[j] += gy[j] * wr[j];
-                        dwr[j] += gy[j] * xr[j];
-                    }
-                }
-            }
-        }
+    let full = c / 16 * 16;
+    for c0 in (0..full).step_by(16) {
+        backward_block16(x, dy, c, c0, g, wt, dx, dwt);
+    }
+    if full < c {
+        backward_rest(x, dy, c, full, g, wt, dx, dwt);
     }
 }
 

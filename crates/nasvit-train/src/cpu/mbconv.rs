@@ -245,11 +245,14 @@ pub fn backward(
 ) -> Option<Buf> {
     let (pin, pout) = (s.hin * s.hin, s.hout * s.hout);
     let (rin, rout) = (b * pin, b * pout);
-    // shortcut: its share of dx first (dout is consumed by the BN backward below)
-    let mut dx = need_dx.then(|| ctx.zeros(rin * s.cin));
+    // shortcut: its share of dx first (dout is consumed by the BN backward below); only the strided shortcut's
+    // pool scatters, so only it needs a zeroed buffer
+    let mut dx = None;
     if s.cin == s.cout && s.stride == 1 {
-        if let Some(dx) = dx.as_mut() {
-            dx.copy_from_slice(&dout);
+        if need_dx {
+            let mut d = ctx.take(rin * s.cin);
+            d.copy_from_slice(&dout);
+            dx = Some(d);
         }
     } else {
         let dxs = match (ix.shortcut, s.cin != s.cout) {
@@ -259,9 +262,10 @@ pub fn backward(
             }
             _ => None,
         };
-        if let Some(dx) = dx.as_mut() {
+        if need_dx {
             let g: &[f32] = dxs.as_deref().unwrap_or(&dout);
             if s.stride > 1 {
+                let mut d = ctx.zeros(rin * s.cin);
                 for i in 0..b {
                     pool::shortcut_backward(
                         &g[i * pout * s.cin..(i + 1) * pout * s.cin],
@@ -269,13 +273,14 @@ pub fn backward(
                         s.hin,
                         s.cin,
                         s.stride,
-                        &mut dx[i * pin * s.cin..(i + 1) * pin * s.cin],
+                        &mut d[i * pin * s.cin..(i + 1) * pin * s.cin],
                     );
                 }
+                dx = Some(d);
             } else {
-                for (d, v) in dx.iter_mut().zip(g.iter()) {
-                    *d += v;
-                }
+                let mut d = ctx.take(rin * s.cin);
+                d.copy_from_slice(g);
+                dx = Some(d);
             }
         }
         if let Some(b) = dxs {

@@ -705,7 +705,8 @@ fn run_worker(
     }
     let mut round = Round::default();
     let classes = weights.store.shapes[weights.idx.classifier.w][0];
-    let mut inputs: Vec<(usize, Vec<f32>)> = Vec::new();
+    // the batch at each resolution the subnets ask for, in arena buffers (fresh vectors page-faulted every step)
+    let mut inputs: Vec<(usize, nasvit_kernels::Buf)> = Vec::new();
     let mut losses = Vec::with_capacity(plans.len());
     let mut bn = Vec::new();
     let mut teacher: Vec<f32> = Vec::new();
@@ -713,17 +714,17 @@ fn run_worker(
     for (k, plan) in plans.iter().enumerate() {
         let res = plan.shape.resolution;
         if !inputs.iter().any(|(r, _)| *r == res) {
-            inputs.push((
+            let mut buf = wk.arena.take(b * res * res * cin);
+            prepare(
+                &images[rows.start * cin * h * w..rows.end * cin * h * w],
+                b,
+                cin,
+                h,
+                w,
                 res,
-                prepare(
-                    &images[rows.start * cin * h * w..rows.end * cin * h * w],
-                    b,
-                    cin,
-                    h,
-                    w,
-                    res,
-                ),
-            ));
+                &mut buf,
+            );
+            inputs.push((res, buf));
         }
         let x = &inputs.iter().find(|(r, _)| *r == res).expect("prepared above").1;
         let mut log = Vec::new();
@@ -789,6 +790,9 @@ fn run_worker(
         losses.push(l);
         bn.push(log);
     }
+    for (_, buf) in inputs {
+        wk.arena.put(buf);
+    }
     WorkerOut {
         losses,
         bn,
@@ -797,9 +801,9 @@ fn run_worker(
     }
 }
 
-/// A worker's images `[b, cin, h, w]` at `res x res` (bicubic, as the model's input resize), channel-minor.
-fn prepare(x: &[f32], b: usize, cin: usize, h: usize, w: usize, res: usize) -> Vec<f32> {
-    let mut out = vec![0.0f32; b * res * res * cin];
+/// A worker's images `[b, cin, h, w]` at `res x res` (bicubic, as the model's input resize), channel-minor, into
+/// `out: [b, res, res, cin]`.
+fn prepare(x: &[f32], b: usize, cin: usize, h: usize, w: usize, res: usize, out: &mut [f32]) {
     for i in 0..b {
         let img = &x[i * cin * h * w..(i + 1) * cin * h * w];
         let planar;
@@ -816,5 +820,4 @@ fn prepare(x: &[f32], b: usize, cin: usize, h: usize, w: usize, res: usize) -> V
             }
         }
     }
-    out
 }
