@@ -24,7 +24,7 @@ pub struct DemoArgs {
     /// Run folder.
     #[arg(long, default_value = "runs/demo")]
     out: PathBuf,
-    /// Supernet training steps (batch 128 of the demo recipe; about 0.6 s each on 2 cores).
+    /// Supernet training steps (batch 64 of the demo recipe; about 0.27 s each on 2 cores).
     #[arg(long, default_value_t = DEMO_STEPS)]
     steps: u64,
     /// Search: generations, and the size of the initial population.
@@ -39,12 +39,12 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 16)]
     calib_batches: usize,
     /// Evaluate the max and min subnets during training every this many steps (the report's curves; 0: at the end).
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 200)]
     eval_every: u64,
 }
 
-/// Training steps of the demo: about 1.3 epochs of Fashion-MNIST at batch 128.
-const DEMO_STEPS: u64 = 600;
+/// Training steps of the demo: about 1.5 epochs of Fashion-MNIST at batch 64.
+const DEMO_STEPS: u64 = 1400;
 /// Test images shown in the report.
 const SAMPLES: usize = 16;
 
