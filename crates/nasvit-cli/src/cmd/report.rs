@@ -76,8 +76,8 @@ fn chart(
     vlines: &[(f64, String)],
     marks: &[Mark],
 ) -> String {
-    let (w, h) = (760.0, 420.0);
-    let (left, right, top, bottom) = (70.0, 190.0, 40.0, 50.0);
+    let (w, h) = (840.0, 420.0);
+    let (left, right, top, bottom) = (70.0, 230.0, 40.0, 50.0);
     let (mut x0, mut x1, mut y0, mut y1) = (f64::INFINITY, f64::NEG_INFINITY, f64::INFINITY, f64::NEG_INFINITY);
     let all = series
         .iter()
