@@ -188,8 +188,9 @@ mod tests {
         assert!((effective_decay(0.999, 90, true) - 0.91).abs() < 1e-12);
         assert_eq!(effective_decay(0.99, 10_000, true), 0.99);
         let device = Device::flex();
-        let mut ema = ModelEma::new(&toy(0.0, 0.0, &device), 0.99).with_warmup(true);
-        ema.update(&toy(1.0, 1.0, &device));
+        let model = toy(0.0, 0.0, &device);
+        let mut ema = ModelEma::new(&model, 0.99).with_warmup(true);
+        ema.update(&set(model, 1.0, 1.0));
         // first update: decay 0.1, so 0.9 of the new weights
         assert!((vals(ema.model().b.val())[0] - 0.9).abs() < 1e-6);
     }

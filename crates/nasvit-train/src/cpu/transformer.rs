@@ -15,7 +15,7 @@ use nasvit_kernels::{Buf, ConvGeom};
 use nasvit_model::blocks::rpb::relative_position_index;
 use nasvit_space::{HEAD_DIM, V_EXPAND};
 
-use super::ctx::{linear_bwd, linear_fwd, Ctx, EPS};
+use super::ctx::{linear_bwd, linear_fwd, Ctx, Weights, EPS};
 use super::params::{LinIdx, MlpIdx, TfIdx};
 
 /// Active options of a layer on a worker's `b` samples of `grid x grid` tokens.
@@ -297,6 +297,19 @@ fn dense_bias(ctx: &Ctx, table: usize, h: usize, side: usize) -> (Vec<f32>, Vec<
     (bias, idx)
 }
 
+/// The talking heads of the attention core: `[h, h]` slices of the `[h_max, h_max]` weights, q scaled by `8^-0.5`.
+fn heads<'a>(w: Weights<'a>, ix: &TfIdx, h: usize) -> Heads<'a> {
+    Heads {
+        h,
+        scale: (HEAD_DIM as f32).powf(-0.5),
+        wl: w.t(ix.proj_l.w),
+        bl: w.t(ix.proj_l.b),
+        ww: w.t(ix.proj_w.w),
+        bw: w.t(ix.proj_w.b),
+        ldh: w.store.shapes[ix.proj_l.w][1],
+    }
+}
+
 /// Forward of `b` samples `t0: [b, N, C]`.
 pub fn forward(ctx: &mut Ctx, ix: &TfIdx, sh: &TfShape, b: usize, t0: Buf) -> (Buf, TfSaved) {
     let (n, c, h) = (sh.tokens(), sh.c, sh.heads());
@@ -318,17 +331,7 @@ pub fn forward(ctx: &mut Ctx, ix: &TfIdx, sh: &TfShape, b: usize, t0: Buf) -> (B
     let mut qm = ctx.take(b * nw * per);
     let mut o = ctx.take(rows * cv);
     {
-        let w = ctx.w;
-        let hmax = w.store.shapes[ix.proj_l.w][1];
-        let hd = Heads {
-            h,
-            scale: (HEAD_DIM as f32).powf(-0.5),
-            wl: w.t(ix.proj_l.w),
-            bl: w.t(ix.proj_l.b),
-            ww: w.t(ix.proj_w.w),
-            bw: w.t(ix.proj_w.b),
-            ldh: hmax,
-        };
+        let hd = heads(ctx.w, ix, h);
         for i in 0..b {
             let (qi, ki) = (&q[i * n * c..(i + 1) * n * c], &k[i * n * c..(i + 1) * n * c]);
             let vi = &v[i * n * cv..(i + 1) * n * cv];
@@ -437,16 +440,7 @@ pub fn backward(ctx: &mut Ctx, ix: &TfIdx, sh: &TfShape, b: usize, sv: TfSaved, 
     let mut dbw = vec![0.0f32; hmax];
     let mut dbias = vec![0.0f32; per];
     {
-        let w = ctx.w;
-        let hd = Heads {
-            h,
-            scale: (HEAD_DIM as f32).powf(-0.5),
-            wl: w.t(ix.proj_l.w),
-            bl: w.t(ix.proj_l.b),
-            ww: w.t(ix.proj_w.w),
-            bw: w.t(ix.proj_w.b),
-            ldh: hmax,
-        };
+        let hd = heads(ctx.w, ix, h);
         let mut g = HeadGrads {
             dwl: &mut dwl,
             dbl: &mut dbl,
