@@ -17,7 +17,7 @@ use nasvit_space::{Arch, SearchSpace};
 
 use crate::error::ModelError;
 use crate::named::{named_shapes, named_tensors, replace_named};
-use crate::supernet::{Supernet, SupernetConfig};
+use crate::supernet::{supernet_floats, Supernet, SupernetConfig};
 
 /// Metadata key of the format version.
 pub const META_FORMAT: &str = "nasvit.format";
@@ -103,6 +103,15 @@ pub fn load_checkpoint(path: &Path, device: &Device) -> Result<Supernet, ModelEr
         .get(META_SPACE)
         .ok_or_else(|| not_ckpt(format!("no `{META_SPACE}` metadata")))?;
     let space = SearchSpace::from_yaml_str(space_json, "checkpoint")?;
+    // The declared space must fit the file before anything is built from it: a small file whose metadata
+    // declares a huge space would otherwise allocate that space's supernet first.
+    let needed = supernet_floats(&space);
+    let held = file_floats(&bytes, path)?;
+    if needed > held {
+        return Err(not_ckpt(format!(
+            "its metadata declares a space whose supernet holds {needed} values, the file holds {held}"
+        )));
+    }
     // The init values are all overwritten: the default seed does.
     let mut net = load_tensors(SupernetConfig::new(space).init(device), &bytes, path)?;
     if let Some(arch_json) = meta.get(META_ARCH) {
@@ -110,6 +119,19 @@ pub fn load_checkpoint(path: &Path, device: &Device) -> Result<Supernet, ModelEr
         net.set_active(&arch)?;
     }
     Ok(net)
+}
+
+/// Number of values of the tensors of a safetensors file (from its header; nothing is converted).
+fn file_floats(bytes: &[u8], path: &Path) -> Result<u128, ModelError> {
+    let st = SafeTensors::deserialize(bytes).map_err(|e| ModelError::Safetensors {
+        path: path.display().to_string(),
+        reason: format!("{e:?}"),
+    })?;
+    Ok(st
+        .tensors()
+        .iter()
+        .map(|(_, v)| v.shape().iter().map(|&d| d as u128).product::<u128>())
+        .sum())
 }
 
 /// The metadata of a safetensors file (empty when it has none).
@@ -122,7 +144,8 @@ pub fn read_metadata(path: &Path) -> Result<HashMap<String, String>, ModelError>
 /// `module.` prefix). Fails with one error listing every missing, unexpected and mis-shaped key.
 pub fn import_official(path: &Path, space: &SearchSpace, device: &Device) -> Result<Supernet, ModelError> {
     let bytes = read(path)?;
-    load_tensors(SupernetConfig::new(space.clone()).init(device), &bytes, path)
+    let net = SupernetConfig::new(space.clone()).try_init(device, crate::supernet::MAX_SUPERNET_FLOATS)?;
+    load_tensors(net, &bytes, path)
 }
 
 /// Keys of a released state dict that the port does not hold.

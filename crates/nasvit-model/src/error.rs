@@ -30,6 +30,8 @@ pub enum ModelError {
     Tensors(String),
     #[error("BN re-calibration: {0}")]
     Calibration(String),
+    #[error("{0}")]
+    TooLarge(String),
     #[error("input has {got} channels, the space needs {expected}")]
     InputChannels { got: usize, expected: usize },
     #[error("input must be square, got {h}x{w}")]

@@ -27,4 +27,4 @@ pub use init::ParamInit;
 pub use named::{named_grads, named_shapes, named_tensors};
 pub use net::{resize_input, Features};
 pub use static_net::StaticNet;
-pub use supernet::{Supernet, SupernetConfig};
+pub use supernet::{supernet_floats, Supernet, SupernetConfig, MAX_SUPERNET_FLOATS};

@@ -25,7 +25,7 @@ use burn::module::Module;
 use burn::tensor::{Device, Tensor};
 
 use nasvit_space::cost::{mid_channels, se_mid};
-use nasvit_space::{Arch, BlockShape, SearchSpace, SubnetShape, HEAD_EXPAND};
+use nasvit_space::{Arch, BlockShape, SearchSpace, SubnetShape, HEAD_DIM, HEAD_EXPAND};
 
 use crate::blocks::mbconv::MbMax;
 use crate::blocks::transformer::{rescale_rows, TfActive, TfMax};
@@ -37,6 +37,66 @@ use crate::head::{Classifier, Head};
 use crate::init::ParamInit;
 use crate::net::{mb_active, Features, NetView};
 use crate::static_net::{StaticNet, StaticState};
+
+/// Values a supernet of `space` holds (parameters and BN running statistics), computed from the space alone, so
+/// that an untrusted space (a checkpoint's metadata, a YAML file) is measured before anything is allocated. It
+/// mirrors [`Supernet::new`]; a test holds the two together on every built-in space.
+pub fn supernet_floats(space: &SearchSpace) -> u128 {
+    let g_max = space.max_grid().max(1) as u128;
+    let table_rows = (2 * g_max - 1) * (2 * g_max - 1);
+    let max_depths = space.max_depths();
+    let rows = rescale_rows(max_depths.iter().copied().max().unwrap_or(1)) as u128;
+    let stem = max_of(&space.stem.widths) as u128;
+    let (ratio, dwconv) = match &space.paper {
+        Some(p) => (max_of(&p.mlp_ratio) as u128, p.mlp_dwconv.contains(&true)),
+        None => (1, false),
+    };
+    let bn = |c: u128| 4 * c;
+    let mut total = stem * space.in_channels as u128 * 9 + bn(stem);
+    let mut cin_max = stem;
+    for (st, &dmax) in space.stages.iter().zip(&max_depths) {
+        let cout = max_of(&st.widths) as u128;
+        let no_expand = max_of(&st.expand_ratios) == 1;
+        let k = max_of(&st.kernels) as u128;
+        for j in 0..dmax {
+            if st.transformer && j > 0 {
+                let (c, h, hidden) = (cout, cout / HEAD_DIM as u128, ratio * cout);
+                let mlp = hidden * c + hidden + c * hidden + c + if dwconv { hidden * 9 } else { 0 };
+                total += 3 * 2 * c // norms
+                    + 2 * (c * c + c) // q, k
+                    + 4 * c * c + 4 * c + 4 * c * 9 // v and its depthwise conv
+                    + c * 4 * c + c // proj
+                    + 2 * (h * h + h) // talking heads
+                    + table_rows * h
+                    + 2 * mlp
+                    + 2 * rows * 8 * c; // switchable scales
+            } else {
+                let cin = if j == 0 { cin_max } else { cout };
+                let cmid = if no_expand {
+                    cin
+                } else {
+                    mid_channels(cin as usize, max_of(&st.expand_ratios)) as u128
+                };
+                if !no_expand {
+                    total += cmid * cin + bn(cmid);
+                }
+                total += cmid * k * k + bn(cmid);
+                if st.se {
+                    let mid = se_mid(cmid as usize) as u128;
+                    total += 2 * mid * cmid + mid + cmid;
+                }
+                total += cout * cmid + bn(cout) + cout * cin; // projection, shortcut conv
+            }
+        }
+        cin_max = cout;
+    }
+    let (expand, head) = (cin_max * HEAD_EXPAND as u128, max_of(&space.head.widths) as u128);
+    total + expand * cin_max + bn(expand) + head * expand + space.num_classes as u128 * (head + 1)
+}
+
+/// The most values a supernet built from a space read from a file may hold (8 GiB of f32): the commands that
+/// build one from a config or a checkpoint refuse larger ones with a clear error instead of exhausting memory.
+pub const MAX_SUPERNET_FLOATS: u128 = 1 << 31;
 
 /// Builds a [`Supernet`] of a search space.
 #[derive(Clone, Debug)]
@@ -53,6 +113,20 @@ impl SupernetConfig {
 
     pub fn with_seed(self, seed: u64) -> Self {
         Self { seed, ..self }
+    }
+
+    /// [`Self::init`] after checking that the supernet's values ([`supernet_floats`]) fit under `max_floats`: a
+    /// space read from a file must not be able to make the program allocate without bound.
+    pub fn try_init(&self, device: &Device, max_floats: u128) -> Result<Supernet, ModelError> {
+        let n = supernet_floats(&self.space);
+        if n > max_floats {
+            return Err(ModelError::TooLarge(format!(
+                "the supernet of space `{}` holds {n} values ({:.1} GiB), more than the {max_floats} allowed",
+                self.space.name,
+                n as f64 * 4.0 / (1u64 << 30) as f64
+            )));
+        }
+        Ok(self.init(device))
     }
 
     /// Random init as PyTorch's defaults (conv/linear `U(+-1/sqrt(fan_in))`, BN 1/0, LN 1/0), the BN gamma after

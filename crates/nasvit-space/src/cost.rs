@@ -161,12 +161,12 @@ impl SubnetShape {
     }
 
     pub fn cost(&self) -> Cost {
-        let mut conv = 0u64;
-        let mut tf = 0u64;
-        let mut params = 0u64;
-        let s0 = self.stem_hout as u64;
-        conv += (self.in_channels * self.stem_out * 9) as u64 * s0 * s0;
-        params += (self.in_channels * self.stem_out * 9 + 2 * self.stem_out) as u64;
+        let mut conv = 0u128;
+        let mut tf = 0u128;
+        let mut params = 0u128;
+        let s0 = self.stem_hout as u128;
+        conv += (self.in_channels * self.stem_out * 9) as u128 * s0 * s0;
+        params += (self.in_channels * self.stem_out * 9 + 2 * self.stem_out) as u128;
         for st in &self.stages {
             for b in &st.blocks {
                 let (m, p, is_tf) = block_cost(b);
@@ -178,26 +178,28 @@ impl SubnetShape {
                 params += p;
             }
         }
-        let hw = (self.head_hw * self.head_hw) as u64;
+        let hw = (self.head_hw * self.head_hw) as u128;
         let (ci, ce, co, nc) = (
-            self.head_in as u64,
-            self.head_expand as u64,
-            self.head_out as u64,
-            self.num_classes as u64,
+            self.head_in as u128,
+            self.head_expand as u128,
+            self.head_out as u128,
+            self.num_classes as u128,
         );
         conv += ci * ce * hw + ce * co + co * nc;
         params += ci * ce + 2 * ce + ce * co + co * nc + nc;
         Cost {
             mmacs: (conv + tf) as f64 / 1e6,
-            params,
+            // u128 sums cannot wrap within the space limits; a count past u64 would not fit any machine
+            params: u64::try_from(params).unwrap_or(u64::MAX),
             conv_mmacs: conv as f64 / 1e6,
             transformer_mmacs: tf as f64 / 1e6,
         }
     }
 }
 
-/// (MACs, params, is a transformer layer) of one block.
-fn block_cost(b: &BlockShape) -> (u64, u64, bool) {
+/// (MACs, params, is a transformer layer) of one block, in u128: a transformer layer's attention terms grow with
+/// the square of its token count, past u64 for the largest grids the space limits allow.
+fn block_cost(b: &BlockShape) -> (u128, u128, bool) {
     match *b {
         BlockShape::MbConv {
             cin,
@@ -210,8 +212,8 @@ fn block_cost(b: &BlockShape) -> (u64, u64, bool) {
             hin,
             hout,
         } => {
-            let (cin, cmid, cout, k) = (cin as u64, cmid as u64, cout as u64, kernel as u64);
-            let (hin2, hout2) = ((hin * hin) as u64, (hout * hout) as u64);
+            let (cin, cmid, cout, k) = (cin as u128, cmid as u128, cout as u128, kernel as u128);
+            let (hin2, hout2) = ((hin * hin) as u128, (hout * hout) as u128);
             let mut macs = 0;
             let mut params = 0;
             if !no_expand {
@@ -221,7 +223,7 @@ fn block_cost(b: &BlockShape) -> (u64, u64, bool) {
             macs += cmid * k * k * hout2;
             params += cmid * k * k + 2 * cmid;
             if let Some(mid) = se_mid {
-                let mid = mid as u64;
+                let mid = mid as u128;
                 macs += 2 * cmid * mid;
                 params += 2 * cmid * mid + mid + cmid;
             }
@@ -241,15 +243,15 @@ fn block_cost(b: &BlockShape) -> (u64, u64, bool) {
             mlp_ratio,
             mlp_dwconv,
         } => {
-            let (c, h, r) = (c as u64, heads as u64, mlp_ratio as u64);
-            let n = (grid * grid) as u64;
-            let nw = n / windows as u64;
-            let dw = u64::from(mlp_dwconv);
-            let v = V_EXPAND as u64;
+            let (c, h, r) = (c as u128, heads as u128, mlp_ratio as u128);
+            let n = (grid * grid) as u128;
+            let nw = n / windows as u128;
+            let dw = u128::from(mlp_dwconv);
+            let v = V_EXPAND as u128;
             let per_token = 2 * c * c + 2 * v * c * c + 4 * r * c * c + v * c * 9 + dw * 2 * 9 * r * c;
             let macs = n * per_token + (1 + v) * n * nw * c + 2 * h * h * n * nw;
             // Relative position rows for the offsets inside one window (or the whole map).
-            let side = if windows == 4 { grid / 2 } else { grid } as u64;
+            let side = if windows == 4 { grid / 2 } else { grid } as u128;
             let rpb_rows = (2 * side - 1) * (2 * side - 1);
             let params = 3 * 2 * c                    // norm1..3
                 + 2 * (c * c + c)                       // q, k

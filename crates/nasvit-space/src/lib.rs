@@ -14,4 +14,6 @@ pub use arch::Arch;
 pub use cost::{BlockShape, Cost, StageShape, SubnetShape};
 pub use error::{ArchError, SpaceError};
 pub use sample::{MacsRange, NoArchInRange};
-pub use space::{make_divisible, PaperSpace, SearchSpace, StageSpace, BUILTIN, HEAD_DIM, HEAD_EXPAND, V_EXPAND};
+pub use space::{
+    limits, make_divisible, PaperSpace, SearchSpace, StageSpace, BUILTIN, HEAD_DIM, HEAD_EXPAND, V_EXPAND,
+};

@@ -19,6 +19,21 @@ pub const V_EXPAND: usize = 4;
 /// Expansion of the head's first 1x1 conv (`last_conv.final_expand_layer`).
 pub const HEAD_EXPAND: usize = 6;
 
+/// The largest values a space may declare (checked when a space is read). Beyond them no supernet fits in memory;
+/// within them every size and product of the cost model stays far inside its integer types.
+pub mod limits {
+    pub const RESOLUTION: usize = 2048;
+    /// Widths of the stem, the stages and the head.
+    pub const WIDTH: usize = 8192;
+    pub const DEPTH: usize = 64;
+    pub const KERNEL: usize = 15;
+    pub const EXPAND_RATIO: usize = 16;
+    pub const STAGES: usize = 16;
+    pub const CLASSES: usize = 1_000_000;
+    pub const IN_CHANNELS: usize = 64;
+    pub const MLP_RATIO: usize = 16;
+}
+
 /// Names of the built-in spaces, for `--help` texts and errors.
 pub const BUILTIN: [&str; 3] = ["official", "paper", "tiny"];
 
@@ -255,10 +270,30 @@ impl SearchSpace {
             }
             Ok(())
         }
+        fn at_most(field: &str, v: &[usize], max: usize) -> Result<(), SpaceError> {
+            match v.iter().find(|&&x| x > max) {
+                Some(x) => Err(SpaceError::Invalid {
+                    field: field.into(),
+                    reason: format!("{x} is above the largest allowed value {max}"),
+                }),
+                None => Ok(()),
+            }
+        }
         let invalid = |field: String, reason: String| Err(SpaceError::Invalid { field, reason });
         list("resolutions", &self.resolutions)?;
         list("stages.first_conv.c", &self.stem.widths)?;
         list("stages.last_conv.c", &self.head.widths)?;
+        at_most("resolutions", &self.resolutions, limits::RESOLUTION)?;
+        at_most("stages.first_conv.c", &self.stem.widths, limits::WIDTH)?;
+        at_most("stages.last_conv.c", &self.head.widths, limits::WIDTH)?;
+        at_most("num_classes", &[self.num_classes], limits::CLASSES)?;
+        at_most("in_channels", &[self.in_channels], limits::IN_CHANNELS)?;
+        if self.stages.len() > limits::STAGES {
+            return invalid(
+                "stages".into(),
+                format!("{} stages, at most {} allowed", self.stages.len(), limits::STAGES),
+            );
+        }
         if self.in_channels == 0 || self.num_classes == 0 {
             return invalid(
                 "num_classes".into(),
@@ -277,6 +312,10 @@ impl SearchSpace {
             list(&f("d"), &st.depths)?;
             list(&f("k"), &st.kernels)?;
             list(&f("t"), &st.expand_ratios)?;
+            at_most(&f("c"), &st.widths, limits::WIDTH)?;
+            at_most(&f("d"), &st.depths, limits::DEPTH)?;
+            at_most(&f("k"), &st.kernels, limits::KERNEL)?;
+            at_most(&f("t"), &st.expand_ratios, limits::EXPAND_RATIO)?;
             if let Some(k) = st.kernels.iter().find(|k| *k % 2 == 0) {
                 return invalid(f("k"), format!("kernel {k} is even; kernels must be odd"));
             }
@@ -298,6 +337,7 @@ impl SearchSpace {
         if let Some(p) = &self.paper {
             list("paper.windows", &p.windows)?;
             list("paper.mlp_ratio", &p.mlp_ratio)?;
+            at_most("paper.mlp_ratio", &p.mlp_ratio, limits::MLP_RATIO)?;
             if let Some(w) = p.windows.iter().find(|w| **w != 1 && **w != 4) {
                 return invalid("paper.windows".into(), format!("{w} windows (allowed 1 or 4)"));
             }

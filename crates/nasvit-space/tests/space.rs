@@ -312,3 +312,46 @@ proptest! {
         prop_assert!(range.contains(space.cost(&x).mmacs));
     }
 }
+
+/// Declared sizes past the documented limits are refused with the field named; at the limits the cost model does
+/// not overflow (it once wrapped to a params count of 4154755379353558774 for `resolutions: [1e12]`).
+#[test]
+fn sizes_past_the_limits_are_refused_and_the_cost_of_the_largest_space_does_not_wrap() {
+    let tiny = include_str!("../spaces/tiny.yaml");
+    for (from, to, field) in [
+        (
+            "resolutions: [24, 28, 32]",
+            "resolutions: [24, 28, 1000000000000]",
+            "resolutions",
+        ),
+        (
+            "d: [1, 2], k: [3, 5], t: [1]",
+            "d: [1, 1000000000], k: [3, 5], t: [1]",
+            "stages.mb1.d",
+        ),
+        ("mb5: { c: [40, 48]", "mb5: { c: [40, 100000]", "stages.mb5.c"),
+        ("num_classes: 10", "num_classes: 1000000000", "num_classes"),
+        (
+            "last_conv: { c: [128, 192] }",
+            "last_conv: { c: [128, 9999999] }",
+            "stages.last_conv.c",
+        ),
+    ] {
+        assert!(tiny.contains(from), "{from}");
+        let err = SearchSpace::from_yaml_str(&tiny.replace(from, to), "t").expect_err(to);
+        let msg = err.to_string();
+        assert!(msg.contains(field) && msg.contains("largest allowed"), "{to}: {msg}");
+    }
+    // every limit at once, every stride 1: the largest token grid and widths the limits allow
+    let w = nasvit_space::limits::WIDTH;
+    let r = nasvit_space::limits::RESOLUTION;
+    let mut yaml = format!("name: huge\nnum_classes: 1000\nresolutions: [{r}]\ntransformer_from: 2\nstages:\n  first_conv: {{ c: [{w}], s: 1 }}\n");
+    for i in 1..=3 {
+        yaml += &format!("  mb{i}: {{ c: [{w}], d: [2], k: [15], t: [16], s: 1, se: true }}\n");
+    }
+    yaml += &format!("  last_conv: {{ c: [{w}] }}\n");
+    let space = SearchSpace::from_yaml_str(&yaml, "huge").expect("within the limits");
+    let cost = space.cost(&space.max_arch());
+    assert!(cost.mmacs.is_finite() && cost.mmacs > 1e12, "{}", cost.mmacs);
+    assert!(cost.params > 1_000_000_000, "{}", cost.params);
+}

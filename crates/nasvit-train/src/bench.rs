@@ -5,7 +5,7 @@
 use std::time::Instant;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use nasvit_model::SupernetConfig;
+use nasvit_model::{SupernetConfig, MAX_SUPERNET_FLOATS};
 use nasvit_space::SearchSpace;
 
 use crate::config::EngineKind;
@@ -86,7 +86,9 @@ pub fn bench_train(o: &BenchTrainOptions, mut on_step: impl FnMut(usize, f64)) -
     match engine {
         EngineKind::Burn => {
             let ad = Device::flex().autodiff();
-            let mut model = SupernetConfig::new(space.clone()).with_seed(o.seed).init(&ad);
+            let mut model = SupernetConfig::new(space.clone())
+                .with_seed(o.seed)
+                .try_init(&ad, MAX_SUPERNET_FLOATS)?;
             let mut ema = ModelEma::new(&model, cfg.ema_decay);
             let mut optim = build_optimizer(&cfg);
             let settings = StepSettings { kd, combine };
@@ -112,7 +114,7 @@ pub fn bench_train(o: &BenchTrainOptions, mut on_step: impl FnMut(usize, f64)) -
         _ => {
             let model = SupernetConfig::new(space.clone())
                 .with_seed(o.seed)
-                .init(&Device::flex());
+                .try_init(&Device::flex(), MAX_SUPERNET_FLOATS)?;
             let mut eng = CpuTrainer::new(&model, &model, cfg.ema_decay, 0, cpu_adam(&cfg), o.threads)?;
             drop(model);
             let target = CpuTarget::Labels {

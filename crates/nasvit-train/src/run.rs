@@ -22,7 +22,7 @@ use std::time::Instant;
 use burn::module::Module;
 use burn::optim::{AdamWConfig, ModuleOptimizer};
 use burn::tensor::Device;
-use nasvit_model::{ModelError, Supernet, SupernetConfig};
+use nasvit_model::{ModelError, Supernet, SupernetConfig, MAX_SUPERNET_FLOATS};
 use nasvit_space::{Arch, SearchSpace};
 use serde_json::{json, Value};
 
@@ -443,13 +443,17 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary, TrainError> {
             )
         }
         (None, EngineKind::Cpu) => {
-            let model = SupernetConfig::new(space.clone()).with_seed(cfg.seed).init(&plain);
+            let model = SupernetConfig::new(space.clone())
+                .with_seed(cfg.seed)
+                .try_init(&plain, MAX_SUPERNET_FLOATS)?;
             let mut eng = CpuTrainer::new(&model, &model.valid(), cfg.ema_decay, 0, cpu_adam(&cfg), threads)?;
             eng.set_ema_warmup(cfg.ema_warmup);
             (Trainer::Cpu { eng, skeleton: model }, 0, 0, 0.0)
         }
         (None, _) => {
-            let model = SupernetConfig::new(space.clone()).with_seed(cfg.seed).init(&ad);
+            let model = SupernetConfig::new(space.clone())
+                .with_seed(cfg.seed)
+                .try_init(&ad, MAX_SUPERNET_FLOATS)?;
             let ema = ModelEma::new(&model, cfg.ema_decay).with_warmup(cfg.ema_warmup);
             (
                 Trainer::Burn {
