@@ -38,6 +38,9 @@ pub struct Preprocess {
     pub in_channels: usize,
 }
 
+/// The largest resize / crop side a model folder may declare.
+pub const MAX_SIDE: usize = 4096;
+
 impl Preprocess {
     /// The released evaluation pipeline: resize 256, centre crop 224, ImageNet mean/std (grey: their averages).
     pub fn default_for(space: &SearchSpace, arch: &Arch) -> Self {
@@ -548,6 +551,18 @@ impl ExportedModel {
                 space.in_channels,
                 p.mean.len(),
                 p.std.len()
+            )));
+        }
+        if p.mean.iter().any(|m| !m.is_finite()) || p.std.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
+            return Err(meta_err(format!(
+                "preprocess: mean {:?} and std {:?} must be finite, std positive",
+                p.mean, p.std
+            )));
+        }
+        if p.resize == 0 || p.crop == 0 || p.resize > MAX_SIDE || p.crop > MAX_SIDE {
+            return Err(meta_err(format!(
+                "preprocess: resize {} and crop {} must be in 1..={MAX_SIDE}",
+                p.resize, p.crop
             )));
         }
         let st = dir.join("model.safetensors");

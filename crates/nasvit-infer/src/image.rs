@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 
 use image::imageops::FilterType;
-use image::{DynamicImage, GenericImageView};
+use image::{DynamicImage, GenericImageView, ImageReader, Limits};
 
 use crate::engine::Engine;
 use crate::error::{InferError, Result};
@@ -33,8 +33,18 @@ fn img_err(path: &Path, reason: impl std::fmt::Display) -> InferError {
     }
 }
 
+/// The largest image side the decoder accepts, and its memory budget: a small compressed file can declare a huge
+/// image.
+pub const MAX_IMAGE_SIDE: u32 = 16_384;
+pub const MAX_DECODE_BYTES: u64 = 512 << 20;
+/// The most pixels the shorter-side resize may produce, and the most elongated image it accepts (the long side is
+/// scaled with the short one: a 1 x 400 000 image resized to a short side of 256 would be 100 M pixels).
+pub const MAX_RESIZED_PIXELS: u64 = 16 << 20;
+pub const MAX_ASPECT: u32 = 32;
+
 /// Decodes an image file. Truncated or corrupt files give an error naming the file; a panicking decoder is
-/// caught and reported the same way.
+/// caught and reported the same way; images past [`MAX_IMAGE_SIDE`] or [`MAX_DECODE_BYTES`] are refused before
+/// they are decoded.
 pub fn decode(path: &Path) -> Result<DynamicImage> {
     let bytes = std::fs::read(path).map_err(|e| img_err(path, e))?;
     let fmt = image::guess_format(&bytes).map_err(|e| img_err(path, format!("unknown image format: {e}")))?;
@@ -42,7 +52,15 @@ pub fn decode(path: &Path) -> Result<DynamicImage> {
         // Some JPEG decoders fill a truncated scan with grey and succeed; refuse it rather than classify it.
         return Err(img_err(path, "truncated JPEG (no end-of-image marker)"));
     }
-    let decoded = std::panic::catch_unwind(|| image::load_from_memory_with_format(&bytes, fmt));
+    let decoded = std::panic::catch_unwind(|| {
+        let mut reader = ImageReader::with_format(std::io::Cursor::new(&bytes), fmt);
+        let mut limits = Limits::default();
+        limits.max_image_width = Some(MAX_IMAGE_SIDE);
+        limits.max_image_height = Some(MAX_IMAGE_SIDE);
+        limits.max_alloc = Some(MAX_DECODE_BYTES);
+        reader.limits(limits);
+        reader.decode()
+    });
     match decoded {
         Ok(Ok(img)) => Ok(img),
         Ok(Err(e)) => Err(img_err(path, format!("cannot decode: {e}"))),
@@ -56,15 +74,27 @@ fn jpeg_has_end(bytes: &[u8]) -> bool {
     tail.windows(2).any(|w| w == [0xFF, 0xD9])
 }
 
-/// Applies `pre` to a decoded image: `[C, crop, crop]` normalised floats.
-pub fn preprocess(img: &DynamicImage, pre: &Preprocess) -> Vec<f32> {
+/// Applies `pre` to a decoded image: `[C, crop, crop]` normalised floats. Images more elongated than
+/// [`MAX_ASPECT`], or whose resize would exceed [`MAX_RESIZED_PIXELS`], are refused.
+pub fn preprocess(img: &DynamicImage, pre: &Preprocess) -> std::result::Result<Vec<f32>, String> {
     let (w, h) = img.dimensions();
-    let short = w.min(h).max(1) as f32;
-    let scale = pre.resize as f32 / short;
+    let (short, long) = (w.min(h).max(1), w.max(h));
+    if long > short.saturating_mul(MAX_ASPECT) {
+        return Err(format!(
+            "{w}x{h} pixels: more elongated than 1:{MAX_ASPECT}, which the centre crop of the model's preprocessing \
+             cannot represent"
+        ));
+    }
+    let scale = pre.resize as f32 / short as f32;
     let (nw, nh) = (
         ((w as f32 * scale).round() as u32).max(1),
         ((h as f32 * scale).round() as u32).max(1),
     );
+    if nw as u64 * nh as u64 > MAX_RESIZED_PIXELS {
+        return Err(format!(
+            "{w}x{h} pixels resized to {nw}x{nh}: more than {MAX_RESIZED_PIXELS} pixels"
+        ));
+    }
     let c = pre.in_channels;
     let planes: Vec<Vec<f32>> = if c == 3 {
         let rgb = image::imageops::resize(&img.to_rgb8(), nw, nh, FilterType::Triangle);
@@ -94,13 +124,13 @@ pub fn preprocess(img: &DynamicImage, pre: &Preprocess) -> Vec<f32> {
             }
         }
     }
-    out
+    Ok(out)
 }
 
 /// Decodes and preprocesses one file: `[1, C, crop, crop]`.
 pub fn load_image(path: &Path, pre: &Preprocess) -> Result<Tensor> {
     let img = decode(path)?;
-    let data = preprocess(&img, pre);
+    let data = preprocess(&img, pre).map_err(|e| img_err(path, e))?;
     Ok(Tensor::new(vec![1, pre.in_channels, pre.crop, pre.crop], data))
 }
 
@@ -129,6 +159,9 @@ pub fn classify(engine: &Engine, paths: &[PathBuf], k: usize) -> Vec<Result<Vec<
         .map(|p| {
             let x = load_image(p, &engine.preprocess)?;
             let logits = engine.run(&x)?;
+            if logits.data.iter().any(|v| !v.is_finite()) {
+                return Err(img_err(p, "the model produced a non-finite logit"));
+            }
             Ok(top_k(&logits.data, &engine.labels, k))
         })
         .collect()
