@@ -53,6 +53,10 @@ pub struct SearchConfig {
     pub strata: usize,
     /// The max subnet joins the initial population (the released search starts from the min subnet only).
     pub include_max: bool,
+    /// Content hash of the supernet checkpoint the search scores (`nasvit search` sets it): a resume with another
+    /// checkpoint is refused, so one front never mixes the scores of two supernets.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<String>,
 }
 
 impl Default for SearchConfig {
@@ -76,6 +80,7 @@ impl Default for SearchConfig {
             max_tries: 10_000,
             strata: 1,
             include_max: false,
+            checkpoint: None,
         }
     }
 }

@@ -498,6 +498,21 @@ pub fn resume<E: Evaluator>(
             space: space.name.clone(),
         });
     }
+    if let (Some(saved), Some(now)) = (
+        &state.config.checkpoint,
+        config.as_ref().and_then(|c| c.checkpoint.as_ref()),
+    ) {
+        if saved != now {
+            return Err(SearchError::Config {
+                field: "checkpoint".into(),
+                reason: format!(
+                    "the search in {} scored another checkpoint (content hash {saved}, this one {now}); resuming it \
+                     would mix the scores of two supernets in one front: search into a new folder",
+                    state_path.display()
+                ),
+            });
+        }
+    }
     let config = config.unwrap_or_else(|| state.config.clone());
     let evo = Evolution::new(space, config, lut)?;
     evo.run(state, evaluator, Some(state_path), on_event)

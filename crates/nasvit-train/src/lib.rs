@@ -6,6 +6,7 @@
 //! | [`grad_proj`] | supernet/subnet gradient combination (clip + projection), cosines, conflict table |
 //! | [`schedule`] | per-iteration warm-up + cosine learning rate |
 //! | [`ema`] | exponential moving average of a module's weights |
+//! | [`fsio`] | one writer per output folder (OS lock), atomic files and folders |
 //! | [`config`] | the training config (YAML) with the released recipe as defaults |
 //! | [`data`] | IDX and image-folder readers, transforms, a seeded parallel loader, held-out split |
 //! | [`sandwich`] | one training step: sandwich of subnets, in-place KD, gradient combination, AdamW, EMA |
@@ -24,6 +25,7 @@ pub mod cpu;
 pub mod data;
 pub mod distill;
 pub mod ema;
+pub mod fsio;
 pub mod grad_proj;
 pub mod run;
 pub mod sandwich;

@@ -80,6 +80,8 @@ pub enum TrainError {
     State(#[from] StateError),
     #[error(transparent)]
     Teacher(#[from] TeacherError),
+    #[error(transparent)]
+    Fs(#[from] crate::fsio::FsError),
     #[error("{path}: {reason}")]
     Io { path: String, reason: String },
     #[error("{0}")]
@@ -290,13 +292,14 @@ pub fn top1_cpu(
 pub fn run(opts: &RunOptions) -> Result<RunSummary, TrainError> {
     let started = Instant::now();
     // --- config and run folder
-    let (cfg, space, run_dir, resume_from) = match &opts.resume {
+    let (cfg, space, run_dir, resume_from, _lock) = match &opts.resume {
         Some(dir) => {
             let cfg_path = dir.join("config.yaml");
             let (mut cfg, _) = load_config(&cfg_path)?;
             if let Some(m) = opts.max_steps {
                 cfg.max_steps = Some(m);
             }
+            let lock = crate::fsio::lock_dir(dir, "train")?;
             let last = resolve_last(dir)
                 .ok_or_else(|| TrainError::Usage(format!("{}: no `last` checkpoint to resume from", dir.display())))?;
             if let Some(p) = &opts.config {
@@ -316,7 +319,7 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary, TrainError> {
                 }
             }
             let space = space_of(&cfg)?;
-            (cfg, space, dir.clone(), Some(last))
+            (cfg, space, dir.clone(), Some(last), lock)
         }
         None => {
             let path = opts
@@ -329,6 +332,9 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary, TrainError> {
             }
             let dir = opts.out.clone().unwrap_or_else(|| cfg.output_dir.clone());
             cfg.output_dir = dir.clone();
+            // One writer: the lock is taken before the folder is looked at, so two runs started together cannot
+            // both find it empty.
+            let lock = crate::fsio::lock_dir(&dir, "train")?;
             if dir.join(state::LAST).exists() || dir.join("metrics.jsonl").exists() {
                 return Err(TrainError::Usage(format!(
                     "{} already holds a run; continue it with --resume {} or choose another --out",
@@ -336,12 +342,13 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary, TrainError> {
                     dir.display()
                 )));
             }
-            std::fs::create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
-            let yaml = dir.join("config.yaml");
-            std::fs::write(&yaml, cfg.to_yaml()).map_err(|e| io_err(&yaml, e))?;
-            (cfg, space, dir, None)
+            crate::fsio::write_atomic(&dir.join("config.yaml"), cfg.to_yaml().as_bytes())?;
+            (cfg, space, dir, None, lock)
         }
     };
+    // the temporary leftovers of a killed writer (checkpoint folders, the `last` link) go, with the lock held
+    crate::fsio::remove_stale_temps(&run_dir);
+    crate::fsio::remove_stale_temps(&run_dir.join(state::CHECKPOINTS));
     let log = |msg: &str| {
         if !opts.quiet {
             eprintln!("{msg}");

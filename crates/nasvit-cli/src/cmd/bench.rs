@@ -30,6 +30,7 @@ pub struct BenchArgs {
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.iters > 0, "--iters must be at least 1");
     let engine = Engine::load(
         &args.model,
         EngineOptions {
@@ -42,7 +43,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         &engine,
         &BenchOptions {
             warmup: args.warmup,
-            iters: args.iters.max(1),
+            iters: args.iters,
         },
     )?;
     let runs = r.iters as f64;

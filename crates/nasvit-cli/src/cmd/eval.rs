@@ -45,6 +45,9 @@ pub struct EvalArgs {
 }
 
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.batch_size != Some(0), "--batch-size must be at least 1");
+    anyhow::ensure!(args.threads != Some(0), "--threads must be at least 1");
+    anyhow::ensure!(args.calib_batches > 0, "--calib-batches must be at least 1");
     let device = Device::flex();
     let mut net =
         load_checkpoint(&args.checkpoint, &device).with_context(|| format!("loading {}", args.checkpoint.display()))?;

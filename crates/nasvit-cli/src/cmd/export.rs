@@ -51,6 +51,12 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
     let space = net.space().clone();
     let arch = Arch::resolve(&args.arch, &space)?;
     let mut preprocess = Preprocess::default_for(&space, &arch);
+    if args.data.is_none() {
+        eprintln!(
+            "warning: no --data: BN statistics are not re-calibrated for this subnet (the supernet's mix over subnets \
+             is exported, which usually costs accuracy) and the preprocessing is the released default"
+        );
+    }
     if let Some(data) = &args.data {
         let config = data_config(data, &space)?;
         let sets = open_datasets(&config).context("opening the data")?;
@@ -110,10 +116,26 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
         );
         model.labels = labels;
     }
-    model.save(&args.out)?;
-    if !args.no_onnx {
-        nasvit_infer::onnx::save_onnx(&model, &args.out.join("model.onnx"))?;
-    }
+    // One writer per model folder, and the folder is replaced whole: written beside the old one and swapped in
+    // only when complete, so a failure keeps the old model and no file of it (an old model.onnx) survives.
+    let name = args
+        .out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let parent = args
+        .out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let _lock = nasvit_train::fsio::lock(&parent.join(format!(".{name}.lock")), "export")?;
+    nasvit_train::fsio::replace_dir(&args.out, |tmp| -> anyhow::Result<()> {
+        model.save(tmp)?;
+        if !args.no_onnx {
+            nasvit_infer::onnx::save_onnx(&model, &tmp.join("model.onnx"))?;
+        }
+        Ok(())
+    })?;
     let cost = space.cost(&arch);
     println!(
         "exported {:.2} MMACs / {:.3} M params subnet (resolution {}) to {}",

@@ -53,6 +53,9 @@ pub struct SearchArgs {
     /// Continue the search saved in OUT/search_state.json.
     #[arg(long)]
     resume: bool,
+    /// Replace a search already in OUT (without it, an OUT holding a search is refused: continue it with --resume).
+    #[arg(long, conflicts_with = "resume")]
+    overwrite: bool,
     /// What evaluates the candidates: `cpu` (nasvit's CPU engine), `burn` (the burn model) or `auto` (cpu where
     /// it covers the space).
     #[arg(long, default_value = "auto")]
@@ -87,6 +90,17 @@ pub fn run(args: SearchArgs) -> anyhow::Result<()> {
         cfg.population = p;
     }
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    let _lock = nasvit_train::fsio::lock_dir(&args.out, "search")?;
+    nasvit_train::fsio::remove_stale_temps(&args.out);
+    let state_path = args.out.join("search_state.json");
+    if state_path.exists() && !args.resume && !args.overwrite {
+        anyhow::bail!(
+            "{} already holds a search; continue it with --resume, replace it with --overwrite, or choose another --out",
+            args.out.display()
+        );
+    }
+    // the checkpoint's content hash goes into the state: --resume with another checkpoint is refused
+    cfg.checkpoint = Some(content_hash(&args.checkpoint)?);
 
     let lut = match (&args.lut, cfg.latency_max) {
         (Some(p), _) => Some(LatencyLut::load(p)?),
@@ -141,7 +155,6 @@ pub fn run(args: SearchArgs) -> anyhow::Result<()> {
         Box::new(SupernetEvaluator::new(net, calib, val, cfg.calib_batches))
     };
 
-    let state_path = args.out.join("search_state.json");
     let generations = cfg.generations;
     let bar = bar(0, "");
     let mut on_event = |e: Event<'_>| match e {
@@ -220,6 +233,17 @@ pub fn run(args: SearchArgs) -> anyhow::Result<()> {
         args.out.join("pareto.svg").display()
     );
     Ok(())
+}
+
+/// FNV-1a (64 bit) of a file's bytes, as hex: enough to tell two checkpoints apart.
+pub fn content_hash(path: &std::path::Path) -> anyhow::Result<String> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in &bytes {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    Ok(format!("{h:016x}"))
 }
 
 /// A progress bar on stderr (hidden when stderr is not a terminal).

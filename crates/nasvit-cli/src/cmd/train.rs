@@ -56,6 +56,7 @@ pub struct TrainArgs {
 }
 
 pub fn run_cmd(args: TrainArgs) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(args.threads != Some(0), "--threads must be at least 1");
     let opts = RunOptions {
         config: args.config,
         max_steps: args.max_steps,
