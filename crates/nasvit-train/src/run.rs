@@ -288,6 +288,58 @@ pub fn top1_cpu(
     ))
 }
 
+/// The message for a run folder whose `last` is missing or broken: the newest intact checkpoint and how to resume
+/// from it.
+fn no_last(dir: &Path) -> String {
+    let ckpts = dir.join(state::CHECKPOINTS);
+    let mut steps: Vec<PathBuf> = std::fs::read_dir(&ckpts)
+        .map(|r| r.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    steps.retain(|p| {
+        p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("step-"))
+            && state::read_meta(p).is_ok()
+            && p.join(state::STATE_FILE).is_file()
+    });
+    steps.sort();
+    match steps.last() {
+        Some(newest) => {
+            let rel = newest.strip_prefix(dir).unwrap_or(newest);
+            format!(
+                "{}: `last` is missing or broken; the newest intact checkpoint is {}: point `last` at it \
+                 (`ln -sfn {} {}`) and resume again",
+                dir.display(),
+                newest.display(),
+                rel.display(),
+                dir.join(state::LAST).display()
+            )
+        }
+        None => format!("{}: no checkpoint to resume from", dir.display()),
+    }
+}
+
+/// Keeps the lines of `metrics.jsonl` up to `step` (and those without a step): after a resume from the checkpoint
+/// of `step`, the steps after it are trained again and would otherwise be logged twice.
+fn truncate_metrics(path: &Path, step: u64) -> Result<(), TrainError> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_none_or(|s| s <= step)
+        })
+        .collect();
+    let mut out = kept.join("\n");
+    if !out.is_empty() {
+        out.push('\n');
+    }
+    crate::fsio::write_atomic(path, out.as_bytes())?;
+    Ok(())
+}
+
 /// Runs (or resumes) a training run.
 pub fn run(opts: &RunOptions) -> Result<RunSummary, TrainError> {
     let started = Instant::now();
@@ -300,8 +352,10 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary, TrainError> {
                 cfg.max_steps = Some(m);
             }
             let lock = crate::fsio::lock_dir(dir, "train")?;
-            let last = resolve_last(dir)
-                .ok_or_else(|| TrainError::Usage(format!("{}: no `last` checkpoint to resume from", dir.display())))?;
+            let last = match resolve_last(dir).filter(|l| state::read_meta(l).is_ok()) {
+                Some(l) => l,
+                None => return Err(TrainError::Usage(no_last(dir))),
+            };
             if let Some(p) = &opts.config {
                 let (other, _) = load_config(p)?;
                 let strip = |c: &TrainConfig| TrainConfig {
@@ -493,6 +547,9 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary, TrainError> {
         combine: cfg.grad_proj.options(epoch),
     };
 
+    if resume_from.is_some() {
+        truncate_metrics(&run_dir.join("metrics.jsonl"), start)?;
+    }
     let mut metrics = Metrics::open(run_dir.join("metrics.jsonl"))?;
     let mut extra = BTreeMap::new();
     extra.insert("nasvit.train.config".to_string(), cfg.to_yaml());

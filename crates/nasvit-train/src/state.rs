@@ -41,6 +41,8 @@ pub const OPTIM_FILE: &str = "optimizer.bpk";
 pub const SIDECAR_FILE: &str = "train_state.json";
 pub const LAST: &str = "last";
 pub const CHECKPOINTS: &str = "checkpoints";
+/// Metadata key of the step in `train_state.safetensors`.
+pub const STEP_KEY: &str = "nasvit.train.step";
 
 /// Why a training state cannot be written or read.
 #[derive(Debug, thiserror::Error)]
@@ -283,6 +285,19 @@ pub fn save_state(
     }
     let mut st_meta = HashMap::new();
     st_meta.insert("nasvit.space".to_string(), model.space().to_json().to_string());
+    // the step again inside the tensor file: a sidecar that does not belong to it (edited, copied) is caught
+    st_meta.insert(STEP_KEY.to_string(), meta.step.to_string());
+    // a checkpoint is only written whole and finite: the "last good checkpoint" a failed run names must train
+    if let Some((k, _)) = tensors.iter().find(|(_, d)| d.iter::<f32>().any(|v| !v.is_finite())) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(serr(
+            run_dir,
+            format!(
+                "non-finite values in `{k}` at step {}: no checkpoint written",
+                meta.step
+            ),
+        ));
+    }
     write_tensors(tensors, st_meta, &tmp.join(STATE_FILE)).map_err(|e| serr(&tmp, e.to_string()))?;
     if let OptimState::Burn(optim) = optim {
         optim
@@ -340,16 +355,22 @@ struct StateTensors {
     ema: Named,
     adam_m: Named,
     adam_v: Named,
+    /// The step in the file's metadata (absent in files of older versions).
+    step: Option<String>,
 }
 
 fn read_state_tensors(path: &Path) -> Result<StateTensors, StateError> {
     let bytes = std::fs::read(path).map_err(|e| serr(path, e.to_string()))?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| serr(path, format!("not a safetensors file: {e}")))?;
+    let step = SafeTensors::read_metadata(&bytes)
+        .ok()
+        .and_then(|(_, m)| m.metadata().as_ref().and_then(|m| m.get(STEP_KEY).cloned()));
     let mut out = StateTensors {
         model: HashMap::new(),
         ema: HashMap::new(),
         adam_m: HashMap::new(),
         adam_v: HashMap::new(),
+        step,
     };
     for (name, view) in st.tensors() {
         if view.dtype() != Dtype::F32 {
@@ -393,6 +414,17 @@ pub fn load_weights(
     let meta = read_meta(dir)?;
     let state_path = dir.join(STATE_FILE);
     let t = read_state_tensors(&state_path)?;
+    if let Some(step) = &t.step {
+        if step.parse::<u64>().ok() != Some(meta.step) {
+            return Err(serr(
+                dir,
+                format!(
+                    "{SIDECAR_FILE} says step {}, {STATE_FILE} holds step {step}: the two do not belong together",
+                    meta.step
+                ),
+            ));
+        }
+    }
     // The fresh values are all overwritten: any seed does.
     let fresh = SupernetConfig::new(space.clone()).init(device);
     let model = load_into(fresh, &t.model, Some(&meta.param_ids), &state_path)?;

@@ -384,3 +384,47 @@ fn non_finite_loss_stops_with_the_step_and_subnet_and_keeps_the_last_checkpoint(
         .expect("event line");
     assert_eq!(event["step"], step);
 }
+
+/// A run resumed from an older checkpoint (as after a kill) logs each step once; a sidecar edited to another step
+/// is refused; a broken `last` names the newest intact checkpoint and how to resume from it (issue 18).
+#[test]
+fn resume_keeps_one_line_per_step_and_refuses_mismatched_or_broken_state() {
+    let dir = scratch("resume-state");
+    let cfg = idx_config(&dir, "max_steps: 6\nkeep_checkpoints: 5\n");
+    let text = std::fs::read_to_string(&cfg).expect("config");
+    std::fs::write(&cfg, text.replace("checkpoint_every: 100", "checkpoint_every: 2")).expect("config");
+    let out = dir.join("run");
+    run(&RunOptions {
+        stop_after: Some(5),
+        ..opts(Some(cfg), &out)
+    })
+    .expect("5 steps");
+    // as if killed after step 5 with the newest checkpoint at step 4: `last` points at step 4
+    let last = out.join("last");
+    std::fs::remove_file(&last).expect("rm last");
+    std::os::unix::fs::symlink("checkpoints/step-00000004", &last).expect("symlink");
+    let resume = || {
+        run(&RunOptions {
+            resume: Some(out.clone()),
+            eval_every: Some(0),
+            quiet: true,
+            ..RunOptions::default()
+        })
+    };
+    // a sidecar that says another step than its tensor file
+    let sidecar = out.join("checkpoints/step-00000004/train_state.json");
+    let text = std::fs::read_to_string(&sidecar).expect("sidecar");
+    std::fs::write(&sidecar, text.replace("\"step\": 4", "\"step\": 3")).expect("edit");
+    let err = resume().expect_err("a sidecar of another step");
+    assert!(err.to_string().contains("do not belong together"), "{err}");
+    std::fs::write(&sidecar, text).expect("restore");
+    // resumed at 4: steps 5 and 6 are trained (again) and logged once each
+    assert_eq!(resume().expect("resume").step, 6);
+    let steps: Vec<u64> = train_lines(&out).iter().filter_map(|v| v["step"].as_u64()).collect();
+    assert_eq!(steps, (1..=6).collect::<Vec<_>>(), "one line per step");
+    // a broken `last`: the message names the newest intact checkpoint
+    std::fs::remove_file(&last).expect("rm last");
+    std::os::unix::fs::symlink("checkpoints/step-99999999", &last).expect("dangling");
+    let err = resume().expect_err("broken last").to_string();
+    assert!(err.contains("step-00000006") && err.contains("ln -sfn"), "{err}");
+}
