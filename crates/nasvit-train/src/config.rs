@@ -19,6 +19,13 @@ use crate::distill::AlphaDivergence;
 use crate::grad_proj::CombineOptions;
 use crate::schedule::CosineSchedule;
 
+/// The largest loader threads, batches prepared ahead, images per batch and subnets per step a config may ask for
+/// (each costs memory or threads up front).
+pub const MAX_WORKERS: usize = 256;
+pub const MAX_PREFETCH: usize = 256;
+pub const MAX_BATCH: usize = 65_536;
+pub const MAX_SUBNETS: usize = 64;
+
 /// ImageNet channel means and standard deviations (timm `IMAGENET_DEFAULT_*`).
 pub const IMAGENET_MEAN: [f64; 3] = [0.485, 0.456, 0.406];
 pub const IMAGENET_STD: [f64; 3] = [0.229, 0.224, 0.225];
@@ -425,6 +432,15 @@ impl TrainConfig {
         if classes < 2 {
             return Err(invalid("data.num_classes", "needs at least 2 classes"));
         }
+        if classes > nasvit_space::limits::CLASSES {
+            return Err(invalid(
+                "data.num_classes",
+                format!(
+                    "{classes} is above the largest allowed {}",
+                    nasvit_space::limits::CLASSES
+                ),
+            ));
+        }
         let max_res = space.resolutions.iter().copied().max().unwrap_or(224);
         c.augment.crop_size.get_or_insert(max_res);
         let (mean, std) = if in_channels == 3 {
@@ -466,8 +482,11 @@ impl TrainConfig {
     }
 
     fn check_run(&self) -> Result<(), ConfigError> {
-        if self.batch_size == 0 {
-            return Err(invalid("batch_size", "must be at least 1"));
+        if !(1..=MAX_BATCH).contains(&self.batch_size) {
+            return Err(invalid(
+                "batch_size",
+                format!("{} is not in 1..={MAX_BATCH}", self.batch_size),
+            ));
         }
         if self.epochs == 0 {
             return Err(invalid("epochs", "must be at least 1"));
@@ -475,8 +494,14 @@ impl TrainConfig {
         if self.max_steps == Some(0) {
             return Err(invalid("max_steps", "must be at least 1 when set"));
         }
-        if self.n_subnets == 0 {
-            return Err(invalid("n_subnets", "must be at least 1 (the max subnet)"));
+        if !(1..=MAX_SUBNETS).contains(&self.n_subnets) {
+            return Err(invalid(
+                "n_subnets",
+                format!(
+                    "{} is not in 1..={MAX_SUBNETS} (1: the max subnet alone)",
+                    self.n_subnets
+                ),
+            ));
         }
         if !(0.0..1.0).contains(&self.ema_decay) {
             return Err(invalid("ema_decay", format!("{} is not in [0, 1)", self.ema_decay)));
@@ -521,19 +546,30 @@ impl TrainConfig {
                 }
             }
         }
-        if d.workers == 0 {
-            return Err(invalid("data.workers", "must be at least 1"));
+        if !(1..=MAX_WORKERS).contains(&d.workers) {
+            return Err(invalid(
+                "data.workers",
+                format!("{} is not in 1..={MAX_WORKERS}", d.workers),
+            ));
         }
-        if d.prefetch == 0 {
-            return Err(invalid("data.prefetch", "must be at least 1"));
+        if !(1..=MAX_PREFETCH).contains(&d.prefetch) {
+            return Err(invalid(
+                "data.prefetch",
+                format!("{} is not in 1..={MAX_PREFETCH}", d.prefetch),
+            ));
         }
         Ok(())
     }
 
     fn check_augment(&self, in_channels: usize) -> Result<(), ConfigError> {
         let a = &self.augment;
-        if a.crop_size == Some(0) {
-            return Err(invalid("augment.crop_size", "must be at least 1"));
+        if let Some(crop) = a.crop_size {
+            if crop == 0 || crop > nasvit_space::limits::RESOLUTION {
+                return Err(invalid(
+                    "augment.crop_size",
+                    format!("{crop} is not in 1..={}", nasvit_space::limits::RESOLUTION),
+                ));
+            }
         }
         if !(a.scale[0] > 0.0 && a.scale[0] <= a.scale[1] && a.scale[1] <= 1.0) {
             return Err(invalid(

@@ -105,6 +105,18 @@ fn bad_values_are_reported_by_field() {
         "kd.teacher"
     );
     assert_eq!(invalid_field(&format!("{MINIMAL}kd:\n  iw_clip: .nan\n")), "kd.iw_clip");
+    // sizes that would abort or exhaust the machine before a step is trained (issue 18)
+    assert_eq!(
+        invalid_field(&format!("{MINIMAL}augment:\n  crop_size: 100000\n")),
+        "augment.crop_size"
+    );
+    assert_eq!(
+        invalid_field(&format!("{MINIMAL}  num_classes: 1000000000\n")),
+        "data.num_classes"
+    );
+    assert_eq!(invalid_field(&format!("{MINIMAL}  workers: 100000\n")), "data.workers");
+    assert_eq!(invalid_field(&format!("{MINIMAL}batch_size: 10000000\n")), "batch_size");
+    assert_eq!(invalid_field(&format!("{MINIMAL}n_subnets: 100000\n")), "n_subnets");
 }
 
 #[test]
