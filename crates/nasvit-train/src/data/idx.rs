@@ -27,19 +27,38 @@ pub fn read_idx(path: &Path) -> Result<IdxArray, DataError> {
         reason: e.to_string(),
     })?;
     let bytes = if raw.starts_with(&[0x1f, 0x8b]) {
-        let mut out = Vec::new();
-        GzDecoder::new(raw.as_slice())
-            .read_to_end(&mut out)
-            .map_err(|e| DataError::Io {
+        // A small gzip file can expand without bound: the header is read first and then at most the bytes it
+        // declares (themselves capped), never "to the end".
+        let mut gz = GzDecoder::new(raw.as_slice());
+        let gz_err = |e: std::io::Error| DataError::Io {
+            path: name.clone(),
+            reason: format!("gzip: {e}"),
+        };
+        let mut head = vec![0u8; 4];
+        gz.read_exact(&mut head).map_err(gz_err)?;
+        let ndims = usize::from(head[3]);
+        head.resize(4 + 4 * ndims, 0);
+        gz.read_exact(&mut head[4..]).map_err(gz_err)?;
+        let declared = head[4..]
+            .chunks_exact(4)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as u64)
+            .try_fold(1u64, |acc, d| acc.checked_mul(d))
+            .filter(|&n| n <= MAX_IDX_BYTES)
+            .ok_or_else(|| DataError::Layout {
                 path: name.clone(),
-                reason: format!("gzip: {e}"),
+                reason: format!("the header declares more than {MAX_IDX_BYTES} values"),
             })?;
+        let mut out = head;
+        gz.take(declared).read_to_end(&mut out).map_err(gz_err)?;
         out
     } else {
         raw
     };
     parse_idx(&bytes, &name)
 }
+
+/// The most values an IDX file may declare (4 GiB of bytes).
+pub const MAX_IDX_BYTES: u64 = 1 << 32;
 
 /// Parses IDX bytes; `name` is used in errors.
 pub fn parse_idx(bytes: &[u8], name: &str) -> Result<IdxArray, DataError> {
