@@ -134,6 +134,21 @@ fn a_search_is_neither_replaced_silently_nor_resumed_with_another_supernet() {
     assert!(stderr(&o).contains("another checkpoint"), "{}", stderr(&o));
     let o = run(&["--resume", "--generations", "2"], &ckpt);
     assert!(o.status.success(), "{}", stderr(&o));
+    // a resume continues with the search's own settings: another config file is refused
+    let other_cfg = dir.join("search2.yaml");
+    std::fs::write(
+        &other_cfg,
+        "population: 3\nmutate: 1\ncrossover: 1\ngenerations: 1\ncalib_batches: 1\nheldout_per_class: 2\n",
+    )
+    .expect("write");
+    let mut a = args(&ckpt);
+    let at = a.iter().position(|x| x == s(&search_cfg)).expect("config arg");
+    a[at] = s(&other_cfg).into();
+    a.extend(["--resume".to_string(), "--generations".into(), "3".into()]);
+    let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+    let o = nasvit(&refs);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("differs from the settings"), "{}", stderr(&o));
     let o = run(&["--overwrite"], &other);
     assert!(o.status.success(), "{}", stderr(&o));
     std::fs::remove_dir_all(&dir).ok();

@@ -90,13 +90,24 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), FsError> {
 /// Removes the temporary leftovers (`.NAME.tmp-PID` files or folders) of writers that were killed; call it with
 /// the folder's lock held.
 pub fn remove_stale_temps(dir: &Path) {
+    remove_stale(dir, |_| true)
+}
+
+/// [`remove_stale_temps`] for the leftovers of one output `name` only (`.name.tmp-PID`, `.name.old.tmp-PID`):
+/// for a folder shared with other outputs, whose writers hold locks of their own.
+pub fn remove_stale_temps_of(dir: &Path, name: &str) {
+    let prefix = format!(".{name}.");
+    remove_stale(dir, |n| n.starts_with(&prefix))
+}
+
+fn remove_stale(dir: &Path, keep: impl Fn(&str) -> bool) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
     let own = format!(".tmp-{}", std::process::id());
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with('.') && name.contains(".tmp-") && !name.ends_with(&own) {
+        if name.starts_with('.') && name.contains(".tmp-") && !name.ends_with(&own) && keep(&name) {
             let p = e.path();
             let _ = if p.is_dir() {
                 std::fs::remove_dir_all(&p)

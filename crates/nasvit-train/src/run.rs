@@ -88,7 +88,8 @@ pub enum TrainError {
     Usage(String),
     #[error(
         "step {step}: non-finite loss ({value}) of the {subnet} subnet (resolution {resolution}); training stopped. \
-         The last good checkpoint is {}",
+         The last good checkpoint is {} (its weights are finite; resuming repeats the same steps, so change the \
+         recipe first, e.g. a lower learning rate in the run's config.yaml)",
         .checkpoint.as_ref().map_or("(none)".to_string(), |p| p.display().to_string())
     )]
     NonFinite {

@@ -129,6 +129,7 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(std::path::Path::new("."));
     let _lock = nasvit_train::fsio::lock(&parent.join(format!(".{name}.lock")), "export")?;
+    nasvit_train::fsio::remove_stale_temps_of(parent, &name);
     nasvit_train::fsio::replace_dir(&args.out, |tmp| -> anyhow::Result<()> {
         model.save(tmp)?;
         if !args.no_onnx {

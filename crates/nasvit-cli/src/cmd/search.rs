@@ -70,9 +70,31 @@ pub fn run(args: SearchArgs) -> anyhow::Result<()> {
     let net =
         load_checkpoint(&args.checkpoint, &device).with_context(|| format!("loading {}", args.checkpoint.display()))?;
     let space = net.space().clone();
-    let mut cfg = match &args.config {
-        Some(p) => SearchConfig::from_file(p)?,
-        None => SearchConfig::default(),
+    let saved_state = args.out.join("search_state.json");
+    let mut cfg = match (&args.config, args.resume && saved_state.is_file()) {
+        // a resumed search continues with its own settings (its config is in its state); a config given with
+        // --resume must be that one (only the number of generations may grow, with --generations)
+        (config, true) => {
+            let saved = nasvit_search::SearchState::load(&saved_state)?.config;
+            if let Some(p) = config {
+                let given = SearchConfig::from_file(p)?;
+                let strip = |c: &SearchConfig| SearchConfig {
+                    generations: 0,
+                    checkpoint: None,
+                    ..c.clone()
+                };
+                anyhow::ensure!(
+                    strip(&given) == strip(&saved),
+                    "{} differs from the settings of the search in {}; --resume continues that search as it was \
+                     (drop --config, or change only --generations)",
+                    p.display(),
+                    args.out.display()
+                );
+            }
+            saved
+        }
+        (Some(p), false) => SearchConfig::from_file(p)?,
+        (None, false) => SearchConfig::default(),
     };
     if args.flops_max.is_some() {
         cfg.macs_max = args.flops_max;
