@@ -387,11 +387,16 @@ impl ExportedModel {
                         // 2x2 windows: the bias is that of a (grid/2)-sided map, shared by the four windows.
                         let side = if windows == 4 { grid / 2 } else { grid };
                         out.insert(format!("{p}.attn.rpb"), dense_rpb(&table, heads, side, g));
-                        // Switchable scales: keyed by (stage depth, tokens mod 8), times 8/C (NASVIT.md 3).
-                        let n_tok = grid * grid;
+                        // Switchable scales: keyed by (stage depth, tokens mod 8), times 8/C (NASVIT.md 3); a space
+                        // without them (the ablation) uses row 0, column 0 for every subnet.
+                        let (row, col) = if space.switchable_scales {
+                            (depth, grid * grid % 8)
+                        } else {
+                            (0, 0)
+                        };
                         for (src, dst) in [("rescale_attn", "scale_attn"), ("rescale_mlp", "scale_mlp")] {
                             let key = format!("{s}.{src}");
-                            let t = slice(sd, &key, &[depth..depth + 1, n_tok % 8..n_tok % 8 + 1, 0..c])?;
+                            let t = slice(sd, &key, &[row..row + 1, col..col + 1, 0..c])?;
                             let f = 8.0 / c as f32;
                             out.insert(
                                 format!("{p}.{dst}"),

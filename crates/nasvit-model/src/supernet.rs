@@ -280,7 +280,8 @@ impl Supernet {
             arch: &st.arch,
             in_channels: st.space.in_channels,
             g_max: st.g_max,
-            fixed_scales: false,
+            // without switchable scales every subnet uses row 0, column 0 (the ablation of issue 17)
+            fixed_scales: !st.space.switchable_scales,
         }
     }
 
@@ -340,8 +341,12 @@ impl Supernet {
                     ) => Block::Transformer(tf.sliced(
                         *c,
                         TfActive {
-                            scale_row: arch.depth[i],
-                            scale_col: (grid * grid) % 8,
+                            scale_row: if st.space.switchable_scales { arch.depth[i] } else { 0 },
+                            scale_col: if st.space.switchable_scales {
+                                (grid * grid) % 8
+                            } else {
+                                0
+                            },
                             mlp_hidden: mlp_ratio * c,
                             mlp_dwconv: *mlp_dwconv,
                         },

@@ -35,11 +35,12 @@ pub mod limits {
 }
 
 /// Names of the built-in spaces, for `--help` texts and errors.
-pub const BUILTIN: [&str; 3] = ["official", "paper", "tiny"];
+pub const BUILTIN: [&str; 4] = ["official", "paper", "tiny", "tiny-cnn"];
 
 const OFFICIAL_YAML: &str = include_str!("../spaces/official.yaml");
 const PAPER_YAML: &str = include_str!("../spaces/paper.yaml");
 const TINY_YAML: &str = include_str!("../spaces/tiny.yaml");
+const TINY_CNN_YAML: &str = include_str!("../spaces/tiny-cnn.yaml");
 
 /// The stem: a 3x3 conv + BN + swish.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -93,6 +94,9 @@ pub struct SearchSpace {
     pub stages: Vec<StageSpace>,
     pub head: HeadSpace,
     pub paper: Option<PaperSpace>,
+    /// The transformer layers' scales are switchable (one vector per stage depth and token count mod 8, as
+    /// released); `false` is the ablation: one shared vector per layer (row 0, column 0 of the tensor).
+    pub switchable_scales: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -126,10 +130,20 @@ struct RawSpace {
     stages: BTreeMap<String, RawStage>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     paper: Option<PaperSpace>,
+    #[serde(default = "default_true", skip_serializing_if = "is_true")]
+    switchable_scales: bool,
     /// The golden generator writes a seed; accepted and ignored.
     #[allow(dead_code)]
     #[serde(default, skip_serializing)]
     seed: Option<serde_json::Value>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 fn default_in_channels() -> usize {
@@ -147,6 +161,7 @@ impl SearchSpace {
             "official" => OFFICIAL_YAML,
             "paper" => PAPER_YAML,
             "tiny" => TINY_YAML,
+            "tiny-cnn" => TINY_CNN_YAML,
             _ => return Err(SpaceError::UnknownBuiltin { name: name.to_string() }),
         };
         Self::from_yaml_str(text, name)
@@ -242,6 +257,7 @@ impl SearchSpace {
             stages,
             head: HeadSpace { widths: head_raw.c },
             paper: raw.paper,
+            switchable_scales: raw.switchable_scales,
         };
         space.check()?;
         Ok(space)
@@ -359,8 +375,11 @@ impl SearchSpace {
                 }
             }
         }
-        if self.transformer_stages().next().is_none() {
-            return invalid("transformer_from".into(), "no stage holds transformer layers".into());
+        if self.paper.is_some() && self.transformer_stages().next().is_none() {
+            return invalid(
+                "paper".into(),
+                "the paper's genes need a stage with transformer layers".into(),
+            );
         }
         Ok(())
     }
@@ -463,6 +482,7 @@ impl SearchSpace {
                 .unwrap_or(self.stages.len() + 1),
             stages,
             paper: self.paper.clone(),
+            switchable_scales: self.switchable_scales,
             seed: None,
         }
     }

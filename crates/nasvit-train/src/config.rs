@@ -91,6 +91,18 @@ pub struct TrainConfig {
     /// What runs the training step: `cpu` (this project's CPU engine), `burn` (burn's autodiff on its device), or
     /// `auto` (the CPU engine when it covers the space; a resumed run keeps the engine of its checkpoint).
     pub engine: EngineKind,
+    /// Standalone training: this one subnet alone (from the labels or the teacher, no sandwich), instead of the
+    /// supernet. The run's checkpoints are supernet checkpoints whose other weights stay as initialised.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub arch: Option<nasvit_space::Arch>,
+    /// Start from the weights (and BN statistics) of this supernet checkpoint instead of a random init: with
+    /// `arch`, fine-tuning a subnet of a trained supernet.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub init: Option<PathBuf>,
+    /// Overrides the space's `switchable_scales` (default: the space's, `true` for the built-ins). `false` is the
+    /// ablation: every subnet shares one layer-scale vector per transformer layer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub switchable_scales: Option<bool>,
 }
 
 /// The implementation of the training step.
@@ -149,6 +161,9 @@ impl Default for TrainConfig {
             keep_checkpoints: 3,
             output_dir: PathBuf::from("runs/supernet"),
             engine: EngineKind::Auto,
+            arch: None,
+            init: None,
+            switchable_scales: None,
         }
     }
 }
@@ -358,6 +373,15 @@ pub struct AugmentConfig {
     pub std: Option<Vec<f64>>,
     /// Evaluation: resize the short side to `crop_size / eval_crop_pct`, then centre-crop `crop_size`.
     pub eval_crop_pct: f64,
+    /// Mixup's Beta(alpha, alpha) parameter (0: off). Default 0: the released recipe sets 0.01, which draws a
+    /// weight of ~0 or ~1 and so is nearly a no-op; DeiT's strong recipe uses 0.8.
+    pub mixup_alpha: f64,
+    /// CutMix's Beta parameter (0: off). Default 0 (released 0.01, nearly a no-op; DeiT 1.0).
+    pub cutmix_alpha: f64,
+    /// Probability that a batch is mixed at all.
+    pub mix_prob: f64,
+    /// Probability of CutMix rather than Mixup when both are on.
+    pub mix_switch_prob: f64,
 }
 
 impl Default for AugmentConfig {
@@ -374,6 +398,22 @@ impl Default for AugmentConfig {
             mean: None,
             std: None,
             eval_crop_pct: 0.875,
+            mixup_alpha: 0.0,
+            cutmix_alpha: 0.0,
+            mix_prob: 1.0,
+            mix_switch_prob: 0.5,
+        }
+    }
+}
+
+impl AugmentConfig {
+    /// The batch-level mixing these settings ask for.
+    pub fn mix(&self) -> crate::data::mixup::MixConfig {
+        crate::data::mixup::MixConfig {
+            mixup_alpha: self.mixup_alpha,
+            cutmix_alpha: self.cutmix_alpha,
+            prob: self.mix_prob,
+            switch_prob: self.mix_switch_prob,
         }
     }
 }
@@ -419,6 +459,9 @@ impl TrainConfig {
     /// [`resolve`](Self::resolve) with an already loaded space.
     pub fn resolve_with_space(&self, space: &SearchSpace) -> Result<Self, ConfigError> {
         let mut c = self.clone();
+        if let Some(a) = &c.arch {
+            a.validate(space).map_err(|e| invalid("arch", e.to_string()))?;
+        }
         c.check_run()?;
         c.check_data()?;
         let in_channels = *c.data.in_channels.get_or_insert(space.in_channels);
@@ -580,7 +623,23 @@ impl TrainConfig {
         if !(a.ratio[0] > 0.0 && a.ratio[0] <= a.ratio[1]) {
             return Err(invalid("augment.ratio", format!("{:?}: need 0 < min <= max", a.ratio)));
         }
-        for (name, p) in [("augment.hflip", a.hflip), ("augment.erasing_p", a.erasing_p)] {
+        for (name, alpha) in [
+            ("augment.mixup_alpha", a.mixup_alpha),
+            ("augment.cutmix_alpha", a.cutmix_alpha),
+        ] {
+            if !(0.0..=crate::data::mixup::MAX_ALPHA).contains(&alpha) {
+                return Err(invalid(
+                    name,
+                    format!("{alpha} is not in [0, {}]", crate::data::mixup::MAX_ALPHA),
+                ));
+            }
+        }
+        for (name, p) in [
+            ("augment.hflip", a.hflip),
+            ("augment.erasing_p", a.erasing_p),
+            ("augment.mix_prob", a.mix_prob),
+            ("augment.mix_switch_prob", a.mix_switch_prob),
+        ] {
             if !(0.0..=1.0).contains(&p) {
                 return Err(invalid(name, format!("{p} is not a probability")));
             }

@@ -10,8 +10,9 @@ use nasvit_model::load_checkpoint;
 use serde::{Deserialize, Serialize};
 
 use crate::config::TrainConfig;
+use crate::cpu::{CpuTarget, CpuTrainer, Store};
 use crate::data::{open_datasets, train_loader};
-use crate::grad_proj::{gradient_cosines, ConflictRow, ConflictTable};
+use crate::grad_proj::{gradient_cosines, ConflictRow, ConflictTable, TensorCosine};
 use crate::run::TrainError;
 use crate::sandwich::{sandwich_archs, sandwich_gradients, MaxTarget};
 use crate::teacher::Teacher;
@@ -28,6 +29,189 @@ pub struct ConflictReport {
     pub mean_cosine: f64,
     pub by_layer: Vec<ConflictRow>,
     pub by_tensor: Vec<ConflictRow>,
+    /// Per stage (`stem`, `mb1` .. `mbK`, `head`): share of negative cosines against the summed subnet gradient.
+    #[serde(default)]
+    pub by_stage: Vec<ConflictRow>,
+    /// Per kind of subnet (`min`, `random`): the supernet gradient against that subnet's gradient alone.
+    #[serde(default)]
+    pub by_kind: Vec<KindConflict>,
+}
+
+/// Conflicts of the supernet gradient with one kind of subnet.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct KindConflict {
+    pub kind: String,
+    pub negative_share: f64,
+    pub mean_cosine: f64,
+    pub pairs: u64,
+}
+
+/// Per-tensor cosines of two flat gradients over the trainable tensors both reach.
+fn flat_cosines(store: &Store, a: &[f32], b: &[f32], ta: &[bool], tb: &[bool]) -> Vec<TensorCosine> {
+    (0..store.tensors())
+        .filter(|&t| store.trainable[t] && ta[t] && tb[t] && !crate::grad_proj::zero_by_symmetry(&store.keys[t]))
+        .map(|t| {
+            let r = store.range(t);
+            let (mut dot, mut na, mut nb) = (0.0f64, 0.0f64, 0.0f64);
+            for (&x, &y) in a[r.clone()].iter().zip(&b[r.clone()]) {
+                dot += x as f64 * y as f64;
+                na += x as f64 * x as f64;
+                nb += y as f64 * y as f64;
+            }
+            let cosine = if na == 0.0 || nb == 0.0 {
+                0.0
+            } else {
+                dot / (na.sqrt() * nb.sqrt())
+            };
+            TensorCosine {
+                path: store.keys[t].clone(),
+                numel: r.len(),
+                cosine,
+            }
+        })
+        .collect()
+}
+
+/// The stage of a released key: `stem`, `mb1` .. `mbK` (by block index), `head`.
+fn stage_of(key: &str, stage_starts: &[usize]) -> String {
+    if key.starts_with("first_conv") {
+        return "stem".into();
+    }
+    if let Some(i) = key
+        .strip_prefix("blocks.")
+        .and_then(|r| r.split('.').next())
+        .and_then(|i| i.parse::<usize>().ok())
+    {
+        let k = stage_starts.iter().rposition(|&s| s <= i).unwrap_or(0);
+        return format!("mb{}", k + 1);
+    }
+    "head".into()
+}
+
+/// [`measure_conflicts`] on the cpu engine (its own gradients, the same definitions), with the conflicts per stage
+/// and per kind of subnet: for each batch the supernet gradient is compared with the summed subnet gradient (as
+/// the projection sees it) and with each subnet's gradient alone.
+pub fn measure_conflicts_cpu(
+    checkpoint: &Path,
+    config: &TrainConfig,
+    batches: usize,
+    threads: usize,
+) -> Result<ConflictReport, TrainError> {
+    let plain = Device::flex();
+    let model = load_checkpoint(checkpoint, &plain)?;
+    let space = model.space().clone();
+    if let Some(n) = config.data.num_classes {
+        if n != space.num_classes {
+            return Err(TrainError::Usage(format!(
+                "{} has {} classes but the data config has {n}",
+                checkpoint.display(),
+                space.num_classes
+            )));
+        }
+    }
+    if config.kd.teacher.is_some() {
+        return Err(TrainError::Usage(
+            "a teacher is not supported by the cpu conflict measurement; use --engine burn or the labels".into(),
+        ));
+    }
+    let adam = crate::run::cpu_adam(config);
+    let mut eng = CpuTrainer::new(&model, &model, config.ema_decay, 0, adam, threads)?;
+    let store = eng.store().clone();
+    let stage_starts = crate::cpu::NetIdx::new(&store, &space, model.max_grid())?.stage_starts;
+    drop(model);
+    let datasets = open_datasets(config)?;
+    let loader = train_loader(config, datasets.train.clone());
+    let kd = config.kd.loss();
+    let target = CpuTarget::Labels {
+        smoothing: config.label_smoothing,
+    };
+    let n = config.n_subnets.max(2);
+    let mut table = ConflictTable::default();
+    let mut stages = ConflictTable::default();
+    let mut kinds: std::collections::BTreeMap<&str, (ConflictTable, f64, u64)> = Default::default();
+    let (mut sum_cos, mut n_cos) = (0.0, 0u64);
+    let mut done = 0usize;
+    let err = |e: crate::sandwich::StepError| match e {
+        crate::sandwich::StepError::Model(m) => TrainError::Model(m),
+        other => TrainError::Usage(other.to_string()),
+    };
+    'outer: for epoch in 0.. {
+        let mut any = false;
+        for batch in loader.epoch(epoch, 0) {
+            any = true;
+            if done >= batches {
+                break 'outer;
+            }
+            let nets = sandwich_archs(&space, n, config.seed, done as u64);
+            let g = eng
+                .gradients(&batch.images, batch.shape, &batch.labels, &nets, &target, &kd)
+                .map_err(err)?;
+            let cos = flat_cosines(&store, &g.sup, &g.sub, &g.touched_sup, &g.touched_sub);
+            for c in &cos {
+                sum_cos += c.cosine;
+                n_cos += 1;
+            }
+            table.add(&cos);
+            let staged: Vec<TensorCosine> = cos
+                .iter()
+                .map(|c| TensorCosine {
+                    path: stage_of(&c.path, &stage_starts),
+                    ..c.clone()
+                })
+                .collect();
+            stages.add(&staged);
+            for k in 1..nets.len() {
+                let pair = [nets[0].clone(), nets[k].clone()];
+                let gk = eng
+                    .gradients(&batch.images, batch.shape, &batch.labels, &pair, &target, &kd)
+                    .map_err(err)?;
+                let ck = flat_cosines(&store, &gk.sup, &gk.sub, &gk.touched_sup, &gk.touched_sub);
+                let entry = kinds.entry(nets[k].role.as_str()).or_default();
+                entry.0.add(&ck);
+                entry.1 += ck.iter().map(|c| c.cosine).sum::<f64>();
+                entry.2 += ck.len() as u64;
+            }
+            done += 1;
+        }
+        if !any || done == 0 {
+            break;
+        }
+    }
+    let share = |t: &ConflictTable| {
+        let (neg, pairs) = t.counts.values().fold((0u64, 0u64), |(a, b), (n, t)| (a + n, b + t));
+        (if pairs == 0 { 0.0 } else { neg as f64 / pairs as f64 }, pairs)
+    };
+    let (overall, pairs) = share(&table);
+    let mut by_stage = stages.by_tensor();
+    let order = |name: &str| match name {
+        "stem" => 0,
+        "head" => usize::MAX,
+        s => s.trim_start_matches("mb").parse::<usize>().unwrap_or(0),
+    };
+    by_stage.sort_by_key(|r| order(&r.name));
+    Ok(ConflictReport {
+        checkpoint: checkpoint.display().to_string(),
+        batches: done,
+        n_subnets: n,
+        overall_negative_share: overall,
+        pairs,
+        mean_cosine: if n_cos == 0 { 0.0 } else { sum_cos / n_cos as f64 },
+        by_layer: table.by_layer(Some(2)),
+        by_tensor: table.by_tensor(),
+        by_stage,
+        by_kind: kinds
+            .into_iter()
+            .map(|(kind, (t, sum, count))| {
+                let (negative_share, pairs) = share(&t);
+                KindConflict {
+                    kind: kind.to_string(),
+                    negative_share,
+                    mean_cosine: if count == 0 { 0.0 } else { sum / count as f64 },
+                    pairs,
+                }
+            })
+            .collect(),
+    })
 }
 
 /// Measures the conflicts of the checkpoint at `checkpoint` on `batches` training batches of `config`
@@ -110,5 +294,7 @@ pub fn measure_conflicts(
         mean_cosine: if n_cos == 0 { 0.0 } else { sum_cos / n_cos as f64 },
         by_layer: table.by_layer(Some(2)),
         by_tensor: table.by_tensor(),
+        by_stage: Vec::new(),
+        by_kind: Vec::new(),
     })
 }

@@ -85,8 +85,10 @@ pub fn float_params<M: Module>(module: &M) -> Vec<ParamInfo> {
         out: Vec<ParamInfo>,
     }
     impl ModuleVisitor for Collect {
-        fn enter_module(&mut self, name: &str, _container_type: &str) {
-            self.path.push(name.to_string());
+        fn enter_module(&mut self, name: &str, container_type: &str) {
+            // the block enum's variant (`MbConv`, `Transformer`) is not a level of the checkpoint's keys
+            let variant = container_type.starts_with("Enum") || name == "MbConv" || name == "Transformer";
+            self.path.push(if variant { String::new() } else { name.to_string() });
         }
         fn exit_module(&mut self, _name: &str, _container_type: &str) {
             self.path.pop();
@@ -226,6 +228,13 @@ pub struct TensorCosine {
 
 /// Per-tensor cosine between `g_sup` and `g_sub` for every float parameter of `module` that has both.
 /// Reads the values back from the device (one small read per tensor): meant for analysis, not every step.
+/// Tensors whose gradient is zero in exact arithmetic, left out of conflict statistics: a key bias adds `q . b` to
+/// every logit of a query's row, and the talking-head pre-softmax mix's bias adds one constant per head and row;
+/// the softmax cancels both, so their computed gradients are rounding noise whose cosines have a random sign.
+pub fn zero_by_symmetry(path: &str) -> bool {
+    path.ends_with("attn.k.linear.bias") || path.ends_with("attn.proj_l.linear.bias")
+}
+
 pub fn gradient_cosines<M: Module>(module: &M, g_sup: &GradientsParams, g_sub: &GradientsParams) -> Vec<TensorCosine> {
     struct Cosines<'a> {
         g_sup: &'a GradientsParams,
@@ -234,8 +243,10 @@ pub fn gradient_cosines<M: Module>(module: &M, g_sup: &GradientsParams, g_sub: &
         out: Vec<TensorCosine>,
     }
     impl ModuleVisitor for Cosines<'_> {
-        fn enter_module(&mut self, name: &str, _container_type: &str) {
-            self.path.push(name.to_string());
+        fn enter_module(&mut self, name: &str, container_type: &str) {
+            // the block enum's variant (`MbConv`, `Transformer`) is not a level of the checkpoint's keys
+            let variant = container_type.starts_with("Enum") || name == "MbConv" || name == "Transformer";
+            self.path.push(if variant { String::new() } else { name.to_string() });
         }
         fn exit_module(&mut self, _name: &str, _container_type: &str) {
             self.path.pop();
@@ -244,6 +255,11 @@ pub fn gradient_cosines<M: Module>(module: &M, g_sup: &GradientsParams, g_sub: &
             let (Some(gs), Some(gb)) = (self.g_sup.get::<D>(param.id), self.g_sub.get::<D>(param.id)) else {
                 return;
             };
+            let path: Vec<&str> = self.path.iter().map(String::as_str).filter(|p| !p.is_empty()).collect();
+            let path = path.join(".");
+            if zero_by_symmetry(&path) {
+                return;
+            }
             let numel = gs.shape().num_elements();
             let parts = Tensor::cat(
                 vec![(gs.clone() * gb.clone()).sum(), gs.square().sum(), gb.square().sum()],
@@ -256,11 +272,7 @@ pub fn gradient_cosines<M: Module>(module: &M, g_sup: &GradientsParams, g_sub: &
                 .unwrap_or_else(|_| vec![0.0; 3]);
             let (dot, ns, nb) = (v[0], v[1].sqrt(), v[2].sqrt());
             let cosine = if ns > 0.0 && nb > 0.0 { dot / (ns * nb) } else { 0.0 };
-            self.out.push(TensorCosine {
-                path: self.path.join("."),
-                numel,
-                cosine,
-            });
+            self.out.push(TensorCosine { path, numel, cosine });
         }
     }
     let mut visitor = Cosines {

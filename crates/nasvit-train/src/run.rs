@@ -21,16 +21,16 @@ use std::time::Instant;
 
 use burn::module::Module;
 use burn::optim::{AdamWConfig, ModuleOptimizer};
-use burn::tensor::Device;
+use burn::tensor::{Device, Tensor, TensorData};
 use nasvit_model::{ModelError, Supernet, SupernetConfig, MAX_SUPERNET_FLOATS};
 use nasvit_space::{Arch, SearchSpace};
 use serde_json::{json, Value};
 
 use crate::config::{ConfigError, EngineKind, TrainConfig};
 use crate::cpu::{self, CpuNet, CpuTarget, CpuTrainer};
-use crate::data::{self, eval_loader, open_datasets, train_loader, DataError, Dataset, Loader};
+use crate::data::{self, eval_loader, mixup, open_datasets, train_loader, DataError, Dataset, Loader};
 use crate::ema::ModelEma;
-use crate::sandwich::{sandwich_archs, train_step, MaxTarget, StepError, StepSettings};
+use crate::sandwich::{sandwich_archs, train_step, MaxTarget, Role, SandwichNet, StepError, StepSettings};
 use crate::state::{
     self, load_cpu_adam, load_state, load_weights, resolve_last, save_state, OptimState, StateError, StateMeta,
 };
@@ -63,6 +63,10 @@ pub struct RunOptions {
     pub quiet: bool,
     /// Overrides the config's `engine`.
     pub engine: Option<EngineKind>,
+    /// Standalone training of this subnet (`min`, `max`, or an arch file), instead of the supernet.
+    pub arch: Option<String>,
+    /// Start from this supernet checkpoint's weights.
+    pub init: Option<PathBuf>,
     /// Worker threads of the cpu engine (default: `RAYON_NUM_THREADS`, else the machine's).
     pub threads: Option<usize>,
 }
@@ -149,6 +153,9 @@ pub fn space_of(config: &TrainConfig) -> Result<SearchSpace, TrainError> {
     }
     if let Some(n) = config.data.num_classes {
         space.num_classes = n;
+    }
+    if let Some(s) = config.switchable_scales {
+        space.switchable_scales = s;
     }
     Ok(space)
 }
@@ -289,6 +296,35 @@ pub fn top1_cpu(
     ))
 }
 
+/// The weights a fresh run starts from: the config's `init` checkpoint (same space), else the seeded init.
+fn initial(cfg: &TrainConfig, space: &SearchSpace, device: &Device) -> Result<Supernet, TrainError> {
+    match &cfg.init {
+        Some(path) => {
+            let net = nasvit_model::load_checkpoint(path, device)?;
+            // the same space up to its name: every gene, resolution, channel and class count, the scale switch
+            let unnamed = |s: &SearchSpace| {
+                let mut v = s.to_json();
+                if let Some(o) = v.as_object_mut() {
+                    o.remove("name");
+                }
+                v
+            };
+            if unnamed(net.space()) != unnamed(space) {
+                return Err(TrainError::Usage(format!(
+                    "init {}: its supernet is of space `{}`, not of this run's `{}`",
+                    path.display(),
+                    net.space().name,
+                    space.name
+                )));
+            }
+            Ok(net)
+        }
+        None => Ok(SupernetConfig::new(space.clone())
+            .with_seed(cfg.seed)
+            .try_init(device, MAX_SUPERNET_FLOATS)?),
+    }
+}
+
 /// The message for a run folder whose `last` is missing or broken: the newest intact checkpoint and how to resume
 /// from it.
 fn no_last(dir: &Path) -> String {
@@ -384,6 +420,13 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary, TrainError> {
             let (mut cfg, space) = load_config(path)?;
             if let Some(m) = opts.max_steps {
                 cfg.max_steps = Some(m);
+            }
+            if let Some(spec) = &opts.arch {
+                let arch = Arch::resolve(spec, &space).map_err(|e| TrainError::Usage(format!("--arch {spec}: {e}")))?;
+                cfg.arch = Some(arch);
+            }
+            if let Some(init) = &opts.init {
+                cfg.init = Some(init.clone());
             }
             let dir = opts.out.clone().unwrap_or_else(|| cfg.output_dir.clone());
             cfg.output_dir = dir.clone();
@@ -505,17 +548,13 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary, TrainError> {
             )
         }
         (None, EngineKind::Cpu) => {
-            let model = SupernetConfig::new(space.clone())
-                .with_seed(cfg.seed)
-                .try_init(&plain, MAX_SUPERNET_FLOATS)?;
+            let model = initial(&cfg, &space, &plain)?;
             let mut eng = CpuTrainer::new(&model, &model.valid(), cfg.ema_decay, 0, cpu_adam(&cfg), threads)?;
             eng.set_ema_warmup(cfg.ema_warmup);
             (Trainer::Cpu { eng, skeleton: model }, 0, 0, 0.0)
         }
         (None, _) => {
-            let model = SupernetConfig::new(space.clone())
-                .with_seed(cfg.seed)
-                .try_init(&ad, MAX_SUPERNET_FLOATS)?;
+            let model = initial(&cfg, &space, &ad)?;
             let ema = ModelEma::new(&model, cfg.ema_decay).with_warmup(cfg.ema_warmup);
             (
                 Trainer::Burn {
@@ -638,26 +677,29 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary, TrainError> {
         };
         let t = Instant::now();
         let cb = opts.calib_batches.unwrap_or(16);
-        let (max_arch, min_arch) = (space.max_arch(), space.min_arch());
-        let ((max_top1, n), (min_top1, _)) = match trainer {
-            Trainer::Cpu { eng, .. } => (
-                top1_cpu(eng.ema_net(), &max_arch, &loader, cb, vl, opts.eval_batches)?,
-                top1_cpu(eng.ema_net(), &min_arch, &loader, cb, vl, opts.eval_batches)?,
-            ),
-            Trainer::Burn { .. } => {
-                let ema = trainer.ema_model()?;
-                (
-                    top1(&ema, &max_arch, &loader, cb, vl, opts.eval_batches, &plain)?,
-                    top1(&ema, &min_arch, &loader, cb, vl, opts.eval_batches, &plain)?,
-                )
-            }
+        // a supernet run scores its max and min subnets; a standalone run its one subnet
+        let targets: Vec<(&str, Arch)> = match &cfg.arch {
+            Some(a) => vec![("arch", a.clone())],
+            None => vec![("max", space.max_arch()), ("min", space.min_arch())],
         };
-        let v = json!({
-            "kind": "eval", "step": step, "epoch": step as f64 / spe as f64, "split": "val",
-            "top1_max_recal": max_top1, "top1_min_recal": min_top1, "images": n, "calib_batches": cb,
+        let mut v = json!({
+            "kind": "eval", "step": step, "epoch": step as f64 / spe as f64, "split": "val", "calib_batches": cb,
             "bn": "EMA weights, BN re-calibrated on training batches (cumulative average)",
-            "eval_s": t.elapsed().as_secs_f64(),
         });
+        let ema = match trainer {
+            Trainer::Burn { .. } => Some(trainer.ema_model()?),
+            Trainer::Cpu { .. } => None,
+        };
+        for (name, arch) in &targets {
+            let (top, n) = match (trainer, &ema) {
+                (Trainer::Cpu { eng, .. }, _) => top1_cpu(eng.ema_net(), arch, &loader, cb, vl, opts.eval_batches)?,
+                (_, Some(ema)) => top1(ema, arch, &loader, cb, vl, opts.eval_batches, &plain)?,
+                _ => unreachable!("the burn engine has its EMA model"),
+            };
+            v[format!("top1_{name}_recal")] = json!(top);
+            v["images"] = json!(n);
+        }
+        v["eval_s"] = json!(t.elapsed().as_secs_f64());
         metrics.write(&v)?;
         Ok(Some(v))
     };
@@ -665,6 +707,7 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary, TrainError> {
     let mut step = start;
     let mut window_t = Instant::now();
     let mut window_images = 0usize;
+    let mix = cfg.augment.mix();
     'outer: while step < stop {
         let epoch = step / spe;
         let settings = settings_for(epoch);
@@ -673,14 +716,31 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary, TrainError> {
             if step >= stop {
                 break 'outer;
             }
-            let nets = sandwich_archs(&space, cfg.n_subnets, cfg.seed, step);
+            let nets = match &cfg.arch {
+                // a standalone run trains its one subnet from the labels (or the teacher)
+                Some(a) => vec![SandwichNet {
+                    role: Role::Max,
+                    arch: a.clone(),
+                }],
+                None => sandwich_archs(&space, cfg.n_subnets, cfg.seed, step),
+            };
             let lr = schedule.lr(step);
             let n_images = batch.len();
+            // Mixup / CutMix (off by default): the max net then learns from the mixed label rows, or from the
+            // teacher's view of the mixed images
+            let mut batch = batch;
+            let [_, _, bh, bw] = batch.shape;
+            let drawn = mix.draw(cfg.seed, step, bh, bw);
+            let mixed = drawn.map(|m| mixup::apply(&mut batch, m, space.num_classes, cfg.label_smoothing));
             let result = match &mut trainer {
                 Trainer::Burn { model, ema, optim } => {
-                    let target = match &teacher {
-                        Some(t) => MaxTarget::Soft(Box::new(t.soft_targets(&batch, &plain, &ad)?)),
-                        None => MaxTarget::Labels {
+                    let target = match (&teacher, &mixed) {
+                        (Some(t), _) => MaxTarget::Soft(Box::new(t.soft_targets(&batch, &plain, &ad)?)),
+                        (None, Some(rows)) => MaxTarget::Soft(Box::new(Tensor::from_data(
+                            TensorData::new(rows.clone(), [batch.len(), space.num_classes]),
+                            &ad,
+                        ))),
+                        (None, None) => MaxTarget::Labels {
                             smoothing: cfg.label_smoothing,
                         },
                     };
@@ -702,12 +762,13 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary, TrainError> {
                     result
                 }
                 Trainer::Cpu { eng, .. } => {
-                    let target = match &teacher {
-                        Some(t) => {
+                    let target = match (&teacher, mixed) {
+                        (Some(t), _) => {
                             let p = t.soft_targets(&batch, &plain, &plain)?;
                             CpuTarget::Soft(p.into_data().convert::<f32>().try_to_vec::<f32>().unwrap_or_default())
                         }
-                        None => CpuTarget::Labels {
+                        (None, Some(rows)) => CpuTarget::Soft(rows),
+                        (None, None) => CpuTarget::Labels {
                             smoothing: cfg.label_smoothing,
                         },
                     };
@@ -766,6 +827,7 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary, TrainError> {
                     "resolution": res, "images_per_s": ips, "sub_grad_norm": report.sub_grad_norm,
                     "conflicts": report.conflicts, "tensors_both": report.tensors_both,
                     "skipped_files": skipped, "wall_s": wall0 + started.elapsed().as_secs_f64(),
+                    "mix_lam": drawn.map(|m| m.lam()),
                 }))?;
                 match &bar {
                     Some(pb) => pb.set_message(format!("loss {max_loss:.3} lr {lr:.2e} {ips:.1} img/s")),

@@ -230,6 +230,57 @@ fn gradients_match_burn_autodiff_with_the_paper_genes() {
     }
 }
 
+/// The ablation spaces of issue 17: the CNN twin of `tiny`, and `tiny` with one shared scale per layer (only row
+/// 0, column 0 of each scale tensor gets a gradient, whatever the subnet's depth and token count).
+#[test]
+fn gradients_match_burn_autodiff_on_the_cnn_space_and_without_switchable_scales() {
+    let cnn = SearchSpace::builtin("tiny-cnn").expect("tiny-cnn");
+    assert_eq!(cnn.transformer_stages().count(), 0);
+    let mut fixed = SearchSpace::builtin("tiny").expect("tiny");
+    fixed.switchable_scales = false;
+    let mut rng = Rng::new(21);
+    for (tag, space) in [("cnn", cnn), ("fixed scales", fixed)] {
+        let net = perturbed(
+            SupernetConfig::new(space.clone()).with_seed(6).init(&Device::flex()),
+            13,
+        );
+        let mut archs = [space.max_arch(), space.min_arch(), random_arch(&space, &mut rng)];
+        // depth 3 and a 28 px grid: switchable scales would use row 3, column (7 * 7) % 8 = 1
+        archs[2].resolution = 28;
+        for (i, arch) in archs.iter().enumerate() {
+            let shape = [3, 3, arch.resolution, arch.resolution];
+            let x = rng.values(shape.iter().product());
+            let w = rng.values(shape[0] * space.num_classes);
+            compare_with_burn(&format!("{tag} arch {i}"), &net, 2, arch, &x, shape, &w);
+            if !space.switchable_scales {
+                let mut eng = engine(&net, 1);
+                let p = eng.probe(&x, shape, arch, &w).expect("probe");
+                let store = eng.store();
+                let mut seen = 0;
+                for t in 0..store.tensors() {
+                    let key = &store.keys[t];
+                    if !(key.ends_with("rescale_attn") || key.ends_with("rescale_mlp")) || !p.touched[t] {
+                        continue;
+                    }
+                    // [rows, 8, C]: only the first C values (row 0, column 0) may be non-zero
+                    let g = &p.grads[store.range(t)];
+                    let c = store.shapes[t][2];
+                    assert!(
+                        g[..c].iter().any(|v| *v != 0.0),
+                        "{key}: no gradient at row 0, column 0"
+                    );
+                    assert!(
+                        g[c..].iter().all(|v| *v == 0.0),
+                        "{key}: gradient outside row 0, column 0"
+                    );
+                    seen += 1;
+                }
+                assert!(seen > 0, "no scale tensor reached");
+            }
+        }
+    }
+}
+
 #[derive(serde::Deserialize)]
 struct Cases {
     cases: Vec<Case>,

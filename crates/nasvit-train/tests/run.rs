@@ -220,9 +220,48 @@ fn a_resumed_run_keeps_its_engine() {
     assert_eq!(resumed["engine"], "burn");
 }
 
+/// The ablation switches of issue 17 on both engines: the CNN twin of `tiny` with Mixup/CutMix on every batch,
+/// and `tiny` with one shared layer scale per transformer layer; each resumes exactly and its checkpoint keeps the
+/// switch.
+#[test]
+fn ablation_switches_train_and_resume_bit_for_bit() {
+    let mix = "  mixup_alpha: 0.8\n  cutmix_alpha: 1.0\n";
+    for (name, space, extra) in [
+        (
+            "resume-cnn-mix",
+            "tiny-cnn",
+            format!("{mix}max_steps: 6\nengine: cpu\n"),
+        ),
+        (
+            "resume-fixed-scales",
+            "tiny",
+            format!("{mix}max_steps: 6\nengine: burn\nswitchable_scales: false\n"),
+        ),
+    ] {
+        let out = resume_check_with(name, space, &extra);
+        let lams: Vec<f64> = train_lines(&out)
+            .iter()
+            .map(|l| l["mix_lam"].as_f64().expect("every batch is mixed"))
+            .collect();
+        assert!(lams.iter().all(|l| (0.0..=1.0).contains(l)), "{lams:?}");
+        assert!(lams.windows(2).any(|w| w[0] != w[1]), "{lams:?}");
+        let ckpt = resolve_last(&out).expect("last").join("supernet.safetensors");
+        let net = load_checkpoint(&ckpt, &Device::flex()).expect("checkpoint");
+        assert_eq!(net.space().name, space);
+        assert_eq!(net.space().switchable_scales, space == "tiny-cnn");
+    }
+}
+
 fn resume_check(name: &str, engine: &str) {
+    resume_check_with(name, "tiny", &format!("max_steps: 6\n{engine}"));
+}
+
+/// Trains 6 steps at once and 3 + 3 with a resume; returns the resumed run's folder.
+fn resume_check_with(name: &str, space: &str, extra: &str) -> PathBuf {
     let dir = scratch(name);
-    let cfg = idx_config(&dir, &format!("max_steps: 6\n{engine}"));
+    let cfg = idx_config(&dir, extra);
+    let text = std::fs::read_to_string(&cfg).expect("config");
+    std::fs::write(&cfg, text.replacen("space: tiny\n", &format!("space: {space}\n"), 1)).expect("config");
     // One run of 6 steps.
     let one = dir.join("one");
     let s = run(&opts(Some(cfg.clone()), &one)).expect("run");
@@ -297,6 +336,7 @@ fn resume_check(name: &str, engine: &str) {
     // The published checkpoint loads.
     let ckpt = resolve_last(&two).expect("last").join("supernet.safetensors");
     load_checkpoint(&ckpt, &Device::flex()).expect("published checkpoint loads");
+    two
 }
 
 #[test]
@@ -427,4 +467,143 @@ fn resume_keeps_one_line_per_step_and_refuses_mismatched_or_broken_state() {
     std::os::unix::fs::symlink("checkpoints/step-99999999", &last).expect("dangling");
     let err = resume().expect_err("broken last").to_string();
     assert!(err.contains("step-00000006") && err.contains("ln -sfn"), "{err}");
+}
+
+/// Standalone training (issue 17): one subnet learns from the labels alone; the weights outside it stay as they
+/// started, from the seeded init or from `--init`'s checkpoint; a checkpoint of another space is refused.
+#[test]
+fn standalone_runs_train_one_subnet_from_scratch_or_from_a_checkpoint() {
+    let dir = scratch("standalone");
+    let cfg = idx_config(&dir, "max_steps: 3\nengine: cpu\n");
+    let sup = dir.join("supernet");
+    run(&opts(Some(cfg.clone()), &sup)).expect("supernet run");
+    let sup_ckpt = resolve_last(&sup).expect("last").join("supernet.safetensors");
+    let key = "classifier.linear.linear.weight";
+    let tensor = |path: &Path| -> TensorData {
+        let net = load_checkpoint(path, &Device::flex()).expect("checkpoint");
+        let map: HashMap<String, TensorData> = named_tensors(&net).into_iter().collect();
+        map[key].clone()
+    };
+    let space = SearchSpace::builtin("tiny").expect("tiny");
+    let (wide, narrow) = (*space.head.widths.last().expect("head"), space.head.widths[0]);
+    for (name, init) in [("scratch", None), ("fine-tune", Some(sup_ckpt.clone()))] {
+        let out = dir.join(name);
+        let s = run(&RunOptions {
+            arch: Some("min".into()),
+            init: init.clone(),
+            eval_every: Some(3),
+            ..opts(Some(cfg.clone()), &out)
+        })
+        .expect("standalone run");
+        assert_eq!(s.step, 3);
+        for line in train_lines(&out) {
+            let loss = line["loss"].as_object().expect("loss map");
+            assert_eq!(loss.keys().collect::<Vec<_>>(), vec!["max"], "one subnet per step");
+            assert_eq!(line["resolution"]["max"], 24, "the min subnet's resolution");
+        }
+        let eval = metrics(&out).into_iter().rfind(|v| v["kind"] == "eval").expect("eval");
+        assert!(eval["top1_arch_recal"].as_f64().is_some(), "{eval}");
+        assert!(eval.get("top1_max_recal").is_none(), "{eval}");
+        // the classifier's columns past the min subnet's head width were never used
+        let ckpt = resolve_last(&out).expect("last").join("supernet.safetensors");
+        let got = tensor(&ckpt);
+        let start = match &init {
+            Some(p) => tensor(p),
+            None => {
+                // the run's space (its channels come from the data) and seed
+                let run_space = load_checkpoint(&ckpt, &Device::flex())
+                    .expect("checkpoint")
+                    .space()
+                    .clone();
+                let net = SupernetConfig::new(run_space).with_seed(7).init(&Device::flex());
+                let map: HashMap<String, TensorData> = named_tensors(&net).into_iter().collect();
+                map[key].clone()
+            }
+        };
+        // the weight is [classes, features] or [features, classes]
+        let at = |row: usize, col: usize| {
+            if got.shape().to_vec() == vec![space.num_classes, wide] {
+                row * wide + col
+            } else {
+                col * space.num_classes + row
+            }
+        };
+        let (got, start) = (got.try_to_vec::<f32>().expect("f32"), start.try_to_vec::<f32>().expect("f32"));
+        let (mut same, mut moved) = (true, false);
+        for row in 0..space.num_classes {
+            for col in 0..wide {
+                let (a, b) = (got[at(row, col)], start[at(row, col)]);
+                if col >= narrow {
+                    // the EMA of a constant is that constant up to rounding
+                    same &= (a - b).abs() <= 1e-6 * b.abs().max(1e-3);
+                } else {
+                    moved |= a != b;
+                }
+            }
+        }
+        assert!(same, "{name}: weights outside the subnet changed");
+        assert!(moved, "{name}: the subnet's classifier did not move");
+    }
+    // the resolved config keeps the arch, so a resumed standalone run stays standalone
+    let saved = std::fs::read_to_string(dir.join("scratch").join("config.yaml")).expect("config.yaml");
+    assert!(saved.contains("arch:"), "{saved}");
+
+    let cnn = dir.join("cnn");
+    let cnn_cfg = dir.join("cnn.yaml");
+    let text = std::fs::read_to_string(&cfg).expect("config");
+    std::fs::write(&cnn_cfg, text.replacen("space: tiny\n", "space: tiny-cnn\n", 1)).expect("write");
+    let err = run(&RunOptions {
+        init: Some(sup_ckpt),
+        ..opts(Some(cnn_cfg), &cnn)
+    })
+    .expect_err("a tiny checkpoint into a tiny-cnn run");
+    assert!(err.to_string().contains("space"), "{err}");
+}
+
+/// The cpu engine's conflict measurement agrees with burn's on the same checkpoint and batches, and adds the
+/// stages and the kinds of subnet.
+#[test]
+fn conflict_measurements_of_both_engines_agree() {
+    let dir = scratch("conflicts");
+    let cfg = idx_config(&dir, "max_steps: 4\nengine: cpu\n");
+    let out = dir.join("run");
+    run(&opts(Some(cfg), &out)).expect("run");
+    let ckpt = resolve_last(&out).expect("last").join("supernet.safetensors");
+    let (config, _) = nasvit_train::run::load_config(&out.join("config.yaml")).expect("config");
+    let burn = nasvit_train::conflict::measure_conflicts(&ckpt, &config, 3).expect("burn");
+    let cpu = nasvit_train::conflict::measure_conflicts_cpu(&ckpt, &config, 3, 2).expect("cpu");
+    assert_eq!(cpu.batches, 3);
+    assert_eq!(cpu.pairs, burn.pairs);
+    // the same tensors under the checkpoint's names; none whose gradient is zero by symmetry
+    let names = |r: &nasvit_train::conflict::ConflictReport| -> Vec<String> {
+        let mut v: Vec<String> = r.by_tensor.iter().map(|x| x.name.clone()).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(&cpu), names(&burn));
+    assert!(names(&cpu).iter().any(|n| n.ends_with("attn.q.linear.bias")));
+    assert!(!names(&cpu)
+        .iter()
+        .any(|n| n.ends_with("attn.k.linear.bias") || n.contains("Transformer")));
+    assert!(cpu.pairs > 0);
+    assert!(
+        (cpu.overall_negative_share - burn.overall_negative_share).abs() <= 0.05,
+        "{} vs {}",
+        cpu.overall_negative_share,
+        burn.overall_negative_share
+    );
+    assert!(
+        (cpu.mean_cosine - burn.mean_cosine).abs() < 1e-3,
+        "{} vs {}",
+        cpu.mean_cosine,
+        burn.mean_cosine
+    );
+    let kinds: Vec<&str> = cpu.by_kind.iter().map(|k| k.kind.as_str()).collect();
+    assert_eq!(kinds, vec!["min", "random"]);
+    let stages: Vec<&str> = cpu.by_stage.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(stages.first(), Some(&"stem"), "{stages:?}");
+    assert_eq!(stages.last(), Some(&"head"), "{stages:?}");
+    assert!(stages.contains(&"mb7"), "{stages:?}");
+    let staged: u64 = cpu.by_stage.iter().map(|r| r.count).sum();
+    assert_eq!(staged, cpu.pairs, "every pair belongs to one stage");
 }

@@ -91,9 +91,13 @@ fn describe(s: &SearchSpace) -> String {
             p.mlp_dwconv
         );
     }
+    let grid = match s.max_grid() {
+        0 => "no transformer stages (a CNN space)".to_string(),
+        g => format!("largest token grid {g}x{g}"),
+    };
     out += &format!(
-        "largest token grid {0}x{0}; subnets from {1:.1} MMACs / {2:.2} M params (min) to {3:.1} MMACs / {4:.2} M params (max)\n",
-        s.max_grid(),
+        "{0}; subnets from {1:.1} MMACs / {2:.2} M params (min) to {3:.1} MMACs / {4:.2} M params (max)\n",
+        grid,
         min.mmacs,
         min.params as f64 / 1e6,
         max.mmacs,

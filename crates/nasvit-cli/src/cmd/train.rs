@@ -53,6 +53,14 @@ pub struct TrainArgs {
     /// Threads of the cpu engine (default: RAYON_NUM_THREADS, else all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Train this one subnet alone (`min`, `max` or a JSON/YAML arch file) instead of the supernet: the standalone
+    /// baseline of the paper's comparison. Its checkpoints are supernet checkpoints; pass the same --arch to
+    /// `nasvit eval` / `export`.
+    #[arg(long)]
+    arch: Option<String>,
+    /// Start from the weights of this supernet checkpoint (with --arch: fine-tune a subnet of a trained supernet).
+    #[arg(long)]
+    init: Option<PathBuf>,
 }
 
 pub fn run_cmd(args: TrainArgs) -> anyhow::Result<ExitCode> {
@@ -71,6 +79,8 @@ pub fn run_cmd(args: TrainArgs) -> anyhow::Result<ExitCode> {
         quiet: false,
         engine: args.engine,
         threads: args.threads,
+        arch: args.arch,
+        init: args.init,
     };
     match run(&opts) {
         Ok(s) => {
@@ -82,11 +92,14 @@ pub fn run_cmd(args: TrainArgs) -> anyhow::Result<ExitCode> {
                 s.last_checkpoint.join("supernet.safetensors").display()
             );
             if let Some(e) = s.last_eval {
+                let scores: Vec<String> = ["max", "min", "arch"]
+                    .iter()
+                    .filter_map(|k| e[format!("top1_{k}_recal")].as_f64().map(|v| format!("{k} {v:.2}%")))
+                    .collect();
                 println!(
-                    "val top-1 (EMA weights, BN re-calibrated on {} batches): max {:.2}%  min {:.2}%",
+                    "val top-1 (EMA weights, BN re-calibrated on {} batches): {}",
                     e["calib_batches"],
-                    e["top1_max_recal"].as_f64().unwrap_or(f64::NAN),
-                    e["top1_min_recal"].as_f64().unwrap_or(f64::NAN)
+                    scores.join("  ")
                 );
             }
             Ok(ExitCode::SUCCESS)

@@ -42,7 +42,7 @@ mod transformer;
 
 pub use eval::CpuNet;
 pub use params::{NetIdx, Store};
-pub use step::{AdamW, CpuTarget, CpuTrainer, Probe};
+pub use step::{AdamW, CpuTarget, CpuTrainer, Probe, SandwichGradients};
 
 use nasvit_space::SearchSpace;
 

@@ -33,7 +33,8 @@ pub struct Plan {
 }
 
 impl Plan {
-    pub fn new(idx: &NetIdx, shape: SubnetShape, arch: &Arch) -> Self {
+    /// The blocks of `arch`; without `switchable` scales every layer uses row 0, column 0 of its scale tensors.
+    pub fn new(idx: &NetIdx, shape: SubnetShape, arch: &Arch, switchable: bool) -> Self {
         let mut steps = Vec::new();
         let mut stage_ends = Vec::new();
         let mut h = shape.stem_hout;
@@ -82,8 +83,8 @@ impl Plan {
                                 windows,
                                 mlp_hidden: mlp_ratio * c,
                                 mlp_dwconv,
-                                scale_row: arch.depth[i],
-                                scale_col: (grid * grid) % 8,
+                                scale_row: if switchable { arch.depth[i] } else { 0 },
+                                scale_col: if switchable { (grid * grid) % 8 } else { 0 },
                             },
                         ));
                         h = grid;

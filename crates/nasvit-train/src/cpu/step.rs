@@ -62,6 +62,17 @@ pub struct Probe {
     pub taps: Vec<Vec<f32>>,
 }
 
+/// What [`CpuTrainer::gradients`] returns (flat, in the [`Store`] layout).
+#[derive(Clone, Debug)]
+pub struct SandwichGradients {
+    pub sup: Vec<f32>,
+    pub sub: Vec<f32>,
+    pub touched_sup: Vec<bool>,
+    pub touched_sub: Vec<bool>,
+    /// Batch-mean loss of each subnet, in sandwich order.
+    pub losses: Vec<f64>,
+}
+
 /// AdamW's settings (as burn's `AdamWConfig`, which the burn path uses).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamW {
@@ -289,6 +300,42 @@ impl CpuTrainer {
         }
         self.update_running_stats(&outs);
         Ok(self.apply_gradients(threads, combine, lr, losses))
+    }
+
+    /// The gradients of one sandwich without a weight update (gradient-conflict measurement): the first subnet's
+    /// (`sup`) and the sum of the others' (`sub`), each with the tensors it reached, and the batch-mean losses.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gradients(
+        &mut self,
+        images: &[f32],
+        shape: [usize; 4],
+        labels: &[i64],
+        nets: &[SandwichNet],
+        target: &CpuTarget,
+        kd: &AlphaDivergence,
+    ) -> Result<SandwichGradients, StepError> {
+        let archs: Vec<&Arch> = nets.iter().map(|n| &n.arch).collect();
+        let (outs, threads) = self.run_job(images, shape, labels, &archs, &Job::Sandwich { target, kd })?;
+        let len = self.values.len();
+        let (mut sup, mut sub) = (vec![0.0f32; len], vec![0.0f32; len]);
+        for w in self.workers.iter().take(threads) {
+            for (d, v) in sup.iter_mut().zip(&w.g_sup) {
+                *d += v;
+            }
+            for (d, v) in sub.iter_mut().zip(&w.g_sub) {
+                *d += v;
+            }
+        }
+        let losses = (0..nets.len())
+            .map(|k| outs.iter().map(|o| o.losses[k]).sum::<f64>() / shape[0] as f64)
+            .collect();
+        Ok(SandwichGradients {
+            sup,
+            sub,
+            touched_sup: self.workers[0].touched_sup.clone(),
+            touched_sub: self.workers[0].touched_sub.clone(),
+            losses,
+        })
     }
 
     /// Training-mode forward and backward of one subnet for the loss `sum(logits * weight)` (`weight: [B,
@@ -630,7 +677,12 @@ pub(super) fn run_job(
     let mut plans = Vec::with_capacity(archs.len());
     for a in archs {
         a.validate(net.space).map_err(ModelError::from)?;
-        plans.push(Plan::new(net.idx, SubnetShape::new(net.space, a), a));
+        plans.push(Plan::new(
+            net.idx,
+            SubnetShape::new(net.space, a),
+            a,
+            net.space.switchable_scales,
+        ));
     }
     let threads = net.threads.min(bt).max(1);
     let len = net.values.len();

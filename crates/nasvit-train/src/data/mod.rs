@@ -9,6 +9,7 @@ pub mod build;
 pub mod folder;
 pub mod idx;
 pub mod loader;
+pub mod mixup;
 pub mod split;
 pub mod transforms;
 
