@@ -14,7 +14,7 @@ use clap::{Parser, Subcommand};
     about = "Weight-sharing neural architecture search for efficient hybrid CNN + vision-transformer models (NASViT)",
     long_about = "Weight-sharing neural architecture search for efficient hybrid CNN + vision-transformer models, \
                   after NASViT (ICLR 2022).\n\n\
-                  Spaces are built in (official, paper, tiny) or YAML files; an ARCH is `min`, `max` or a JSON/YAML \
+                  Spaces are built in (official, paper, tiny, tiny-cnn) or YAML files; an ARCH is `min`, `max` or a JSON/YAML \
                   file with {resolution, width[9], depth[7], kernel_size[7], expand_ratio[7]}."
 )]
 struct Cli {

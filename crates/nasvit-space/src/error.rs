@@ -6,7 +6,7 @@ use thiserror::Error;
 
 #[derive(Debug, Error, Clone, PartialEq)]
 pub enum SpaceError {
-    #[error("unknown space `{name}`: not a built-in space (official, paper, tiny) and no such file")]
+    #[error("unknown space `{name}`: not a built-in space (official, paper, tiny, tiny-cnn) and no such file")]
     UnknownBuiltin { name: String },
     #[error("cannot read space file {path}: {reason}")]
     Io { path: String, reason: String },

@@ -445,6 +445,54 @@ impl TrainConfig {
         })
     }
 
+    /// Reads a YAML config with `KEY=VALUE` overrides applied first (`KEY` a dotted path such as
+    /// `grad_proj.enabled`, `VALUE` YAML: `seed=3`, `space=tiny-cnn`, `augment.mixup_alpha=0.8`).
+    pub fn from_yaml_with(text: &str, overrides: &[String]) -> Result<Self, ConfigError> {
+        if overrides.is_empty() {
+            return Self::from_yaml_str(text);
+        }
+        let bad = |reason: String| ConfigError::Parse {
+            path: "--set".into(),
+            reason,
+        };
+        let mut root: serde_yaml::Value = if text.trim().is_empty() {
+            serde_yaml::Value::Mapping(Default::default())
+        } else {
+            serde_yaml::from_str(text).map_err(|e| ConfigError::Parse {
+                path: "<config>".into(),
+                reason: e.to_string(),
+            })?
+        };
+        for o in overrides {
+            let (key, value) = o
+                .split_once('=')
+                .ok_or_else(|| bad(format!("`{o}`: expected KEY=VALUE")))?;
+            let value: serde_yaml::Value =
+                serde_yaml::from_str(value).map_err(|e| bad(format!("`{o}`: the value is not YAML: {e}")))?;
+            let parts: Vec<&str> = key.split('.').collect();
+            if parts.iter().any(|p| p.is_empty()) {
+                return Err(bad(format!("`{o}`: empty key part")));
+            }
+            let mut node = &mut root;
+            for (i, part) in parts.iter().enumerate() {
+                let map = node
+                    .as_mapping_mut()
+                    .ok_or_else(|| bad(format!("`{o}`: {} is not a map", parts[..i].join("."))))?;
+                let k = serde_yaml::Value::String((*part).to_string());
+                if i + 1 == parts.len() {
+                    map.insert(k, value.clone());
+                    break;
+                }
+                node = map
+                    .entry(k)
+                    .or_insert_with(|| serde_yaml::Value::Mapping(Default::default()));
+            }
+        }
+        // through text: serde_yaml names the offending key in errors of `from_str`, not of `from_value`
+        let text = serde_yaml::to_string(&root).map_err(|e| bad(e.to_string()))?;
+        serde_yaml::from_str(&text).map_err(|e| bad(e.to_string()))
+    }
+
     pub fn to_yaml(&self) -> String {
         // Plain structs of numbers, strings and paths always serialise.
         serde_yaml::to_string(self).unwrap_or_default()

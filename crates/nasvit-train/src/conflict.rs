@@ -143,6 +143,18 @@ pub fn measure_conflicts_cpu(
                 break 'outer;
             }
             let nets = sandwich_archs(&space, n, config.seed, done as u64);
+            // the batches as training sees them: mixed when the config mixes
+            let mut batch = batch;
+            let [_, _, bh, bw] = batch.shape;
+            let target = match config.augment.mix().draw(config.seed, done as u64, bh, bw) {
+                Some(m) => CpuTarget::Soft(crate::data::mixup::apply(
+                    &mut batch,
+                    m,
+                    space.num_classes,
+                    config.label_smoothing,
+                )),
+                None => target.clone(),
+            };
             let g = eng
                 .gradients(&batch.images, batch.shape, &batch.labels, &nets, &target, &kd)
                 .map_err(err)?;
@@ -215,7 +227,7 @@ pub fn measure_conflicts_cpu(
 }
 
 /// Measures the conflicts of the checkpoint at `checkpoint` on `batches` training batches of `config`
-/// (a resolved training config: dataset, transforms, batch size, subnets per step, seed).
+/// (a resolved training config: dataset, transforms, Mixup/CutMix, batch size, subnets per step, seed).
 pub fn measure_conflicts(
     checkpoint: &Path,
     config: &TrainConfig,
@@ -258,9 +270,20 @@ pub fn measure_conflicts(
                 break 'outer;
             }
             let nets = sandwich_archs(&space, config.n_subnets.max(2), config.seed, done as u64);
-            let target = match &teacher {
-                Some(t) => MaxTarget::Soft(Box::new(t.soft_targets(&batch, &plain, &ad)?)),
-                None => MaxTarget::Labels {
+            let mut batch = batch;
+            let [_, _, bh, bw] = batch.shape;
+            let mixed = config
+                .augment
+                .mix()
+                .draw(config.seed, done as u64, bh, bw)
+                .map(|m| crate::data::mixup::apply(&mut batch, m, space.num_classes, config.label_smoothing));
+            let target = match (&teacher, mixed) {
+                (Some(t), _) => MaxTarget::Soft(Box::new(t.soft_targets(&batch, &plain, &ad)?)),
+                (None, Some(rows)) => MaxTarget::Soft(Box::new(burn::tensor::Tensor::from_data(
+                    burn::tensor::TensorData::new(rows, [batch.len(), space.num_classes]),
+                    &ad,
+                ))),
+                (None, None) => MaxTarget::Labels {
                     smoothing: config.label_smoothing,
                 },
             };

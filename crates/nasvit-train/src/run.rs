@@ -67,6 +67,8 @@ pub struct RunOptions {
     pub arch: Option<String>,
     /// Start from this supernet checkpoint's weights.
     pub init: Option<PathBuf>,
+    /// `KEY=VALUE` overrides of the config (dotted keys, YAML values), applied before it is resolved.
+    pub set: Vec<String>,
     /// Worker threads of the cpu engine (default: `RAYON_NUM_THREADS`, else the machine's).
     pub threads: Option<usize>,
 }
@@ -162,7 +164,17 @@ pub fn space_of(config: &TrainConfig) -> Result<SearchSpace, TrainError> {
 
 /// Reads and resolves a config file.
 pub fn load_config(path: &Path) -> Result<(TrainConfig, SearchSpace), TrainError> {
-    let raw = TrainConfig::from_file(path)?;
+    load_config_with(path, &[])
+}
+
+/// Reads a config file, applies `KEY=VALUE` overrides ([`TrainConfig::from_yaml_with`]) and resolves it.
+pub fn load_config_with(path: &Path, overrides: &[String]) -> Result<(TrainConfig, SearchSpace), TrainError> {
+    let raw = if overrides.is_empty() {
+        TrainConfig::from_file(path)?
+    } else {
+        let text = std::fs::read_to_string(path).map_err(|e| io_err(path, e))?;
+        TrainConfig::from_yaml_with(&text, overrides)?
+    };
     let space = SearchSpace::load(&raw.space).map_err(ConfigError::from)?;
     let cfg = raw.resolve_with_space(&space)?;
     let space = space_of(&cfg)?;
@@ -383,6 +395,11 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary, TrainError> {
     // --- config and run folder
     let (cfg, space, run_dir, resume_from, _lock) = match &opts.resume {
         Some(dir) => {
+            if !opts.set.is_empty() || opts.arch.is_some() || opts.init.is_some() {
+                return Err(TrainError::Usage(
+                    "--set, --arch and --init shape a new run; a resumed run keeps its config.yaml".into(),
+                ));
+            }
             let cfg_path = dir.join("config.yaml");
             let (mut cfg, _) = load_config(&cfg_path)?;
             if let Some(m) = opts.max_steps {
@@ -417,7 +434,7 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary, TrainError> {
                 .config
                 .as_ref()
                 .ok_or_else(|| TrainError::Usage("give --config FILE (or --resume RUN_DIR)".into()))?;
-            let (mut cfg, space) = load_config(path)?;
+            let (mut cfg, space) = load_config_with(path, &opts.set)?;
             if let Some(m) = opts.max_steps {
                 cfg.max_steps = Some(m);
             }

@@ -157,3 +157,38 @@ fn schedule_spans_the_run() {
 fn empty_file_is_the_default_config() {
     assert_eq!(TrainConfig::from_yaml_str("").expect("empty"), TrainConfig::default());
 }
+
+#[test]
+fn overrides_set_dotted_keys_with_yaml_values() {
+    let text = "space: tiny\nseed: 1\ngrad_proj:\n  enabled: true\n";
+    let set = |o: &[&str]| {
+        let o: Vec<String> = o.iter().map(|s| s.to_string()).collect();
+        TrainConfig::from_yaml_with(text, &o)
+    };
+    let c = set(&[
+        "seed=4",
+        "grad_proj.enabled=false",
+        "augment.mixup_alpha=0.8",
+        "space=tiny-cnn",
+    ])
+    .expect("valid");
+    assert_eq!(c.seed, 4);
+    assert!(!c.grad_proj.enabled);
+    assert_eq!(c.augment.mixup_alpha, 0.8);
+    assert_eq!(c.space, "tiny-cnn");
+    assert_eq!(
+        c.n_subnets,
+        TrainConfig::default().n_subnets,
+        "untouched keys keep their values"
+    );
+    for (bad, says) in [
+        ("seed", "KEY=VALUE"),
+        ("seed=many", "seed"),
+        ("no_such_key=1", "no_such_key"),
+        ("seed.x=1", "seed is not a map"),
+        ("grad_proj..enabled=1", "empty key part"),
+    ] {
+        let err = set(&[bad]).expect_err(bad).to_string();
+        assert!(err.contains(says), "{bad}: {err}");
+    }
+}

@@ -528,7 +528,10 @@ fn standalone_runs_train_one_subnet_from_scratch_or_from_a_checkpoint() {
                 col * space.num_classes + row
             }
         };
-        let (got, start) = (got.try_to_vec::<f32>().expect("f32"), start.try_to_vec::<f32>().expect("f32"));
+        let (got, start) = (
+            got.try_to_vec::<f32>().expect("f32"),
+            start.try_to_vec::<f32>().expect("f32"),
+        );
         let (mut same, mut moved) = (true, false);
         for row in 0..space.num_classes {
             for col in 0..wide {
@@ -560,12 +563,13 @@ fn standalone_runs_train_one_subnet_from_scratch_or_from_a_checkpoint() {
     assert!(err.to_string().contains("space"), "{err}");
 }
 
-/// The cpu engine's conflict measurement agrees with burn's on the same checkpoint and batches, and adds the
-/// stages and the kinds of subnet.
+/// The cpu engine's conflict measurement agrees with burn's on the same checkpoint and (mixed) batches, and adds
+/// the stages and the kinds of subnet.
 #[test]
 fn conflict_measurements_of_both_engines_agree() {
     let dir = scratch("conflicts");
-    let cfg = idx_config(&dir, "max_steps: 4\nengine: cpu\n");
+    // Mixup on: both measure on the batches as training mixes them
+    let cfg = idx_config(&dir, "  mixup_alpha: 0.8\nmax_steps: 4\nengine: cpu\n");
     let out = dir.join("run");
     run(&opts(Some(cfg), &out)).expect("run");
     let ckpt = resolve_last(&out).expect("last").join("supernet.safetensors");

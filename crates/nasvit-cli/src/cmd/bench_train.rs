@@ -16,7 +16,7 @@ use nasvit_train::EngineKind;
     several steps give a fair median)."
 )]
 pub struct BenchTrainArgs {
-    /// Search space: built-in name (official, paper, tiny) or YAML file.
+    /// Search space: built-in name (official, paper, tiny, tiny-cnn) or YAML file.
     #[arg(long, default_value = "tiny")]
     space: String,
     /// Images per step.

@@ -6,7 +6,7 @@ use nasvit_space::{Arch, SearchSpace};
 
 #[derive(Args)]
 pub struct FlopsArgs {
-    /// A built-in space (official, paper, tiny) or a YAML/JSON file.
+    /// A built-in space (official, paper, tiny, tiny-cnn) or a YAML/JSON file.
     #[arg(long, default_value = "official")]
     space: String,
     /// `min`, `max`, or a JSON/YAML arch file.

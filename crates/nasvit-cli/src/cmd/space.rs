@@ -8,7 +8,7 @@ use nasvit_space::{SearchSpace, BUILTIN};
 pub enum SpaceCommand {
     /// Print the choices of a space, its MACs range and its largest token grid.
     Show {
-        /// A built-in space (official, paper, tiny) or a YAML/JSON file.
+        /// A built-in space (official, paper, tiny, tiny-cnn) or a YAML/JSON file.
         space: String,
         /// Print the space file (YAML) instead of the table.
         #[arg(long)]

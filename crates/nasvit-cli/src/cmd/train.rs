@@ -61,6 +61,11 @@ pub struct TrainArgs {
     /// Start from the weights of this supernet checkpoint (with --arch: fine-tune a subnet of a trained supernet).
     #[arg(long)]
     init: Option<PathBuf>,
+    /// Override a value of the config: `--set KEY=VALUE`, repeatable; KEY is dotted, VALUE is YAML (e.g.
+    /// `--set seed=3 --set space=tiny-cnn --set grad_proj.enabled=false --set augment.mixup_alpha=0.8`). The
+    /// run's config.yaml holds the result.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
 }
 
 pub fn run_cmd(args: TrainArgs) -> anyhow::Result<ExitCode> {
@@ -81,6 +86,7 @@ pub fn run_cmd(args: TrainArgs) -> anyhow::Result<ExitCode> {
         threads: args.threads,
         arch: args.arch,
         init: args.init,
+        set: args.set,
     };
     match run(&opts) {
         Ok(s) => {
