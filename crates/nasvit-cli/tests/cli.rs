@@ -223,3 +223,50 @@ fn bench_train_prints_the_median_step_in_json() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("at least 1"));
 }
+
+/// `nasvit conflict --compare`: saved reports side by side, one column per run (the folder's name for a run's
+/// `conflict.json`); a file that is not a report is named in the error.
+#[test]
+fn conflict_compare_tabulates_saved_reports() {
+    let dir = std::env::temp_dir().join(format!("nasvit-cli-compare-{}", std::process::id()));
+    let report = |run: &str, share: f64, min: f64, mb4: f64| {
+        let d = dir.join(run);
+        std::fs::create_dir_all(&d).unwrap();
+        let v = serde_json::json!({
+            "checkpoint": "x", "batches": 2, "n_subnets": 4, "overall_negative_share": share, "pairs": 100,
+            "mean_cosine": 0.25, "by_layer": [], "by_tensor": [],
+            "by_stage": [{"name": "stem", "negative_share": 0.5, "count": 4}, {"name": "mb4", "negative_share": mb4, "count": 8}],
+            "by_kind": [{"kind": "min", "negative_share": min, "mean_cosine": 0.1, "pairs": 50}],
+        });
+        let p = d.join("conflict.json");
+        std::fs::write(&p, v.to_string()).unwrap();
+        p
+    };
+    let a = report("tiny-s0", 0.125, 0.25, 0.75);
+    let b = report("tiny-cnn-s0", 0.3, 0.5, 0.0);
+    let out = nasvit(&["conflict", "--compare", a.to_str().unwrap(), b.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "| | tiny-s0 | tiny-cnn-s0 |");
+    assert!(lines.contains(&"| negative cosines, % (all) | 12.5 | 30.0 |"), "{text}");
+    assert!(
+        lines.contains(&"| negative, % (min subnet alone) | 25.0 | 50.0 |"),
+        "{text}"
+    );
+    assert!(lines.contains(&"| negative, % (mb4) | 75.0 | 0.0 |"), "{text}");
+    let junk = dir.join("junk.json");
+    std::fs::write(&junk, "{\"not\": 1}").unwrap();
+    let out = nasvit(&["conflict", "--compare", a.to_str().unwrap(), junk.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("junk.json") && err.contains("not a `nasvit conflict --json` report"),
+        "{err}"
+    );
+    let out = nasvit(&["conflict", "--batches", "2"]);
+    assert!(
+        !out.status.success(),
+        "--checkpoint and --data are required without --compare"
+    );
+}

@@ -355,3 +355,41 @@ fn sizes_past_the_limits_are_refused_and_the_cost_of_the_largest_space_does_not_
     assert!(cost.mmacs.is_finite() && cost.mmacs > 1e12, "{}", cost.mmacs);
     assert!(cost.params > 1_000_000_000, "{}", cost.params);
 }
+
+/// The CNN twin of `tiny` (issue 17): tiny's genes with MBConv blocks in place of the transformer layers, a MACs
+/// range comparable to tiny's (the numbers its YAML header states).
+#[test]
+fn tiny_cnn_is_tiny_without_transformer_layers() {
+    let tiny = SearchSpace::builtin("tiny").unwrap();
+    let cnn = SearchSpace::builtin("tiny-cnn").unwrap();
+    assert_eq!(cnn.transformer_stages().count(), 0);
+    assert_eq!(tiny.transformer_stages().count(), 4);
+    assert_eq!(cnn.resolutions, tiny.resolutions);
+    assert_eq!(cnn.stages.len(), tiny.stages.len());
+    for (a, b) in cnn.stages.iter().zip(&tiny.stages) {
+        assert_eq!((&a.widths, &a.depths, a.stride), (&b.widths, &b.depths, b.stride));
+    }
+    let mmacs = |s: &SearchSpace, a: Arch| s.cost(&a).mmacs;
+    let (lo, hi) = (mmacs(&cnn, cnn.min_arch()), mmacs(&cnn, cnn.max_arch()));
+    assert!((lo - 2.7).abs() < 0.05 && (hi - 18.6).abs() < 0.05, "{lo} - {hi}");
+    let (tlo, thi) = (mmacs(&tiny, tiny.min_arch()), mmacs(&tiny, tiny.max_arch()));
+    assert!(
+        lo / tlo > 0.75 && hi / thi > 0.8,
+        "tiny {tlo} - {thi}, tiny-cnn {lo} - {hi}"
+    );
+    // a paper space needs a transformer stage for its genes
+    let bad = include_str!("../spaces/tiny-cnn.yaml").to_string()
+        + "paper:\n  windows: [1, 4]\n  mlp_ratio: [1, 2]\n  mlp_dwconv: [false, true]\n";
+    let err = SearchSpace::from_yaml_str(&bad, "bad").unwrap_err().to_string();
+    assert!(err.contains("transformer"), "{err}");
+}
+
+#[test]
+fn fixed_scales_survive_yaml_and_json() {
+    let mut s = SearchSpace::builtin("tiny").unwrap();
+    assert!(s.switchable_scales, "released: switchable");
+    assert!(!s.to_yaml().contains("switchable_scales"), "the default is not written");
+    s.switchable_scales = false;
+    assert_eq!(SearchSpace::from_yaml_str(&s.to_yaml(), "x").unwrap(), s);
+    assert_eq!(SearchSpace::from_yaml_str(&s.to_json().to_string(), "x").unwrap(), s);
+}
