@@ -47,6 +47,17 @@ def wall(d):
     return last
 
 
+def train_conflicts(d):
+    """Mean over the logged training steps of the share of shared tensors whose supernet and subnet gradients have a
+    negative inner product (before projection), as the training loop counts them."""
+    shares = []
+    for line in (d / "metrics.jsonl").read_text().splitlines():
+        v = json.loads(line)
+        if v.get("kind") == "train" and v.get("tensors_both"):
+            shares.append(v["conflicts"] / v["tensors_both"])
+    return statistics.fmean(shares) if shares else None
+
+
 def supernet_rows(out, settings):
     groups = {}
     for d, meta in runs(out):
@@ -59,7 +70,8 @@ def supernet_rows(out, settings):
             for s in (c or {}).get("by_stage", []):
                 if s["name"] not in stages:
                     stages.append(s["name"])
-    head = ["setting", "seeds", "max top-1 %", "min top-1 %", "negative cosines %", "mean cosine",
+    head = ["setting", "seeds", "max top-1 %", "min top-1 %", "negative during training %",
+            "negative cosines %", "mean cosine",
             "negative % (min alone)", "negative % (random alone)"] + [f"neg. % {s}" for s in stages] + ["train s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in settings:
@@ -77,6 +89,7 @@ def supernet_rows(out, settings):
 
         row = [name, str(len(dirs)),
                stat([top1(d, "max") for d in dirs]), stat([top1(d, "min") for d in dirs]),
+               stat([train_conflicts(d) for d in dirs], 100, 1),
                stat([c["overall_negative_share"] for c in conf], 100, 1),
                stat([c["mean_cosine"] for c in conf], 1, 4),
                stat([kind(c, "min") for c in conf], 100, 1), stat([kind(c, "random") for c in conf], 100, 1)]

@@ -88,6 +88,18 @@ fn stage_of(key: &str, stage_starts: &[usize]) -> String {
     "head".into()
 }
 
+/// The data config's class count is the checkpoint's.
+fn same_classes(checkpoint: &Path, config: &TrainConfig, space: &nasvit_space::SearchSpace) -> Result<(), TrainError> {
+    match config.data.num_classes {
+        Some(n) if n != space.num_classes => Err(TrainError::Usage(format!(
+            "{} has {} classes but the data config has {n}",
+            checkpoint.display(),
+            space.num_classes
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// [`measure_conflicts`] on the cpu engine (its own gradients, the same definitions), with the conflicts per stage
 /// and per kind of subnet: for each batch the supernet gradient is compared with the summed subnet gradient (as
 /// the projection sees it) and with each subnet's gradient alone.
@@ -100,15 +112,7 @@ pub fn measure_conflicts_cpu(
     let plain = Device::flex();
     let model = load_checkpoint(checkpoint, &plain)?;
     let space = model.space().clone();
-    if let Some(n) = config.data.num_classes {
-        if n != space.num_classes {
-            return Err(TrainError::Usage(format!(
-                "{} has {} classes but the data config has {n}",
-                checkpoint.display(),
-                space.num_classes
-            )));
-        }
-    }
+    same_classes(checkpoint, config, &space)?;
     if config.kd.teacher.is_some() {
         return Err(TrainError::Usage(
             "a teacher is not supported by the cpu conflict measurement; use --engine burn or the labels".into(),
@@ -237,15 +241,7 @@ pub fn measure_conflicts(
     let ad = plain.clone().autodiff();
     let mut model = load_checkpoint(checkpoint, &ad)?;
     let space = model.space().clone();
-    if let Some(n) = config.data.num_classes {
-        if n != space.num_classes {
-            return Err(TrainError::Usage(format!(
-                "{} has {} classes but the data config has {n}",
-                checkpoint.display(),
-                space.num_classes
-            )));
-        }
-    }
+    same_classes(checkpoint, config, &space)?;
     let datasets = open_datasets(config)?;
     let loader = train_loader(config, datasets.train.clone());
     let teacher = match &config.kd.teacher {

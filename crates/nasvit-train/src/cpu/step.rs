@@ -270,13 +270,7 @@ impl CpuTrainer {
         lr: f64,
     ) -> Result<StepReport, StepError> {
         let bt = shape[0];
-        if let CpuTarget::Soft(p) = target {
-            if p.len() != bt * self.space.num_classes {
-                return Err(StepError::Model(ModelError::Tensors(
-                    "soft targets of another batch".into(),
-                )));
-            }
-        }
+        self.check_target(target, bt)?;
         let archs: Vec<&Arch> = nets.iter().map(|n| &n.arch).collect();
         let (outs, threads) = self.run_job(images, shape, labels, &archs, &Job::Sandwich { target, kd })?;
         // losses (batch means), in sandwich order; a non-finite one abandons the step
@@ -302,6 +296,16 @@ impl CpuTrainer {
         Ok(self.apply_gradients(threads, combine, lr, losses))
     }
 
+    /// Soft targets must be one row of class probabilities per image of the batch.
+    fn check_target(&self, target: &CpuTarget, batch: usize) -> Result<(), StepError> {
+        match target {
+            CpuTarget::Soft(p) if p.len() != batch * self.space.num_classes => Err(StepError::Model(
+                ModelError::Tensors("soft targets of another batch".into()),
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// The gradients of one sandwich without a weight update (gradient-conflict measurement): the first subnet's
     /// (`sup`) and the sum of the others' (`sub`), each with the tensors it reached, and the batch-mean losses.
     #[allow(clippy::too_many_arguments)]
@@ -314,6 +318,7 @@ impl CpuTrainer {
         target: &CpuTarget,
         kd: &AlphaDivergence,
     ) -> Result<SandwichGradients, StepError> {
+        self.check_target(target, shape[0])?;
         let archs: Vec<&Arch> = nets.iter().map(|n| &n.arch).collect();
         let (outs, threads) = self.run_job(images, shape, labels, &archs, &Job::Sandwich { target, kd })?;
         let len = self.values.len();
