@@ -3,7 +3,8 @@
 # and measures each run, and writes one table of mean +- std over the seeds.
 #
 #   scripts/experiments.sh conflicts    tiny vs tiny-cnn supernets, same recipe: conflict shares, max/min top-1
-#   scripts/experiments.sh ablation     tiny: baseline / + projection / + switchable scaling / + weak augmentation
+#   scripts/experiments.sh ablation     tiny: baseline / + projection / + switchable scaling / + weak augmentation,
+#                                       and the weak recipe without projection
 #   scripts/experiments.sh standalone   min, max and two searched subnets: from the supernet vs trained alone
 #   scripts/experiments.sh all          the three, sharing the runs they have in common
 #
@@ -53,6 +54,7 @@ declare -A SETS=(
     [baseline]="$STRONG --set grad_proj.enabled=false --set switchable_scales=false"
     [proj]="$STRONG --set switchable_scales=false"
     [proj-switch]="$STRONG"
+    [tiny-noproj]="--set grad_proj.enabled=false"
 )
 # Standalone subnets: name -> arch (min, max, two subnets the demo's search picked, 8.4 and 12.6 MMACs).
 declare -A ARCHS=([min]=min [max]=max [a]=configs/experiments/arch-a.json [b]=configs/experiments/arch-b.json)
@@ -135,9 +137,9 @@ run_queue() {
 supernets=()
 case "$EXP" in
 conflicts) supernets=(tiny tiny-cnn) ;;
-ablation) supernets=(baseline proj proj-switch tiny) ;;
+ablation) supernets=(baseline proj proj-switch tiny tiny-noproj) ;;
 standalone) supernets=(tiny) ;;
-all) supernets=(tiny tiny-cnn baseline proj proj-switch) ;;
+all) supernets=(tiny tiny-cnn baseline proj proj-switch tiny-noproj) ;;
 esac
 for seed in $SEEDS; do
     for s in "${supernets[@]}"; do

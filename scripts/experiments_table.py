@@ -134,7 +134,7 @@ def main():
     if exp == "conflicts":
         lines = supernet_rows(out, ["tiny", "tiny-cnn"])
     elif exp == "ablation":
-        lines = supernet_rows(out, ["baseline", "proj", "proj-switch", "tiny"])
+        lines = supernet_rows(out, ["baseline", "proj", "proj-switch", "tiny", "tiny-noproj"])
     else:
         lines = standalone_rows(out)
     print("\n".join(lines))
