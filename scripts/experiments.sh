@@ -16,6 +16,7 @@
 #   JOBS [2]         runs at once, each on THREADS threads [1]
 #   CALIB [32]       BN re-calibration batches of each evaluation
 #   BATCHES [10]     training batches of each conflict measurement
+#   LIMIT [all]      test images of each evaluation (a smoke run: LIMIT=100)
 #   NASVIT [target/release/nasvit]
 #
 # Every evaluation uses configs/experiments/eval.yaml (all 10 000 test images; BN re-calibrated on plain training
@@ -31,6 +32,7 @@ JOBS=${JOBS:-2}
 THREADS=${THREADS:-1}
 CALIB=${CALIB:-32}
 BATCHES=${BATCHES:-10}
+LIMIT=${LIMIT:-}
 NASVIT=${NASVIT:-target/release/nasvit}
 BASE=configs/experiments/tiny-fashion-mnist.yaml
 EVAL=configs/experiments/eval.yaml
@@ -112,7 +114,8 @@ evaluate() {
     local dir=$1 arch=$2 name=$3
     [ -f "$dir/eval-$name.json" ] && return
     "$NASVIT" eval --checkpoint "$dir/last/supernet.safetensors" --arch "$arch" --data "$EVAL" \
-        --calib-batches "$CALIB" --engine cpu --threads "$THREADS" --json "$dir/eval-$name.json" >/dev/null
+        --calib-batches "$CALIB" --engine cpu --threads "$THREADS" ${LIMIT:+--limit "$LIMIT"} \
+        --json "$dir/eval-$name.json" >/dev/null
 }
 
 # Runs the queued commands JOBS at a time; the first failure stops the grid after the running ones end.
