@@ -66,6 +66,9 @@ pub struct TrainArgs {
     /// run's config.yaml holds the result.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
+    /// The search space (a built-in name or a YAML file; overrides the config's `space`, as `--set space=...`).
+    #[arg(long)]
+    space: Option<String>,
 }
 
 pub fn run_cmd(args: TrainArgs) -> anyhow::Result<ExitCode> {
@@ -86,7 +89,11 @@ pub fn run_cmd(args: TrainArgs) -> anyhow::Result<ExitCode> {
         threads: args.threads,
         arch: args.arch,
         init: args.init,
-        set: args.set,
+        set: args
+            .set
+            .into_iter()
+            .chain(args.space.map(|s| format!("space={s}")))
+            .collect(),
     };
     match run(&opts) {
         Ok(s) => {
