@@ -56,6 +56,11 @@ enum Command {
     Conflict(cmd::conflict::ConflictArgs),
     /// Convert a released NASViT state dict (safetensors) into a nasvit checkpoint.
     ImportOfficial(cmd::import::ImportArgs),
+    /// Data tools: `bench` (images/s of the training loader).
+    Data {
+        #[command(subcommand)]
+        command: cmd::data_bench::DataCommand,
+    },
 }
 
 fn main() -> ExitCode {
@@ -76,6 +81,7 @@ fn main() -> ExitCode {
         Command::BenchTrain(args) => cmd::bench_train::run(args),
         Command::Report(args) => cmd::report::run(args),
         Command::Conflict(args) => cmd::conflict::run(args),
+        Command::Data { command } => cmd::data_bench::run(command),
         Command::ImportOfficial(args) => cmd::import::run(args),
     };
     match result {

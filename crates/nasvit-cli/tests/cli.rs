@@ -270,3 +270,44 @@ fn conflict_compare_tabulates_saved_reports() {
         "--checkpoint and --data are required without --compare"
     );
 }
+
+/// `nasvit data bench` times the training loader on an image folder: the images it asked for, at the size asked.
+#[test]
+fn data_bench_times_the_loader_on_an_image_folder() {
+    let dir = std::env::temp_dir().join(format!("nasvit-cli-databench-{}", std::process::id()));
+    for split in ["train", "val"] {
+        for class in ["a", "b"] {
+            let d = dir.join(split).join(class);
+            std::fs::create_dir_all(&d).unwrap();
+            for i in 0..12u8 {
+                let img = image::RgbImage::from_fn(40, 30, |x, y| image::Rgb([x as u8 * 6, y as u8 * 8, i * 20]));
+                img.save(d.join(format!("{i}.png"))).unwrap();
+            }
+        }
+    }
+    let d = dir.to_str().unwrap();
+    let out = nasvit(&[
+        "data",
+        "bench",
+        "--data",
+        d,
+        "--workers",
+        "2",
+        "--size",
+        "32",
+        "--batch",
+        "4",
+        "--batches",
+        "3",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(v["images"], 12);
+    assert_eq!(v["size"], 32);
+    assert!(v["images_per_s"].as_f64().is_some_and(|x| x > 0.0), "{v}");
+    // 24 training images are 6 batches of 4: 1 untimed + 3 timed fit, 9 do not
+    let out = nasvit(&["data", "bench", "--data", d, "--batch", "4", "--batches", "9"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("fewer --batches"));
+}

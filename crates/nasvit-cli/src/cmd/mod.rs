@@ -3,6 +3,7 @@ pub mod bench_train;
 pub mod conflict;
 pub mod cpu_eval;
 pub mod data;
+pub mod data_bench;
 pub mod demo;
 pub mod eval;
 pub mod export;
