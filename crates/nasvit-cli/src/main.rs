@@ -63,7 +63,22 @@ enum Command {
     },
 }
 
+/// A closed stdout (`nasvit ... | head`) ends the process quietly, as for other Unix tools, instead of a panic in
+/// `println!`: Rust ignores SIGPIPE by default, so writes to a closed pipe fail with EPIPE.
+#[cfg(unix)]
+fn default_sigpipe() {
+    // SAFETY: called first in main, before any thread exists; setting a signal's disposition to SIG_DFL installs
+    // no handler code and touches no Rust state (the test `a_closed_pipe_ends_quietly` runs it).
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+#[cfg(not(unix))]
+fn default_sigpipe() {}
+
 fn main() -> ExitCode {
+    default_sigpipe();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Demo(args) => cmd::demo::run(args),

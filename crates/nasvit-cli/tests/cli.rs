@@ -311,3 +311,22 @@ fn data_bench_times_the_loader_on_an_image_folder() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("fewer --batches"));
 }
+
+/// `nasvit ... | head -1` ends quietly when the reader has gone: stdout is a pipe whose read end is closed before
+/// nasvit starts, so its first write fails; without the default SIGPIPE disposition `println!` panics.
+#[cfg(unix)]
+#[test]
+fn a_closed_pipe_ends_quietly() {
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let out = Command::new(env!("CARGO_BIN_EXE_nasvit"))
+        .args(["space", "show", "official"])
+        .stdout(writer)
+        .output()
+        .expect("run nasvit");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    use std::os::unix::process::ExitStatusExt;
+    // ended by SIGPIPE (13 on Linux and the BSDs), as `cat` or `grep` would be
+    assert_eq!(out.status.signal(), Some(13), "{:?}", out.status);
+}
