@@ -130,6 +130,7 @@ pub fn measure_conflicts_cpu(
         smoothing: config.label_smoothing,
     };
     let n = config.n_subnets.max(2);
+    let mix = config.augment.mix();
     let mut table = ConflictTable::default();
     let mut stages = ConflictTable::default();
     let mut kinds: std::collections::BTreeMap<&str, (ConflictTable, f64, u64)> = Default::default();
@@ -149,14 +150,15 @@ pub fn measure_conflicts_cpu(
             let nets = sandwich_archs(&space, n, config.seed, done as u64);
             // the batches as training sees them: mixed when the config mixes
             let mut batch = batch;
-            let [_, _, bh, bw] = batch.shape;
-            let target = match config.augment.mix().draw(config.seed, done as u64, bh, bw) {
-                Some(m) => CpuTarget::Soft(crate::data::mixup::apply(
-                    &mut batch,
-                    m,
-                    space.num_classes,
-                    config.label_smoothing,
-                )),
+            let mixed = mix.mix_batch(
+                &mut batch,
+                config.seed,
+                done as u64,
+                space.num_classes,
+                config.label_smoothing,
+            );
+            let target = match mixed {
+                Some((_, rows)) => CpuTarget::Soft(rows),
                 None => target.clone(),
             };
             let g = eng
@@ -256,6 +258,7 @@ pub fn measure_conflicts(
         None => None,
     };
     let kd = config.kd.loss();
+    let mix = config.augment.mix();
     let mut table = ConflictTable::default();
     let (mut sum_cos, mut n_cos) = (0.0, 0u64);
     let mut done = 0usize;
@@ -267,12 +270,15 @@ pub fn measure_conflicts(
             }
             let nets = sandwich_archs(&space, config.n_subnets.max(2), config.seed, done as u64);
             let mut batch = batch;
-            let [_, _, bh, bw] = batch.shape;
-            let mixed = config
-                .augment
-                .mix()
-                .draw(config.seed, done as u64, bh, bw)
-                .map(|m| crate::data::mixup::apply(&mut batch, m, space.num_classes, config.label_smoothing));
+            let mixed = mix
+                .mix_batch(
+                    &mut batch,
+                    config.seed,
+                    done as u64,
+                    space.num_classes,
+                    config.label_smoothing,
+                )
+                .map(|(_, rows)| rows);
             let target = match (&teacher, mixed) {
                 (Some(t), _) => MaxTarget::Soft(Box::new(t.soft_targets(&batch, &plain, &ad)?)),
                 (None, Some(rows)) => MaxTarget::Soft(Box::new(burn::tensor::Tensor::from_data(

@@ -28,7 +28,7 @@ use serde_json::{json, Value};
 
 use crate::config::{ConfigError, EngineKind, TrainConfig};
 use crate::cpu::{self, CpuNet, CpuTarget, CpuTrainer};
-use crate::data::{self, eval_loader, mixup, open_datasets, train_loader, DataError, Dataset, Loader};
+use crate::data::{self, eval_loader, open_datasets, train_loader, DataError, Dataset, Loader};
 use crate::ema::ModelEma;
 use crate::sandwich::{sandwich_archs, train_step, MaxTarget, Role, SandwichNet, StepError, StepSettings};
 use crate::state::{
@@ -746,15 +746,17 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary, TrainError> {
             // Mixup / CutMix (off by default): the max net then learns from the mixed label rows, or from the
             // teacher's view of the mixed images
             let mut batch = batch;
-            let [_, _, bh, bw] = batch.shape;
-            let drawn = mix.draw(cfg.seed, step, bh, bw);
-            let mixed = drawn.map(|m| mixup::apply(&mut batch, m, space.num_classes, cfg.label_smoothing));
+            let (mix_lam, mixed) =
+                match mix.mix_batch(&mut batch, cfg.seed, step, space.num_classes, cfg.label_smoothing) {
+                    Some((lam, rows)) => (Some(lam), Some(rows)),
+                    None => (None, None),
+                };
             let result = match &mut trainer {
                 Trainer::Burn { model, ema, optim } => {
-                    let target = match (&teacher, &mixed) {
+                    let target = match (&teacher, mixed) {
                         (Some(t), _) => MaxTarget::Soft(Box::new(t.soft_targets(&batch, &plain, &ad)?)),
                         (None, Some(rows)) => MaxTarget::Soft(Box::new(Tensor::from_data(
-                            TensorData::new(rows.clone(), [batch.len(), space.num_classes]),
+                            TensorData::new(rows, [batch.len(), space.num_classes]),
                             &ad,
                         ))),
                         (None, None) => MaxTarget::Labels {
@@ -844,7 +846,7 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary, TrainError> {
                     "resolution": res, "images_per_s": ips, "sub_grad_norm": report.sub_grad_norm,
                     "conflicts": report.conflicts, "tensors_both": report.tensors_both,
                     "skipped_files": skipped, "wall_s": wall0 + started.elapsed().as_secs_f64(),
-                    "mix_lam": drawn.map(|m| m.lam()),
+                    "mix_lam": mix_lam,
                 }))?;
                 match &bar {
                     Some(pb) => pb.set_message(format!("loss {max_loss:.3} lr {lr:.2e} {ips:.1} img/s")),

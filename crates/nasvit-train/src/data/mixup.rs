@@ -91,6 +91,23 @@ impl MixConfig {
     }
 }
 
+impl MixConfig {
+    /// Draws the mixing of the batch of `step` and applies it ([`apply`]): the mixing weight and the soft targets,
+    /// or `None` when this batch is not mixed.
+    pub fn mix_batch(
+        &self,
+        batch: &mut Batch,
+        seed: u64,
+        step: u64,
+        classes: usize,
+        smoothing: f64,
+    ) -> Option<(f64, Vec<f32>)> {
+        let [_, _, h, w] = batch.shape;
+        let m = self.draw(seed, step, h, w)?;
+        Some((m.lam(), apply(batch, m, classes, smoothing)))
+    }
+}
+
 /// Mixes the batch's images in place and returns the soft targets `[B, classes]` (label-smoothed one-hot rows
 /// mixed with the same weight). Labels outside `0..classes` get an all-smoothing row (the loader never yields
 /// them: datasets check labels on read).
