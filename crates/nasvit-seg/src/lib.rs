@@ -1,0 +1,24 @@
+//! Semantic segmentation without tensors: label files, palettes, dataset loaders, a generated training set and
+//! mmsegmentation's metric. The model half (backbone pyramid, heads, training) builds on this crate; keeping it
+//! free of burn keeps `nasvit seg score` and the data tools light and their tests fast.
+//!
+//! - [`metric`]: the dataset-wide confusion matrix, mIoU / mAcc / aAcc by mmseg's rules, [`metric::Scores`]
+//!   (the JSON of `nasvit seg score`), a heat-map PNG of the matrix;
+//! - [`label`]: class-id PNGs (grey or palette, read as raw indices), photos, overlays;
+//! - [`palette`]: Cityscapes, ADE20K, VOC and generated colours, and the class names of the known sets;
+//! - [`data`]: [`SegDataset`], the Cityscapes / ADE20K / VOC-style loaders;
+//! - [`synth`]: Fashion-MNIST items on real photos, written in the VOC layout (`nasvit seg data make`).
+
+pub mod data;
+pub mod error;
+mod idx;
+pub mod io;
+pub mod label;
+pub mod metric;
+pub mod palette;
+pub mod synth;
+
+pub use data::{Layout, SegDataset, SegSample};
+pub use error::{Result, SegError};
+pub use metric::{ConfusionMatrix, Scores};
+pub use palette::Palette;
