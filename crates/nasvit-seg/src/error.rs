@@ -15,8 +15,9 @@ pub enum SegError {
     Label { path: String, reason: String },
     #[error("dataset {path}: {reason}")]
     Layout { path: String, reason: String },
-    #[error("{path}: {source}")]
-    Metric { path: String, source: MetricError },
+    // Not named `source`: thiserror would make it the error's cause and `{:#}` would print it twice.
+    #[error("{path}: {error}")]
+    Metric { path: String, error: MetricError },
     #[error("bad input: {0}")]
     Input(String),
 }

@@ -307,10 +307,10 @@ pub fn default_names(num_classes: usize) -> Vec<String> {
 }
 
 /// Wraps a metric error with the file or item it came from.
-pub fn at(path: impl std::fmt::Display, source: MetricError) -> SegError {
+pub fn at(path: impl std::fmt::Display, error: MetricError) -> SegError {
     SegError::Metric {
         path: path.to_string(),
-        source,
+        error,
     }
 }
 
