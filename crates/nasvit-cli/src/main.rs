@@ -61,6 +61,12 @@ enum Command {
         #[command(subcommand)]
         command: cmd::data_bench::DataCommand,
     },
+    /// Semantic segmentation: `score` (mIoU of label PNG folders, mmsegmentation's rules), `data make` (the
+    /// generated Fashion-MNIST-on-photos set).
+    Seg {
+        #[command(subcommand)]
+        command: cmd::seg::SegCommand,
+    },
 }
 
 /// A closed stdout (`nasvit ... | head`) ends the process quietly, as for other Unix tools, instead of a panic in
@@ -97,6 +103,7 @@ fn main() -> ExitCode {
         Command::Report(args) => cmd::report::run(args),
         Command::Conflict(args) => cmd::conflict::run(args),
         Command::Data { command } => cmd::data_bench::run(command),
+        Command::Seg { command } => cmd::seg::run(command),
         Command::ImportOfficial(args) => cmd::import::run(args),
     };
     match result {

@@ -12,5 +12,6 @@ pub mod import;
 pub mod infer;
 pub mod report;
 pub mod search;
+pub mod seg;
 pub mod space;
 pub mod train;

@@ -1,0 +1,275 @@
+//! `nasvit seg`: semantic segmentation tools that need no model. `score` is mmsegmentation's metric on two
+//! folders of label PNGs (so any model's output, ours or another framework's, is scored the same way); `data
+//! make` writes the generated Fashion-MNIST-on-photos set that the segmentation heads train on.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use nasvit_seg::data::read_class_names;
+use nasvit_seg::label::read_label_png;
+use nasvit_seg::metric::{self, ConfusionMatrix, MetricError};
+use nasvit_seg::synth::{self, Generator, SynthConfig};
+
+#[derive(Subcommand)]
+pub enum SegCommand {
+    /// mIoU, mAcc, aAcc and per-class IoU/Acc of predicted label PNGs against ground-truth label PNGs
+    /// (mmsegmentation's rules: one confusion matrix over the set, ground truth 255 ignored).
+    ///
+    /// Files are matched by stem (`x.png` in --pred scores against `x.png` in --gt); each holds one class id per
+    /// pixel (grey value or palette index). A ground-truth file without a prediction is an error; predictions
+    /// without ground truth are listed and skipped.
+    Score(ScoreArgs),
+    /// Segmentation data sets.
+    Data {
+        #[command(subcommand)]
+        command: SegDataCommand,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum SegDataCommand {
+    /// Generate the training set: Fashion-MNIST items (10 classes + background) on crops of real photos, in the
+    /// VOC layout (JPEGImages/*.png, SegmentationClassPNG/*.png, ImageSets/Segmentation/{train,val}.txt,
+    /// class_names.txt). Same seed, same bytes.
+    Make(MakeArgs),
+}
+
+#[derive(Args)]
+pub struct ScoreArgs {
+    /// Folder of predicted label PNGs.
+    #[arg(long)]
+    pred: PathBuf,
+    /// Folder of ground-truth label PNGs (255 = ignore).
+    #[arg(long)]
+    gt: PathBuf,
+    /// Number of classes (ids 0..N; at most 255).
+    #[arg(long)]
+    num_classes: usize,
+    /// Write the scores as JSON: {"miou", "aacc", "macc", "per_class": [{"class", "iou", "acc"}], "images"}.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Class names, one per line (VOC / labelme `class_names.txt`; a leading `__ignore__` is skipped).
+    #[arg(long)]
+    names: Option<PathBuf>,
+    /// Write the row-normalised confusion matrix as a heat-map PNG.
+    #[arg(long)]
+    confusion: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct MakeArgs {
+    /// Output folder (must not exist or be empty, unless --overwrite).
+    #[arg(long)]
+    out: PathBuf,
+    /// Training images (items from Fashion-MNIST's training file).
+    #[arg(long, default_value_t = 2000)]
+    train: usize,
+    /// Validation images (items from Fashion-MNIST's test file).
+    #[arg(long, default_value_t = 500)]
+    val: usize,
+    /// Image size HxW (or one number for a square), multiples of 32.
+    #[arg(long, default_value = "128x128")]
+    size: String,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Folder of Fashion-MNIST's IDX files (Debian package dataset-fashion-mnist).
+    #[arg(long, default_value = synth::FASHION_DIR)]
+    fashion: PathBuf,
+    /// Background photos or folders of photos (default: the photos of Debian's labelme-examples).
+    #[arg(long, num_args = 1..)]
+    backgrounds: Vec<PathBuf>,
+    /// Replace an existing output folder (the new one is built aside and swapped in complete).
+    #[arg(long)]
+    overwrite: bool,
+}
+
+pub fn run(command: SegCommand) -> anyhow::Result<()> {
+    match command {
+        SegCommand::Score(args) => score(args),
+        SegCommand::Data {
+            command: SegDataCommand::Make(args),
+        } => make(args),
+    }
+}
+
+fn bar(len: u64, msg: &str) -> ProgressBar {
+    let b = ProgressBar::new(len);
+    b.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg} (ETA {eta})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    b.set_message(msg.to_string());
+    b
+}
+
+/// The `.png` files of `dir` by stem.
+fn label_files(dir: &Path) -> anyhow::Result<BTreeMap<String, PathBuf>> {
+    let mut out = BTreeMap::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading folder {}", dir.display()))? {
+        let path = entry
+            .with_context(|| format!("reading folder {}", dir.display()))?
+            .path();
+        let is_png = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("png"));
+        if let (true, Some(stem)) = (is_png && path.is_file(), path.file_stem().and_then(|s| s.to_str())) {
+            out.insert(stem.to_string(), path.clone());
+        }
+    }
+    Ok(out)
+}
+
+/// `a.png, b.png, c.png and 7 more`.
+fn listing(stems: &[&String]) -> String {
+    const SHOWN: usize = 10;
+    let mut s = stems
+        .iter()
+        .take(SHOWN)
+        .map(|n| format!("{n}.png"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if stems.len() > SHOWN {
+        s += &format!(" and {} more", stems.len() - SHOWN);
+    }
+    s
+}
+
+fn score(args: ScoreArgs) -> anyhow::Result<()> {
+    let mut matrix = ConfusionMatrix::new(args.num_classes).context("--num-classes")?;
+    let names = match &args.names {
+        Some(path) => {
+            let names = read_class_names(path)?;
+            anyhow::ensure!(
+                names.len() == args.num_classes,
+                "{}: {} class names for --num-classes {}",
+                path.display(),
+                names.len(),
+                args.num_classes
+            );
+            names
+        }
+        None => metric::default_names(args.num_classes),
+    };
+    let gt = label_files(&args.gt)?;
+    let pred = label_files(&args.pred)?;
+    if gt.is_empty() {
+        bail!("no ground-truth label PNGs in {}", args.gt.display());
+    }
+    let missing: Vec<&String> = gt.keys().filter(|s| !pred.contains_key(*s)).collect();
+    if !missing.is_empty() {
+        bail!(
+            "{} of {} ground-truth files have no prediction in {}: {}",
+            missing.len(),
+            gt.len(),
+            args.pred.display(),
+            listing(&missing)
+        );
+    }
+    let extra: Vec<&String> = pred.keys().filter(|s| !gt.contains_key(*s)).collect();
+    if !extra.is_empty() {
+        eprintln!(
+            "warning: {} predictions have no ground truth in {} and are not scored: {}",
+            extra.len(),
+            args.gt.display(),
+            listing(&extra)
+        );
+    }
+    let progress = bar(gt.len() as u64, "images");
+    for (stem, gt_path) in &gt {
+        let pred_path = &pred[stem];
+        let g = read_label_png(gt_path)?;
+        let p = read_label_png(pred_path)?;
+        if (g.width, g.height) != (p.width, p.height) {
+            bail!(
+                "{} is {}x{} but its ground truth {} is {}x{}",
+                pred_path.display(),
+                p.width,
+                p.height,
+                gt_path.display(),
+                g.width,
+                g.height
+            );
+        }
+        matrix.add_image(&g.labels, &p.labels).map_err(|e| {
+            let at = if matches!(e, MetricError::GtOutOfRange { .. }) {
+                gt_path
+            } else {
+                pred_path
+            };
+            metric::at(at.display(), e)
+        })?;
+        progress.inc(1);
+    }
+    progress.finish_and_clear();
+    let scores = matrix.scores(&names).context("scoring")?;
+    print!("{}", scores.table());
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&scores)? + "\n";
+        nasvit_seg::io::write_atomic(path, text.as_bytes())?;
+    }
+    if let Some(path) = &args.confusion {
+        matrix.write_heat_map(path)?;
+    }
+    Ok(())
+}
+
+/// `HxW` or `N` (square).
+fn parse_size(s: &str) -> anyhow::Result<(u32, u32)> {
+    let parse = |v: &str| {
+        v.trim()
+            .parse::<u32>()
+            .with_context(|| format!("--size {s}: expected HxW (e.g. 128x128) or one number"))
+    };
+    match s.split_once(['x', 'X']) {
+        Some((h, w)) => Ok((parse(h)?, parse(w)?)),
+        None => {
+            let n = parse(s)?;
+            Ok((n, n))
+        }
+    }
+}
+
+fn make(args: MakeArgs) -> anyhow::Result<()> {
+    let (height, width) = parse_size(&args.size)?;
+    let backgrounds = if args.backgrounds.is_empty() {
+        synth::default_backgrounds()
+    } else {
+        args.backgrounds
+    };
+    let config = SynthConfig {
+        train: args.train,
+        val: args.val,
+        height,
+        width,
+        seed: args.seed,
+        fashion_dir: args.fashion,
+        backgrounds,
+    };
+    config.validate()?;
+    let generator = Generator::new(config)?;
+    let total = args.train + args.val;
+    let progress = bar(total as u64, "images");
+    generator.write_voc(&args.out, args.overwrite, &mut |n| progress.set_position(n as u64))?;
+    progress.finish_and_clear();
+    println!(
+        "{}: {} train + {} val images of {height}x{width}, {} classes (class_names.txt)",
+        args.out.display(),
+        args.train,
+        args.val,
+        synth::class_names().len()
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_as_height_by_width() {
+        assert_eq!(parse_size("128x96").unwrap(), (128, 96));
+        assert_eq!(parse_size("64").unwrap(), (64, 64));
+        assert!(parse_size("12y4").unwrap_err().to_string().contains("expected HxW"));
+    }
+}

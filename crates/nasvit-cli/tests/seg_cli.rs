@@ -1,0 +1,285 @@
+//! `nasvit seg score` and `nasvit seg data make` as a user runs them.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use nasvit_seg::label::write_label_png;
+
+/// A folder removed when the test ends (this crate's tests use plain folders under the system temp dir).
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new() -> Self {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("nasvit-seg-cli-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Self(p)
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn nasvit(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_nasvit"))
+        .args(args)
+        .output()
+        .expect("run nasvit")
+}
+
+fn ok(out: &Output) -> String {
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn labels(dir: &Path, name: &str, v: &[u8]) {
+    std::fs::create_dir_all(dir).unwrap();
+    write_label_png(&dir.join(name), v, 2, 2).unwrap();
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Two 2 x 2 images, four classes (class 3 never appears):
+///
+/// a: gt [0, 0, 1, 255]  pred [0, 1, 1, 0]  -> (0,0) (0,1) (1,1), one ignored
+/// b: gt [1, 1, 2, 2]    pred [1, 1, 1, 2]  -> (1,1) (1,1) (2,1) (2,2)
+///
+/// rows (gt): 0: [1, 1, 0, 0]  1: [0, 3, 0, 0]  2: [0, 1, 1, 0]  3: [0, 0, 0, 0]; column sums 1, 5, 1, 0
+/// IoU = 1/2, 3/5, 1/2, none -> mIoU 8/15; Acc = 1/2, 1, 1/2, none -> mAcc 2/3; aAcc = 5/7
+#[test]
+fn score_two_folders_against_a_hand_computed_answer() {
+    let dir = TempDir::new();
+    let (gt, pred) = (dir.path().join("gt"), dir.path().join("pred"));
+    labels(&gt, "a.png", &[0, 0, 1, 255]);
+    labels(&gt, "b.png", &[1, 1, 2, 2]);
+    labels(&pred, "a.png", &[0, 1, 1, 0]);
+    labels(&pred, "b.png", &[1, 1, 1, 2]);
+    labels(&pred, "extra.png", &[0, 0, 0, 0]);
+    let names = dir.path().join("class_names.txt");
+    std::fs::write(&names, "__ignore__\nbg\ncat\ndog\nbird\n").unwrap();
+    let json = dir.path().join("out/scores.json");
+    std::fs::create_dir_all(json.parent().unwrap()).unwrap();
+    let heat = dir.path().join("confusion.png");
+    let out = nasvit(&[
+        "seg",
+        "score",
+        "--pred",
+        s(&pred),
+        "--gt",
+        s(&gt),
+        "--num-classes",
+        "4",
+        "--names",
+        s(&names),
+        "--json",
+        s(&json),
+        "--confusion",
+        s(&heat),
+    ]);
+    let stdout = ok(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("1 predictions have no ground truth") && stderr.contains("extra.png"),
+        "{stderr}"
+    );
+    assert!(stdout.contains("cat      60.00   100.00"), "{stdout}");
+    assert!(stdout.contains("bird         -        -"), "{stdout}");
+    assert!(
+        stdout.contains("mIoU 53.33  mAcc 66.67  aAcc 71.43  (2 images)"),
+        "{stdout}"
+    );
+
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let close = |a: &serde_json::Value, b: f64| assert!((a.as_f64().unwrap() - b).abs() < 1e-12, "{a} != {b}");
+    close(&v["miou"], 8.0 / 15.0);
+    close(&v["macc"], 2.0 / 3.0);
+    close(&v["aacc"], 5.0 / 7.0);
+    assert_eq!(v["images"], 2);
+    let per: Vec<(String, Option<f64>, Option<f64>)> = v["per_class"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["class"].as_str().unwrap().to_string(),
+                c["iou"].as_f64(),
+                c["acc"].as_f64(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        per,
+        vec![
+            ("bg".into(), Some(0.5), Some(0.5)),
+            ("cat".into(), Some(0.6), Some(1.0)),
+            ("dog".into(), Some(0.5), Some(0.5)),
+            ("bird".into(), None, None),
+        ]
+    );
+    assert!(v["per_class"][3]["iou"].is_null());
+    let img = image::open(&heat).unwrap();
+    assert_eq!((img.width(), img.height()), (4 * 32 + 5, 4 * 32 + 5));
+}
+
+#[test]
+fn score_names_missing_predictions_and_bad_ids() {
+    let dir = TempDir::new();
+    let (gt, pred) = (dir.path().join("gt"), dir.path().join("pred"));
+    labels(&gt, "a.png", &[0, 0, 1, 1]);
+    labels(&gt, "b.png", &[0, 0, 1, 1]);
+    labels(&pred, "a.png", &[0, 0, 1, 3]);
+    let out = nasvit(&["seg", "score", "--pred", s(&pred), "--gt", s(&gt), "--num-classes", "2"]);
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        e.contains("1 of 2 ground-truth files have no prediction") && e.contains("b.png"),
+        "{e}"
+    );
+
+    labels(&pred, "b.png", &[0, 0, 1, 1]);
+    let json = dir.path().join("s.json");
+    let out = nasvit(&[
+        "seg",
+        "score",
+        "--pred",
+        s(&pred),
+        "--gt",
+        s(&gt),
+        "--num-classes",
+        "2",
+        "--json",
+        s(&json),
+    ]);
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        e.contains("pred/a.png") && e.contains("predicted label 3 at pixel 3 is not a class id (0..2)"),
+        "{e}"
+    );
+    assert_eq!(e.matches("predicted label 3").count(), 1, "said once: {e}");
+    assert!(!json.exists(), "no JSON for a failed score");
+}
+
+fn idx(path: &Path, dims: &[u32], data: &[u8]) {
+    let mut v = vec![0, 0, 8, dims.len() as u8];
+    for d in dims {
+        v.extend_from_slice(&d.to_be_bytes());
+    }
+    v.extend_from_slice(data);
+    std::fs::write(path, v).unwrap();
+}
+
+/// A Fashion-MNIST stand-in (a 28 x 28 square item per class) and one background photo, so the test runs
+/// wherever the binary does.
+fn sources(dir: &Path) -> (String, String) {
+    let fashion = dir.join("fashion");
+    std::fs::create_dir_all(&fashion).unwrap();
+    let item: Vec<u8> = (0..784)
+        .map(|i| if (4..24).contains(&(i / 28)) { 180 } else { 0 })
+        .collect();
+    for prefix in ["train", "t10k"] {
+        idx(
+            &fashion.join(format!("{prefix}-images-idx3-ubyte")),
+            &[10, 28, 28],
+            &item.repeat(10),
+        );
+        idx(
+            &fashion.join(format!("{prefix}-labels-idx1-ubyte")),
+            &[10],
+            &(0..10).collect::<Vec<u8>>(),
+        );
+    }
+    let bg = dir.join("bg.png");
+    image::RgbImage::from_fn(100, 70, |x, y| image::Rgb([x as u8, y as u8, 128]))
+        .save(&bg)
+        .unwrap();
+    (s(&fashion).to_string(), s(&bg).to_string())
+}
+
+#[test]
+fn data_make_then_score_ground_truth_against_itself() {
+    let dir = TempDir::new();
+    let (fashion, bg) = sources(dir.path());
+    let out_dir = dir.path().join("synth");
+    let make = |size: &str, extra: &[&str]| {
+        let mut args = vec![
+            "seg",
+            "data",
+            "make",
+            "--out",
+            s(&out_dir),
+            "--train",
+            "3",
+            "--val",
+            "2",
+            "--size",
+            size,
+            "--seed",
+            "5",
+            "--fashion",
+            &fashion,
+            "--backgrounds",
+            &bg,
+        ];
+        args.extend_from_slice(extra);
+        nasvit(&args)
+    };
+    let stdout = ok(&make("64x32", &[]));
+    assert!(
+        stdout.contains("3 train + 2 val images of 64x32, 11 classes"),
+        "{stdout}"
+    );
+    let sets = out_dir.join("ImageSets/Segmentation");
+    assert_eq!(
+        std::fs::read_to_string(sets.join("val.txt")).unwrap(),
+        "val_000000\nval_000001\n"
+    );
+    let img = image::open(out_dir.join("JPEGImages/train_000002.png")).unwrap();
+    assert_eq!((img.width(), img.height()), (32, 64));
+
+    let again = make("64x32", &[]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("exists and is not empty"));
+    ok(&make("64x32", &["--overwrite"]));
+
+    let labels_dir = out_dir.join("SegmentationClassPNG");
+    let json = dir.path().join("self.json");
+    ok(&nasvit(&[
+        "seg",
+        "score",
+        "--pred",
+        s(&labels_dir),
+        "--gt",
+        s(&labels_dir),
+        "--num-classes",
+        "11",
+        "--names",
+        s(&out_dir.join("class_names.txt")),
+        "--json",
+        s(&json),
+    ]));
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(
+        (v["miou"].as_f64(), v["aacc"].as_f64(), v["macc"].as_f64()),
+        (Some(1.0), Some(1.0), Some(1.0))
+    );
+    assert_eq!(v["images"], 5);
+    assert_eq!(v["per_class"][0]["class"], "background");
+    assert_eq!(v["per_class"][1]["class"], "T-shirt/top");
+
+    let bad = make("100x64", &["--overwrite"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("height 100: must be a multiple of 32"));
+}
