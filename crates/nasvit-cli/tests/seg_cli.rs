@@ -279,6 +279,52 @@ fn data_make_then_score_ground_truth_against_itself() {
     assert_eq!(v["per_class"][0]["class"], "background");
     assert_eq!(v["per_class"][1]["class"], "T-shirt/top");
 
+    // the val split alone: predictions for val only, the ground-truth folder holding both splits
+    let val_pred = dir.path().join("val_pred");
+    std::fs::create_dir_all(&val_pred).unwrap();
+    for stem in ["val_000000", "val_000001"] {
+        let name = format!("{stem}.png");
+        std::fs::copy(labels_dir.join(&name), val_pred.join(&name)).unwrap();
+    }
+    let score_val = |list: &Path| {
+        nasvit(&[
+            "seg",
+            "score",
+            "--pred",
+            s(&val_pred),
+            "--gt",
+            s(&labels_dir),
+            "--num-classes",
+            "11",
+            "--list",
+            s(list),
+        ])
+    };
+    let stdout = ok(&score_val(&sets.join("val.txt")));
+    assert!(
+        stdout.contains("mIoU 100.00  mAcc 100.00  aAcc 100.00  (2 images)"),
+        "{stdout}"
+    );
+    let without_list = nasvit(&[
+        "seg",
+        "score",
+        "--pred",
+        s(&val_pred),
+        "--gt",
+        s(&labels_dir),
+        "--num-classes",
+        "11",
+    ]);
+    let e = String::from_utf8_lossy(&without_list.stderr);
+    assert!(
+        e.contains("3 of 5 ground-truth files have no prediction") && e.contains("train_000000.png"),
+        "{e}"
+    );
+    let bad_list = dir.path().join("bad.txt");
+    std::fs::write(&bad_list, "val_000000\nval_000009\n").unwrap();
+    let e = String::from_utf8_lossy(&score_val(&bad_list).stderr).into_owned();
+    assert!(e.contains("1 of the 2 stems") && e.contains("val_000009.png"), "{e}");
+
     let bad = make("100x64", &["--overwrite"]);
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("height 100: must be a multiple of 32"));

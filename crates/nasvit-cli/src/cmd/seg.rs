@@ -57,6 +57,10 @@ pub struct ScoreArgs {
     /// Write the row-normalised confusion matrix as a heat-map PNG.
     #[arg(long)]
     confusion: Option<PathBuf>,
+    /// Score only the stems listed in this file, one per line (e.g. VOC's ImageSets/Segmentation/val.txt, when
+    /// --gt holds every split).
+    #[arg(long)]
+    list: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -151,8 +155,28 @@ fn score(args: ScoreArgs) -> anyhow::Result<()> {
         }
         None => metric::default_names(args.num_classes),
     };
-    let gt = label_files(&args.gt)?;
+    let mut gt = label_files(&args.gt)?;
     let pred = label_files(&args.pred)?;
+    if let Some(list) = &args.list {
+        let text = std::fs::read_to_string(list).with_context(|| format!("reading {}", list.display()))?;
+        let stems: Vec<&str> = text.lines().filter_map(|l| l.split_whitespace().next()).collect();
+        let unknown: Vec<String> = stems
+            .iter()
+            .filter(|s| !gt.contains_key(**s))
+            .map(|s| s.to_string())
+            .collect();
+        if !unknown.is_empty() {
+            bail!(
+                "{} of the {} stems of {} have no ground truth in {}: {}",
+                unknown.len(),
+                stems.len(),
+                list.display(),
+                args.gt.display(),
+                listing(&unknown.iter().collect::<Vec<_>>())
+            );
+        }
+        gt.retain(|stem, _| stems.contains(&stem.as_str()));
+    }
     if gt.is_empty() {
         bail!("no ground-truth label PNGs in {}", args.gt.display());
     }
