@@ -330,3 +330,40 @@ fn a_closed_pipe_ends_quietly() {
     // ended by SIGPIPE (13 on Linux and the BSDs), as `cat` or `grep` would be
     assert_eq!(out.status.signal(), Some(13), "{:?}", out.status);
 }
+
+/// A GPU device whose backend this build lacks ends every command that takes `--device` in one error line that
+/// says how to build it (the default build has neither `wgpu` nor `cuda`); a malformed device is a usage error.
+#[cfg(not(any(feature = "wgpu", feature = "cuda")))]
+#[test]
+fn a_gpu_device_without_its_backend_is_one_clear_error() {
+    for (device, feature) in [("cuda", "cuda"), ("cuda:1", "cuda"), ("wgpu", "wgpu")] {
+        for cmd in [
+            vec!["bench-train", "--steps", "1", "--device", device],
+            vec!["train", "--config", "no-such-config.yaml", "--device", device],
+            vec![
+                "eval",
+                "--checkpoint",
+                "x",
+                "--arch",
+                "min",
+                "--data",
+                "x",
+                "--device",
+                device,
+            ],
+        ] {
+            let out = nasvit(&cmd);
+            assert!(!out.status.success(), "{cmd:?}");
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(err.trim().lines().count(), 1, "{cmd:?}: {err}");
+            assert!(err.contains(&format!("--features {feature}")), "{cmd:?}: {err}");
+        }
+    }
+    let out = nasvit(&["bench-train", "--device", "tpu"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown device `tpu`"));
+    // `--engine cpu` is the CPU's engine: asking for it on another device is refused before anything runs
+    let out = nasvit(&["bench-train", "--engine", "cpu", "--device", "wgpu:cpu"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--engine cpu"));
+}

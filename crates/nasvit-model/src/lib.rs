@@ -10,6 +10,7 @@ pub mod blocks;
 pub mod calibrate;
 pub mod checkpoint;
 pub mod conv_bn;
+pub mod device;
 pub mod elastic;
 pub mod error;
 pub mod head;
@@ -21,6 +22,7 @@ pub mod supernet;
 
 pub use calibrate::{Calibration, DEFAULT_CALIB_BATCHES};
 pub use checkpoint::{import_official, is_ignored_key, load_checkpoint, read_metadata, save_checkpoint};
+pub use device::{DeviceError, DeviceSpec, WgpuAdapter};
 pub use elastic::Mode;
 pub use error::ModelError;
 pub use init::ParamInit;

@@ -30,6 +30,8 @@ pub struct BenchTrainOptions {
     /// Subnets per step (4: the sandwich rule).
     pub n_subnets: usize,
     pub seed: u64,
+    /// The burn engine's device (the cpu engine runs on the CPU threads).
+    pub device: Device,
 }
 
 /// The timings.
@@ -85,7 +87,7 @@ pub fn bench_train(o: &BenchTrainOptions, mut on_step: impl FnMut(usize, f64)) -
     let lr = 1e-4;
     match engine {
         EngineKind::Burn => {
-            let ad = Device::flex().autodiff();
+            let ad = o.device.clone().autodiff();
             let mut model = SupernetConfig::new(space.clone())
                 .with_seed(o.seed)
                 .try_init(&ad, MAX_SUPERNET_FLOATS)?;
@@ -104,6 +106,8 @@ pub fn bench_train(o: &BenchTrainOptions, mut on_step: impl FnMut(usize, f64)) -
                 let (m, r) = train_step(model, &mut optim, &mut ema, &nets, x, y, &target, &settings, lr);
                 model = m;
                 r.map_err(step_error)?;
+                // a GPU may still run the optimiser's kernels: the step ends when the device is done
+                ad.sync().map_err(|e| TrainError::Usage(format!("device: {e:?}")))?;
                 let dt = t.elapsed().as_secs_f64();
                 on_step(step, dt);
                 if step > 0 {

@@ -238,8 +238,9 @@ pub fn measure_conflicts(
     checkpoint: &Path,
     config: &TrainConfig,
     batches: usize,
+    device: &Device,
 ) -> Result<ConflictReport, TrainError> {
-    let plain = Device::flex();
+    let plain = device.clone();
     let ad = plain.clone().autodiff();
     let mut model = load_checkpoint(checkpoint, &ad)?;
     let space = model.space().clone();

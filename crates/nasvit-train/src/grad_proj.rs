@@ -128,6 +128,29 @@ pub fn global_norm<M: Module>(module: &M, grads: &GradientsParams) -> Option<Ten
     visitor.total.map(|t| t.sqrt())
 }
 
+/// `factor * g` for every gradient of `module`'s float parameters in `grads` (others are dropped).
+pub fn scale_gradients<M: Module>(module: &M, grads: GradientsParams, factor: f64) -> GradientsParams {
+    struct Scale {
+        grads: GradientsParams,
+        factor: f64,
+        out: GradientsParams,
+    }
+    impl ModuleVisitor for Scale {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(g) = self.grads.remove::<D>(param.id) {
+                self.out.register::<D>(param.id, g.mul_scalar(self.factor));
+            }
+        }
+    }
+    let mut visitor = Scale {
+        grads,
+        factor,
+        out: GradientsParams::new(),
+    };
+    module.visit(&mut visitor);
+    visitor.out
+}
+
 /// Combines the supernet gradient `g_sup` and the summed subnet gradient `g_sub` of `module` into the
 /// gradient the optimizer steps with (see the module docs). Gradients of ids that are not float
 /// parameters of `module` are dropped.

@@ -9,6 +9,7 @@
 //! | [`fsio`] | one writer per output folder (OS lock), atomic files and folders |
 //! | [`config`] | the training config (YAML) with the released recipe as defaults |
 //! | [`data`] | IDX and image-folder readers, transforms, a seeded parallel loader, held-out split |
+//! | [`parallel`] | data-parallel training step over several burn devices (`--devices`) |
 //! | [`sandwich`] | one training step: sandwich of subnets, in-place KD, gradient combination, AdamW, EMA |
 //! | [`teacher`] | external teachers of the max subnet (logits file or checkpoint) |
 //! | [`state`] | checkpoints of a run folder (weights, EMA, AdamW state, sidecar), `last` |
@@ -27,6 +28,7 @@ pub mod distill;
 pub mod ema;
 pub mod fsio;
 pub mod grad_proj;
+pub mod parallel;
 pub mod run;
 pub mod sandwich;
 pub mod schedule;

@@ -22,7 +22,7 @@ use std::time::Instant;
 use burn::module::Module;
 use burn::optim::{AdamWConfig, ModuleOptimizer};
 use burn::tensor::{Device, Tensor, TensorData};
-use nasvit_model::{ModelError, Supernet, SupernetConfig, MAX_SUPERNET_FLOATS};
+use nasvit_model::{DeviceError, DeviceSpec, ModelError, Supernet, SupernetConfig, MAX_SUPERNET_FLOATS};
 use nasvit_space::{Arch, SearchSpace};
 use serde_json::{json, Value};
 
@@ -30,6 +30,7 @@ use crate::config::{ConfigError, EngineKind, TrainConfig};
 use crate::cpu::{self, CpuNet, CpuTarget, CpuTrainer};
 use crate::data::{self, eval_loader, open_datasets, train_loader, DataError, Dataset, Loader};
 use crate::ema::ModelEma;
+use crate::parallel;
 use crate::sandwich::{sandwich_archs, train_step, MaxTarget, Role, SandwichNet, StepError, StepSettings};
 use crate::state::{
     self, load_cpu_adam, load_state, load_weights, resolve_last, save_state, OptimState, StateError, StateMeta,
@@ -71,6 +72,9 @@ pub struct RunOptions {
     pub set: Vec<String>,
     /// Worker threads of the cpu engine (default: `RAYON_NUM_THREADS`, else the machine's).
     pub threads: Option<usize>,
+    /// burn devices of the burn engine, one data-parallel worker each (empty: `cpu`). Anything but one `cpu`
+    /// selects the burn engine.
+    pub devices: Vec<DeviceSpec>,
 }
 
 /// Why a run stopped.
@@ -92,6 +96,8 @@ pub enum TrainError {
     Io { path: String, reason: String },
     #[error("{0}")]
     Usage(String),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
     #[error(
         "step {step}: non-finite loss ({value}) of the {subnet} subnet (resolution {resolution}); training stopped. \
          The last good checkpoint is {} (its weights are finite; resuming repeats the same steps, so change the \
@@ -392,6 +398,29 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<(), TrainError> {
 /// Runs (or resumes) a training run.
 pub fn run(opts: &RunOptions) -> Result<RunSummary, TrainError> {
     let started = Instant::now();
+    // the devices first: a device that cannot be opened is refused before a run folder is touched
+    let specs = if opts.devices.is_empty() {
+        vec![DeviceSpec::Cpu]
+    } else {
+        opts.devices.clone()
+    };
+    // one `cpu` is the cpu engine's home (its threads share the batch); other devices, or several workers, are
+    // burn's
+    let on_burn_devices = specs.len() > 1 || !specs[0].is_cpu();
+    let opened = specs.iter().map(DeviceSpec::open).collect::<Result<Vec<Device>, _>>()?;
+    let plain = opened[0].clone();
+    let ad = plain.clone().autodiff();
+    let workers: Vec<Device> = opened.iter().map(|d| d.clone().autodiff()).collect();
+    let devices_label = specs.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
+    let cpu_engine_elsewhere = || {
+        TrainError::Usage(format!(
+            "engine cpu runs on this machine's cores (--threads); --device(s) {devices_label} needs the burn engine \
+             (--engine burn or auto)"
+        ))
+    };
+    if on_burn_devices && opts.engine == Some(EngineKind::Cpu) {
+        return Err(cpu_engine_elsewhere());
+    }
     // --- config and run folder
     let (cfg, space, run_dir, resume_from, _lock) = match &opts.resume {
         Some(dir) => {
@@ -494,14 +523,22 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary, TrainError> {
         .map(|v| eval_loader(&cfg, v, cfg.batch_size.max(64), false));
 
     // --- model, optimiser, EMA
-    let plain = Device::flex();
-    let ad = plain.clone().autodiff();
     let classes = space.num_classes;
-    let wanted = opts.engine.unwrap_or(cfg.engine);
+    let wanted = match opts.engine.unwrap_or(cfg.engine) {
+        EngineKind::Cpu if on_burn_devices => return Err(cpu_engine_elsewhere()),
+        EngineKind::Auto if on_burn_devices => EngineKind::Burn,
+        k => k,
+    };
     let resumed_engine = match &resume_from {
         Some(dir) => Some(state::read_meta(dir)?.engine),
         None => None,
     };
+    if on_burn_devices && resumed_engine.as_deref() == Some("cpu") {
+        return Err(TrainError::Usage(format!(
+            "{} was trained by the cpu engine and resumes on it; drop --device(s) {devices_label}",
+            run_dir.display()
+        )));
+    }
     let kind = match (wanted, resumed_engine.as_deref()) {
         (EngineKind::Auto, Some("cpu")) => EngineKind::Cpu,
         (EngineKind::Auto, Some(_)) => EngineKind::Burn,
@@ -549,7 +586,7 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary, TrainError> {
             let mut r = load_state(dir, &space, &ad, build_optimizer(&cfg))?;
             r.ema = r.ema.with_warmup(cfg.ema_warmup);
             log(&format!(
-                "resuming {} at step {} (burn engine)",
+                "resuming {} at step {} (burn engine on {devices_label})",
                 run_dir.display(),
                 r.meta.step
             ));
@@ -669,10 +706,13 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary, TrainError> {
             "kind": "start", "total_steps": total, "steps_per_epoch": spe, "space": cfg.space,
             "batch_size": cfg.batch_size, "n_subnets": cfg.n_subnets, "train_images": datasets.train.len(),
             "grad_proj": cfg.grad_proj.enabled, "grad_proj_start_epoch": cfg.grad_proj.start_epoch,
-            "engine": kind.as_str(), "threads": threads,
+            "engine": kind.as_str(), "threads": threads, "devices": devices_label,
         }))?;
     } else {
-        metrics.write(&json!({"kind": "resume", "step": start, "total_steps": total, "engine": kind.as_str(), "threads": threads}))?;
+        metrics.write(&json!({
+            "kind": "resume", "step": start, "total_steps": total, "engine": kind.as_str(), "threads": threads,
+            "devices": devices_label,
+        }))?;
     }
 
     // --- progress
@@ -763,20 +803,17 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary, TrainError> {
                             smoothing: cfg.label_smoothing,
                         },
                     };
-                    let (x, y) = batch.into_tensors(&ad);
                     // `train_step` takes the model by value and gives it back, on error too
                     let placeholder = model.clone();
-                    let (m, result) = train_step(
-                        std::mem::replace(model, placeholder),
-                        optim,
-                        ema,
-                        &nets,
-                        x,
-                        y,
-                        &target,
-                        &settings,
-                        lr,
-                    );
+                    let owned = std::mem::replace(model, placeholder);
+                    let (m, result) = if workers.len() == 1 {
+                        let (x, y) = batch.into_tensors(&ad);
+                        train_step(owned, optim, ema, &nets, x, y, &target, &settings, lr)
+                    } else {
+                        let shards = parallel::shard_batch(batch, &target, &workers);
+                        let used = &workers[..shards.len()];
+                        parallel::parallel_train_step(owned, optim, ema, &nets, used, shards, &settings, lr)
+                    };
                     *model = m;
                     result
                 }

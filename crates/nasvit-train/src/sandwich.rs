@@ -137,6 +137,18 @@ pub struct StepReport {
     pub tensors_both: usize,
 }
 
+impl StepReport {
+    /// The report of a step without any image.
+    pub fn empty() -> Self {
+        StepReport {
+            losses: Vec::new(),
+            sub_grad_norm: None,
+            conflicts: None,
+            tensors_both: 0,
+        }
+    }
+}
+
 /// A non-finite loss: the step is abandoned before any weight changes.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("non-finite loss {value} of the {subnet} subnet (resolution {resolution})")]
@@ -246,6 +258,22 @@ pub fn train_step(
         Ok(v) => v,
         Err(e) => return (model, Err(e)),
     };
+    finish_step(model, optim, ema, g_sup, g_sub, losses, settings, lr)
+}
+
+/// The end of a step once the gradients are known (one device's or the sum over devices'): combination
+/// (clip + projection), AdamW at `lr`, EMA update.
+#[allow(clippy::too_many_arguments)]
+pub fn finish_step(
+    model: Supernet,
+    optim: &mut ModuleOptimizer,
+    ema: &mut ModelEma<Supernet>,
+    g_sup: GradientsParams,
+    g_sub: GradientsParams,
+    losses: Vec<SubnetLoss>,
+    settings: &StepSettings,
+    lr: f64,
+) -> (Supernet, Result<StepReport, StepError>) {
     let (grads, stats) = combine_gradients(&model, g_sup, g_sub, &settings.combine);
     let report = StepReport {
         losses,

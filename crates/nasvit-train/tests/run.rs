@@ -574,7 +574,8 @@ fn conflict_measurements_of_both_engines_agree() {
     run(&opts(Some(cfg), &out)).expect("run");
     let ckpt = resolve_last(&out).expect("last").join("supernet.safetensors");
     let (config, _) = nasvit_train::run::load_config(&out.join("config.yaml")).expect("config");
-    let burn = nasvit_train::conflict::measure_conflicts(&ckpt, &config, 3).expect("burn");
+    let burn =
+        nasvit_train::conflict::measure_conflicts(&ckpt, &config, 3, &burn::tensor::Device::flex()).expect("burn");
     let cpu = nasvit_train::conflict::measure_conflicts_cpu(&ckpt, &config, 3, 2).expect("cpu");
     assert_eq!(cpu.batches, 3);
     assert_eq!(cpu.pairs, burn.pairs);
@@ -610,4 +611,73 @@ fn conflict_measurements_of_both_engines_agree() {
     assert!(stages.contains(&"mb7"), "{stages:?}");
     let staged: u64 = cpu.by_stage.iter().map(|r| r.count).sum();
     assert_eq!(staged, cpu.pairs, "every pair belongs to one stage");
+}
+
+/// `--devices cpu,cpu`: two data-parallel workers of the burn engine; the run resumes exactly (2 + 2 steps equal
+/// 4 at once), records its devices, and a cpu-engine run is not resumed on burn devices.
+#[test]
+fn two_device_runs_train_on_burn_and_resume_exactly() {
+    use nasvit_model::DeviceSpec;
+    let dir = scratch("two-devices");
+    let cfg = idx_config(&dir, "max_steps: 4\n");
+    let two = || vec![DeviceSpec::Cpu, DeviceSpec::Cpu];
+    let one = dir.join("one");
+    let s = run(&RunOptions {
+        devices: two(),
+        ..opts(Some(cfg.clone()), &one)
+    })
+    .expect("4 steps on two workers");
+    assert_eq!(s.step, 4);
+    let start = metrics(&one)
+        .into_iter()
+        .find(|v| v["kind"] == "start")
+        .expect("start line");
+    assert_eq!(start["engine"], "burn");
+    assert_eq!(start["devices"], "cpu,cpu");
+    let split = dir.join("split");
+    run(&RunOptions {
+        devices: two(),
+        stop_after: Some(2),
+        ..opts(Some(cfg.clone()), &split)
+    })
+    .expect("first half");
+    run(&RunOptions {
+        resume: Some(split.clone()),
+        devices: two(),
+        eval_every: Some(0),
+        quiet: true,
+        ..RunOptions::default()
+    })
+    .expect("resume");
+    let (a, b) = (state_tensors(&one), state_tensors(&split));
+    let worst = a
+        .iter()
+        .flat_map(|(k, va)| va.iter().zip(&b[k]).map(|(x, y)| (x - y).abs()))
+        .fold(0f32, f32::max);
+    assert!(worst <= 1e-6, "max difference {worst}");
+
+    // a run of the cpu engine stays on it
+    let cpu = dir.join("cpu");
+    run(&RunOptions {
+        stop_after: Some(1),
+        engine: Some(nasvit_train::EngineKind::Cpu),
+        ..opts(Some(cfg.clone()), &cpu)
+    })
+    .expect("one cpu-engine step");
+    let err = run(&RunOptions {
+        resume: Some(cpu),
+        devices: two(),
+        quiet: true,
+        ..RunOptions::default()
+    })
+    .expect_err("a cpu-engine run resumed on two burn workers");
+    assert!(err.to_string().contains("cpu engine"), "{err}");
+    let err = run(&RunOptions {
+        devices: two(),
+        engine: Some(nasvit_train::EngineKind::Cpu),
+        ..opts(Some(cfg), &dir.join("refused"))
+    })
+    .expect_err("engine cpu on two workers");
+    assert!(err.to_string().contains("burn engine"), "{err}");
+    assert!(!dir.join("refused").exists(), "a refused run leaves no folder");
 }

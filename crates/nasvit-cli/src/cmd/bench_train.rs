@@ -43,6 +43,8 @@ pub struct BenchTrainArgs {
     /// Print one JSON object on stdout (and nothing per step).
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    device: super::device::DeviceArg,
 }
 
 pub fn run(args: BenchTrainArgs) -> anyhow::Result<()> {
@@ -58,8 +60,9 @@ pub fn run(args: BenchTrainArgs) -> anyhow::Result<()> {
         batch: args.batch,
         input: args.input,
         steps: args.steps,
-        engine: args.engine,
+        engine: args.device.engine(args.engine)?,
         threads,
+        device: args.device.open()?,
         n_subnets: args.subnets.max(1),
         seed: args.seed,
     };
@@ -81,17 +84,18 @@ pub fn run(args: BenchTrainArgs) -> anyhow::Result<()> {
             serde_json::json!({
                 "step_s_median": r.step_s_median, "step_s": r.step_s, "images_per_s": r.images_per_s,
                 "threads": r.threads, "engine": r.engine.as_str(), "space": args.space, "batch": args.batch,
-                "input": args.input, "peak_rss_mib": rss_mib,
+                "input": args.input, "peak_rss_mib": rss_mib, "device": args.device.device.to_string(),
             })
         );
     } else {
         println!(
-            "space {} batch {} input {}px, {} engine, {} threads: sandwich step ({} subnets) median {:.3} s over {} \
+            "space {} batch {} input {}px, {} engine on {}, {} threads: sandwich step ({} subnets) median {:.3} s over {} \
              steps, {:.1} images/s, peak RSS {}",
             args.space,
             args.batch,
             args.input,
             r.engine.as_str(),
+            args.device.device,
             r.threads,
             opts.n_subnets,
             r.step_s_median,

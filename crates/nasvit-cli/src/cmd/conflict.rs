@@ -33,6 +33,8 @@ pub struct ConflictArgs {
     /// Threads of the cpu engine (default: RAYON_NUM_THREADS, else all cores).
     #[arg(long)]
     threads: Option<usize>,
+    #[command(flatten)]
+    device: super::device::DeviceArg,
     /// Measure nothing: print saved reports (`--json` files) side by side, one column per file, as a Markdown
     /// table (whole model, per kind of subnet, per stage).
     #[arg(long, num_args = 1.., value_name = "REPORT_JSON", conflicts_with_all = ["checkpoint", "data", "json"])]
@@ -152,11 +154,12 @@ pub fn run(args: ConflictArgs) -> anyhow::Result<()> {
     };
     let (cfg, _) = load_config(&cfg_path).with_context(|| format!("reading data config {}", cfg_path.display()))?;
     let space = nasvit_space::SearchSpace::load(&cfg.space)?;
-    let report = if super::cpu_eval::use_cpu(args.engine, &space) && cfg.kd.teacher.is_none() {
+    let engine = args.device.engine(args.engine)?;
+    let report = if super::cpu_eval::use_cpu(engine, &space) && cfg.kd.teacher.is_none() {
         let threads = args.threads.unwrap_or_else(nasvit_train::cpu::default_threads);
         nasvit_train::conflict::measure_conflicts_cpu(&ckpt, &cfg, args.batches, threads)
     } else {
-        measure_conflicts(&ckpt, &cfg, args.batches)
+        measure_conflicts(&ckpt, &cfg, args.batches, &args.device.open()?)
     }
     .with_context(|| format!("measuring {}", ckpt.display()))?;
     println!(

@@ -4,7 +4,6 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use burn::tensor::Device;
 use clap::Args;
 use nasvit_model::load_checkpoint;
 use nasvit_search::evolution::evaluate_subnet;
@@ -42,13 +41,16 @@ pub struct EvalArgs {
     /// Threads of the cpu engine (default: RAYON_NUM_THREADS, else all cores).
     #[arg(long)]
     threads: Option<usize>,
+    #[command(flatten)]
+    device: super::device::DeviceArg,
 }
 
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.batch_size != Some(0), "--batch-size must be at least 1");
     anyhow::ensure!(args.threads != Some(0), "--threads must be at least 1");
     anyhow::ensure!(args.calib_batches > 0, "--calib-batches must be at least 1");
-    let device = Device::flex();
+    let engine = args.device.engine(args.engine)?;
+    let device = args.device.open()?;
     let mut net =
         load_checkpoint(&args.checkpoint, &device).with_context(|| format!("loading {}", args.checkpoint.display()))?;
     let space = net.space().clone();
@@ -81,7 +83,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         })
     });
     let t0 = std::time::Instant::now();
-    let (score, report) = if super::cpu_eval::use_cpu(args.engine, &space) {
+    let (score, report) = if super::cpu_eval::use_cpu(engine, &space) {
         let threads = args.threads.unwrap_or_else(nasvit_train::cpu::default_threads);
         let base = nasvit_train::cpu::CpuNet::from_supernet(&net, threads)?;
         super::cpu_eval::evaluate(&base, &arch, calib.epoch(0, 0), args.calib_batches, val_batches)?

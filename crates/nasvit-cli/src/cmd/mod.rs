@@ -5,6 +5,7 @@ pub mod cpu_eval;
 pub mod data;
 pub mod data_bench;
 pub mod demo;
+pub mod device;
 pub mod eval;
 pub mod export;
 pub mod flops;

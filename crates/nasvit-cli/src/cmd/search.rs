@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
-use burn::tensor::Device;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use nasvit_model::load_checkpoint;
@@ -63,10 +62,13 @@ pub struct SearchArgs {
     /// Threads of the cpu engine (default: RAYON_NUM_THREADS, else all cores).
     #[arg(long)]
     threads: Option<usize>,
+    #[command(flatten)]
+    device: super::device::DeviceArg,
 }
 
 pub fn run(args: SearchArgs) -> anyhow::Result<()> {
-    let device = Device::flex();
+    let engine = args.device.engine(args.engine)?;
+    let device = args.device.open()?;
     let net =
         load_checkpoint(&args.checkpoint, &device).with_context(|| format!("loading {}", args.checkpoint.display()))?;
     let space = net.space().clone();
@@ -148,7 +150,7 @@ pub fn run(args: SearchArgs) -> anyhow::Result<()> {
     let holdout = sets.holdout.clone().context("no held-out split")?;
     let calib_loader = Arc::new(train_loader(&data, sets.train.clone()));
     let val_loader = Arc::new(eval_loader(&data, holdout, data.batch_size, false));
-    let mut evaluator: Box<dyn Evaluator> = if super::cpu_eval::use_cpu(args.engine, &space) {
+    let mut evaluator: Box<dyn Evaluator> = if super::cpu_eval::use_cpu(engine, &space) {
         let threads = args.threads.unwrap_or_else(nasvit_train::cpu::default_threads);
         let base = nasvit_train::cpu::CpuNet::from_supernet(&net, threads)?;
         let calib_batches = cfg.calib_batches;

@@ -69,10 +69,22 @@ pub struct TrainArgs {
     /// The search space (a built-in name or a YAML file; overrides the config's `space`, as `--set space=...`).
     #[arg(long)]
     space: Option<String>,
+    #[arg(long, value_name = "DEVICE", conflicts_with = "devices", help = super::device::DEVICE_HELP)]
+    device: Option<nasvit_model::DeviceSpec>,
+    /// Data-parallel training on several devices, e.g. `cuda:0,cuda:1` (`cpu,cpu` runs two workers on the CPU):
+    /// one worker per device on its share of each batch (the whole sandwich), gradients summed before the clip
+    /// and the projection, BN statistics per device as in the released DDP code; burn engine.
+    #[arg(long, value_name = "D1,D2,...")]
+    devices: Option<String>,
 }
 
 pub fn run_cmd(args: TrainArgs) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(args.threads != Some(0), "--threads must be at least 1");
+    let devices = match (&args.device, &args.devices) {
+        (Some(d), _) => vec![*d],
+        (None, Some(list)) => nasvit_model::DeviceSpec::parse_list(list)?,
+        (None, None) => Vec::new(),
+    };
     let opts = RunOptions {
         config: args.config,
         max_steps: args.max_steps,
@@ -87,6 +99,7 @@ pub fn run_cmd(args: TrainArgs) -> anyhow::Result<ExitCode> {
         quiet: false,
         engine: args.engine,
         threads: args.threads,
+        devices,
         arch: args.arch,
         init: args.init,
         set: args
