@@ -36,4 +36,6 @@ pub enum ModelError {
     InputChannels { got: usize, expected: usize },
     #[error("input must be square, got {h}x{w}")]
     InputNotSquare { h: usize, w: usize },
+    #[error("a dense input's height and width must be multiples of {multiple}, got {h}x{w}")]
+    InputSize { h: usize, w: usize, multiple: usize },
 }

@@ -27,6 +27,6 @@ pub use elastic::Mode;
 pub use error::ModelError;
 pub use init::ParamInit;
 pub use named::{named_grads, named_shapes, named_tensors};
-pub use net::{resize_input, Features};
+pub use net::{pyramid_levels, pyramid_multiple, resize_input, Features};
 pub use static_net::StaticNet;
 pub use supernet::{supernet_floats, Supernet, SupernetConfig, MAX_SUPERNET_FLOATS};

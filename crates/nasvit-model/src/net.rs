@@ -69,10 +69,40 @@ impl NetView<'_> {
         );
         let shape = self.shape;
         let x = resize_input(x, shape.resolution);
+        let (x, features) = self.backbone(x, mode, keep, false);
+        let feats = self.last_conv.forward(x, shape.head_expand, shape.head_out, mode);
+        let logits = self.classifier.forward(feats, shape.num_classes);
+        (logits, features)
+    }
+
+    /// The stem and the stages on `x` as it is (no resize): the last stage's output and, when `keep` is set,
+    /// every stage's. `dense`: a segmentation input of any `H x W`, whose transformer stages use the switchable
+    /// scales the subnet has at its own resolution (see [`Self::run_transformers`]).
+    pub fn backbone(&self, x: Tensor<4>, mode: Mode, keep: bool, dense: bool) -> (Tensor<4>, Option<Features>) {
+        self.backbone_until(x, mode, keep, dense, usize::MAX)
+    }
+
+    /// [`Self::backbone`] up to and including stage `last`.
+    fn backbone_until(
+        &self,
+        x: Tensor<4>,
+        mode: Mode,
+        keep: bool,
+        dense: bool,
+        last: usize,
+    ) -> (Tensor<4>, Option<Features>) {
+        let shape = self.shape;
+        let in_h = x.dims()[2];
         let mut x = silu(self.first_conv.forward(x, shape.stem_out, shape.stem_stride, mode));
         let stem = keep.then(|| x.clone());
         let mut stages = Vec::new();
-        for (i, (st, blocks)) in shape.stages.iter().zip(&self.stages).enumerate() {
+        for (i, (st, blocks)) in shape
+            .stages
+            .iter()
+            .zip(&self.stages)
+            .enumerate()
+            .take(last.saturating_add(1))
+        {
             let mut tf: Vec<(&Block, &BlockShape)> = Vec::new();
             for (blk, bs) in blocks.iter().zip(&st.blocks) {
                 match (blk, bs) {
@@ -84,30 +114,50 @@ impl NetView<'_> {
                 }
             }
             if !tf.is_empty() {
-                x = self.run_transformers(x, i, &tf);
+                // classification keys the scales by the stage's token count; a dense input keys them by the count
+                // the stage has at the subnet's resolution, so that a segmentation backbone runs the scales the
+                // subnet was trained (and is extracted) with, whatever the size of the image
+                let key = if dense {
+                    let stride = (in_h / x.dims()[2]).max(1);
+                    let g = shape.resolution.div_ceil(stride);
+                    g * g
+                } else {
+                    let [_, _, h, w] = x.dims();
+                    h * w
+                };
+                x = self.run_transformers(x, i, &tf, key);
             }
             if keep {
                 stages.push(x.clone());
             }
         }
-        let feats = self.last_conv.forward(x, shape.head_expand, shape.head_out, mode);
-        let logits = self.classifier.forward(feats, shape.num_classes);
-        (logits, stem.map(|stem| Features { stem, stages }))
+        (x, stem.map(|stem| Features { stem, stages }))
     }
 
-    fn run_transformers(&self, x: Tensor<4>, stage: usize, tf: &[(&Block, &BlockShape)]) -> Tensor<4> {
+    /// The transformer layers of `stage` on an `h x w` map; `key_tokens` picks the switchable scales' column.
+    fn run_transformers(
+        &self,
+        x: Tensor<4>,
+        stage: usize,
+        tf: &[(&Block, &BlockShape)],
+        key_tokens: usize,
+    ) -> Tensor<4> {
         let [b, c, h, w] = x.dims();
-        assert_eq!(h, w, "nasvit: transformer stages need a square map, got {h}x{w}");
         let n = h * w;
         let windows = match tf[0].1 {
             BlockShape::Transformer { windows, .. } => *windows,
             _ => 1,
         };
-        let side = if windows == 4 { h / 2 } else { h };
+        assert!(
+            windows != 4 || (h % 2 == 0 && w % 2 == 0),
+            "nasvit: 2x2 windows need an even token map, got {h}x{w}"
+        );
+        let (side_h, side_w) = if windows == 4 { (h / 2, w / 2) } else { (h, w) };
         let tg = TokenGrid {
-            grid: h,
+            h,
+            w,
             windows,
-            rpb_index: relative_position_index_tensor(side, self.g_max, &x.device()),
+            rpb_index: relative_position_index_tensor(side_h, side_w, self.g_max, &x.device()),
         };
         let mut t = x.reshape([b, c, n]).swap_dims(1, 2);
         for (blk, bs) in tf {
@@ -123,7 +173,8 @@ impl NetView<'_> {
             {
                 let active = TfActive {
                     scale_row: if self.fixed_scales { 0 } else { self.arch.depth[stage] },
-                    scale_col: if self.fixed_scales { 0 } else { n % 8 },
+                    // the released keying of the switchable scales: `tokens mod 8`
+                    scale_col: if self.fixed_scales { 0 } else { key_tokens % 8 },
                     mlp_hidden: mlp_ratio * c,
                     mlp_dwconv: *mlp_dwconv,
                 };
@@ -158,5 +209,72 @@ pub(crate) fn mb_active(bs: &BlockShape) -> MbActive {
             stride: 1,
             se_mid: None,
         },
+    }
+}
+
+/// The four stages whose outputs form a segmentation pyramid: the last stage at each stride, for the four finest
+/// strides beyond the stem's. For `official` and `paper` these are mb2, mb3, mb4, mb6 (strides 4, 8, 16, 32; mb7, at 64,
+/// is not run); for `tiny` (stem stride 1) mb2, mb4, mb6, mb7 (strides 2, 4, 8, 16). Each entry is
+/// `(stage index, stride)`.
+pub fn pyramid_levels(space: &nasvit_space::SearchSpace) -> Vec<(usize, usize)> {
+    let mut stride = space.stem.stride;
+    let mut last_at: Vec<(usize, usize)> = Vec::new();
+    for (i, st) in space.stages.iter().enumerate() {
+        stride *= st.stride;
+        match last_at.last_mut() {
+            Some(l) if l.1 == stride => l.0 = i,
+            _ => last_at.push((i, stride)),
+        }
+    }
+    last_at
+        .into_iter()
+        .filter(|l| l.1 > space.stem.stride)
+        .take(4)
+        .collect()
+}
+
+/// The side an input must be a multiple of for [`pyramid_levels`]: the deepest level's stride, and twice the
+/// first transformer stage's where 2 x 2 attention windows split its token map in halves.
+pub fn pyramid_multiple(space: &nasvit_space::SearchSpace) -> usize {
+    let deepest = pyramid_levels(space).last().map_or(1, |l| l.1);
+    let windowed = space.paper.as_ref().is_some_and(|p| p.windows.contains(&4));
+    let mut stride = space.stem.stride;
+    let mut first_tf = None;
+    for st in &space.stages {
+        stride *= st.stride;
+        if st.transformer && first_tf.is_none() {
+            first_tf = Some(stride);
+        }
+    }
+    match (windowed, first_tf) {
+        (true, Some(s)) => deepest.max(2 * s),
+        _ => deepest,
+    }
+}
+
+impl NetView<'_> {
+    /// The pyramid of a dense input (no resize; `H` and `W` multiples of [`pyramid_multiple`]).
+    pub fn pyramid(
+        &self,
+        space: &nasvit_space::SearchSpace,
+        x: Tensor<4>,
+        mode: Mode,
+    ) -> Result<Vec<Tensor<4>>, crate::ModelError> {
+        let [_, c, h, w] = x.dims();
+        if c != self.in_channels {
+            return Err(crate::ModelError::InputChannels {
+                got: c,
+                expected: self.in_channels,
+            });
+        }
+        let m = pyramid_multiple(space);
+        if h == 0 || w == 0 || h % m != 0 || w % m != 0 {
+            return Err(crate::ModelError::InputSize { h, w, multiple: m });
+        }
+        let levels = pyramid_levels(space);
+        let last = levels.last().map_or(0, |l| l.0);
+        let (_, features) = self.backbone_until(x, mode, true, true, last);
+        let stages = features.map(|f| f.stages).unwrap_or_default();
+        Ok(levels.iter().map(|&(i, _)| stages[i].clone()).collect())
     }
 }

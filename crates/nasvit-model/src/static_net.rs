@@ -81,4 +81,13 @@ impl StaticNet {
         let (logits, feats) = self.view().run(x, Mode::Eval, true);
         (logits, feats.expect("features are kept when asked for"))
     }
+
+    /// The 4-level pyramid of a dense input, as a segmentation backbone (see [`crate::net::pyramid_levels`]).
+    ///
+    /// # Shapes
+    /// - `x`: `[B, 3, H, W]`, `H` and `W` multiples of [`crate::net::pyramid_multiple`], not resized ->
+    ///   four `[B, C_i, H / s_i, W / s_i]`
+    pub fn pyramid(&self, x: Tensor<4>, mode: Mode) -> Result<Vec<Tensor<4>>, crate::ModelError> {
+        self.view().pyramid(&self.state.space, x, mode)
+    }
 }

@@ -313,6 +313,16 @@ impl Supernet {
         (logits, feats.expect("features are kept when asked for"))
     }
 
+    /// The 4-level pyramid of the active subnet on a dense input (segmentation backbone; the switchable scales
+    /// are those of the subnet at its resolution, as [`Supernet::extract`] selects them).
+    ///
+    /// # Shapes
+    /// - `x`: `[B, 3, H, W]`, `H` and `W` multiples of [`crate::net::pyramid_multiple`], not resized ->
+    ///   four `[B, C_i, H / s_i, W / s_i]`
+    pub fn pyramid(&self, x: Tensor<4>, mode: Mode) -> Result<Vec<Tensor<4>>, ModelError> {
+        self.view().pyramid(&self.state.space, x, mode)
+    }
+
     /// A standalone subnet holding copies of the sliced weights of `arch` (and sliced BN statistics); its
     /// forward equals this supernet's [`Supernet::forward_eval`] with `arch` active.
     pub fn extract(&self, arch: &Arch) -> Result<StaticNet, ModelError> {

@@ -33,7 +33,9 @@ pub struct Attention {
 /// Spatial context of a transformer stage: grid side, windows and the bias rows for one window.
 #[derive(Clone, Debug)]
 pub struct TokenGrid {
-    pub grid: usize,
+    /// Rows and columns of the token map (square in classification; any shape in segmentation).
+    pub h: usize,
+    pub w: usize,
     pub windows: usize,
     /// [`super::rpb::relative_position_index`] of the window (or of the whole map).
     pub rpb_index: Tensor<1, Int>,
@@ -57,24 +59,24 @@ impl Attention {
     }
 
     /// # Shapes
-    /// - `u`: `[B, N, C]` (normalised tokens, `N = grid^2`, row-major) -> `[B, N, C]`
+    /// - `u`: `[B, N, C]` (normalised tokens of an `h x w` map, `N = h w`, row-major) -> `[B, N, C]`
     pub fn forward(&self, u: Tensor<3>, tg: &TokenGrid) -> Tensor<3> {
         let [b, n, c] = u.dims();
         let h = c / HEAD_DIM;
         let cv = V_EXPAND * c;
-        let g = tg.grid;
+        let (gh, gw) = (tg.h, tg.w);
         let q = self.q.forward(u.clone(), c);
         let k = self.k.forward(u.clone(), c);
         let v = self.v.forward(u, cv);
         // [B, N, 4C] -> image [B, 4C, H, W] -> depthwise 3x3 -> tokens
-        let v = v.swap_dims(1, 2).reshape([b, cv, g, g]);
+        let v = v.swap_dims(1, 2).reshape([b, cv, gh, gw]);
         let v = self
             .vconv
             .forward_depthwise(v, 3, 1)
             .reshape([b, cv, n])
             .swap_dims(1, 2);
         let (q, k, v) = if tg.windows == 4 {
-            (partition(q, g), partition(k, g), partition(v, g))
+            (partition(q, gh, gw), partition(k, gh, gw), partition(v, gh, gw))
         } else {
             (q, k, v)
         };
@@ -94,7 +96,7 @@ impl Attention {
         let a = head_mix(softmax(a, 3), &self.proj_w, h);
         // [bw, h, nw, 32] -> [bw, nw, 4C]
         let o = a.matmul(v).swap_dims(1, 2).reshape([bw, nw, cv]);
-        let o = if tg.windows == 4 { merge(o, b, g) } else { o };
+        let o = if tg.windows == 4 { merge(o, b, gh, gw) } else { o };
         self.proj.forward(silu(o), c)
     }
 
@@ -132,20 +134,20 @@ fn head_mix(a: Tensor<4>, lin: &ElasticLinear, h: usize) -> Tensor<4> {
     (w.matmul(a.reshape([bw, h, n1 * n2])) + bias).reshape([bw, h, n1, n2])
 }
 
-/// `[B, G*G, C]` tokens -> `[4B, (G/2)^2, C]`, windows in (row, col) order.
-fn partition(t: Tensor<3>, g: usize) -> Tensor<3> {
+/// `[B, H*W, C]` tokens -> `[4B, (H/2)(W/2), C]`: 2 x 2 windows in (row, col) order.
+fn partition(t: Tensor<3>, gh: usize, gw: usize) -> Tensor<3> {
     let [b, _, c] = t.dims();
-    let w = g / 2;
-    t.reshape([b, 2, w, 2, w, c])
+    let (wh, ww) = (gh / 2, gw / 2);
+    t.reshape([b, 2, wh, 2, ww, c])
         .permute([0, 1, 3, 2, 4, 5])
-        .reshape([b * 4, w * w, c])
+        .reshape([b * 4, wh * ww, c])
 }
 
 /// Inverse of [`partition`].
-fn merge(t: Tensor<3>, b: usize, g: usize) -> Tensor<3> {
+fn merge(t: Tensor<3>, b: usize, gh: usize, gw: usize) -> Tensor<3> {
     let c = t.dims()[2];
-    let w = g / 2;
-    t.reshape([b, 2, 2, w, w, c])
+    let (wh, ww) = (gh / 2, gw / 2);
+    t.reshape([b, 2, 2, wh, ww, c])
         .permute([0, 1, 3, 2, 4, 5])
-        .reshape([b, g * g, c])
+        .reshape([b, gh * gw, c])
 }

@@ -27,13 +27,13 @@ impl Mlp {
     }
 
     /// # Shapes
-    /// - `t`: `[B, N, C]` with `N = grid^2` -> `[B, N, C]`
-    pub fn forward(&self, t: Tensor<3>, hidden: usize, dwconv: bool, grid: usize) -> Tensor<3> {
+    /// - `t`: `[B, N, C]` tokens of a `grid.0 x grid.1` map -> `[B, N, C]`
+    pub fn forward(&self, t: Tensor<3>, hidden: usize, dwconv: bool, grid: (usize, usize)) -> Tensor<3> {
         let [b, n, c] = t.dims();
         let y = self.linear1.forward(t, hidden);
         let y = match (&self.dwconv, dwconv) {
             (Some(dw), true) => {
-                let img = y.swap_dims(1, 2).reshape([b, hidden, grid, grid]);
+                let img = y.swap_dims(1, 2).reshape([b, hidden, grid.0, grid.1]);
                 dw.forward_depthwise(img, 3, 1).reshape([b, hidden, n]).swap_dims(1, 2)
             }
             _ => y,

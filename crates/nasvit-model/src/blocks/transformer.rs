@@ -79,7 +79,7 @@ impl TransformerBlock {
     }
 
     /// # Shapes
-    /// - `t`: `[B, N, C]` tokens of a `grid x grid` map, row-major -> `[B, N, C]`
+    /// - `t`: `[B, N, C]` tokens of an `h x w` map (see [`TokenGrid`]), row-major -> `[B, N, C]`
     pub fn forward(&self, t: Tensor<3>, tg: &TokenGrid, a: TfActive) -> Tensor<3> {
         let c = t.dims()[2];
         let g_a = select_scale(&self.rescale_attn, a, c);
@@ -88,12 +88,12 @@ impl TransformerBlock {
         let t = t.clone()
             + self
                 .mlp2
-                .forward(self.norm3.forward(t), a.mlp_hidden, a.mlp_dwconv, tg.grid)
+                .forward(self.norm3.forward(t), a.mlp_hidden, a.mlp_dwconv, (tg.h, tg.w))
                 * g_m.clone();
         t.clone()
             + self
                 .mlp1
-                .forward(self.norm2.forward(t), a.mlp_hidden, a.mlp_dwconv, tg.grid)
+                .forward(self.norm2.forward(t), a.mlp_hidden, a.mlp_dwconv, (tg.h, tg.w))
                 * g_m
     }
 
