@@ -5,6 +5,8 @@
 //! - [`StaticNet`]: a subnet extracted with [`Supernet::extract`], inference only.
 //! - Checkpoints: [`save_checkpoint`], [`load_checkpoint`], [`import_official`], and BN statistics override
 //!   [`Supernet::set_bn_stats`]; BN re-calibration of a subnet, [`Supernet::calibrate_bn`].
+//! - Segmentation: [`Supernet::pyramid`] / [`StaticNet::pyramid`] (4 levels of a dense input) and [`seg::SegModel`]
+//!   (backbone + SegFormer-style or LR-ASPP head).
 
 pub mod blocks;
 pub mod calibrate;
@@ -17,6 +19,7 @@ pub mod head;
 pub mod init;
 pub mod named;
 pub mod net;
+pub mod seg;
 pub mod static_net;
 pub mod supernet;
 
