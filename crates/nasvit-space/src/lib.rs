@@ -11,7 +11,10 @@ pub mod sample;
 pub mod space;
 
 pub use arch::Arch;
-pub use cost::{BlockShape, Cost, StageShape, SubnetShape};
+pub use cost::{
+    dense_cost, pyramid_levels, pyramid_multiple, pyramid_shapes, seg_head_cost, BlockShape, Cost, PyramidLevel,
+    SegHeadKind, StageShape, SubnetShape, MAX_DENSE_SIDE,
+};
 pub use error::{ArchError, SpaceError};
 pub use sample::{MacsRange, NoArchInRange};
 pub use space::{
