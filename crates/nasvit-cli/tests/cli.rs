@@ -367,3 +367,180 @@ fn a_gpu_device_without_its_backend_is_one_clear_error() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--engine cpu"));
 }
+
+fn seg_flops(args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["flops", "--task", "seg", "--json"];
+    all.extend_from_slice(args);
+    let out = nasvit(&all);
+    assert!(
+        out.status.success(),
+        "{all:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("one JSON object")
+}
+
+#[test]
+fn flops_of_a_segmentation_model() {
+    let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or_else(|| panic!("{k} in {v}"));
+    let space = nasvit_space::SearchSpace::builtin("official").unwrap();
+    let min = space.min_arch();
+    let backbone = nasvit_space::dense_cost(&space, &min, 512, 1024);
+    // levels of the official min subnet at 512x1024: 24, 32, 64, 160 channels on 128x256, 64x128, 32x64, 16x32
+    let (p0, p1, p2, p3) = (128.0 * 256.0, 64.0 * 128.0, 32.0 * 64.0, 16.0 * 32.0);
+    let heads = [
+        // per level C_i -> 256, fuse 1024 -> 256 and classifier 256 -> 19 at level 0
+        (
+            "segformer",
+            (24.0 * p0 + 32.0 * p1 + 64.0 * p2 + 160.0 * p3) * 256.0 + 1024.0 * 256.0 * p0 + 256.0 * 19.0 * p0,
+        ),
+        // cbr 160 -> 128 at level 3, scale on the pooled 1x1, both classifiers (32 -> 19, 128 -> 19) at level 1
+        (
+            "lraspp",
+            160.0 * 128.0 * p3 + 160.0 * 128.0 + 32.0 * 19.0 * p1 + 128.0 * 19.0 * p1,
+        ),
+    ];
+    for (head, head_macs) in heads {
+        let v = seg_flops(&[
+            "--space", "official", "--arch", "min", "--head", head, "--size", "512x1024",
+        ]);
+        assert_eq!(v["task"], "seg");
+        assert_eq!(v["head"], head);
+        assert_eq!(v["size"], serde_json::json!([512, 1024]));
+        assert!((f(&v, "head_mmacs") - head_macs / 1e6).abs() < 1e-6, "{head}: {v}");
+        assert!((f(&v, "backbone_mmacs") - backbone.mmacs).abs() < 1e-9, "{v}");
+        assert!(
+            (f(&v, "mmacs") - (f(&v, "backbone_mmacs") + f(&v, "head_mmacs"))).abs() < 1e-9,
+            "{v}"
+        );
+        let params = |k: &str| v[k].as_u64().unwrap();
+        assert_eq!(params("params"), params("backbone_params") + params("head_params"));
+        assert_eq!(params("backbone_params"), backbone.params);
+    }
+    // the measured values of docs/segmentation.md ("MACs")
+    assert!((backbone.mmacs - 7064.159232).abs() < 1e-6, "{}", backbone.mmacs);
+
+    // the text form: three lines, the total last
+    let out = nasvit(&[
+        "flops", "--arch", "min", "--task", "seg", "--head", "lraspp", "--size", "512x1024",
+    ]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("backbone (first_conv .. mb6): 7064.2 MMACs"), "{text}");
+    assert!(
+        text.contains("lraspp head (inter 128, 19 classes): 35.4 MMACs"),
+        "{text}"
+    );
+    assert!(text.contains("total: 7099.6 MMACs"), "{text}");
+    // the classification count is unchanged by the new options
+    let (cls, _) = mmacs("min");
+    assert!((cls - 189.8).abs() < 0.05);
+}
+
+#[test]
+fn segmentation_flops_refuse_bad_sizes_and_options_with_one_clear_error() {
+    let cases: [(&[&str], &str); 8] = [
+        (
+            &["--head", "segformer", "--size", "500x1000"],
+            "positive multiples of 32",
+        ),
+        (&["--head", "segformer", "--size", "0x1024"], "positive multiples of 32"),
+        (&["--head", "segformer", "--size", "512"], "expected HxW"),
+        (&["--head", "segformer", "--size", "512xabc"], "expected HxW"),
+        (&["--head", "segformer", "--size", "65536x65536"], "at most 16384"),
+        (&["--size", "512x1024"], "needs --head"),
+        (&["--head", "lraspp"], "needs --size"),
+        (
+            &["--head", "lraspp", "--size", "512x1024", "--classes", "0"],
+            "--classes 0",
+        ),
+    ];
+    for (args, want) in cases {
+        let mut all = vec!["flops", "--arch", "min", "--task", "seg"];
+        all.extend_from_slice(args);
+        let out = nasvit(&all);
+        assert!(!out.status.success(), "{all:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim().lines().count(), 1, "{all:?}: {err}");
+        assert!(err.contains(want) && !err.contains("panicked"), "{all:?}: {err}");
+    }
+    // tiny's pyramid multiple is its deepest stride, 16
+    let out = nasvit(&[
+        "flops", "--space", "tiny", "--arch", "min", "--task", "seg", "--head", "lraspp", "--size", "24x40",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("multiples of 16"));
+    let v = seg_flops(&[
+        "--space", "tiny", "--arch", "min", "--head", "lraspp", "--size", "32x48",
+    ]);
+    assert!(v["mmacs"].as_f64().unwrap() > 0.0);
+    // segmentation options on the classification count are refused, not ignored
+    let out = nasvit(&["flops", "--arch", "min", "--size", "512x1024"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--size applies to `--task seg` only"));
+}
+
+#[test]
+fn segmentation_cost_model_matches_the_model_heads_and_pyramid() {
+    // the one test crate that sees both nasvit-space's cost model and nasvit-model: the duplicated pyramid rule
+    // and the head parameter counts must agree with what the model builds
+    use burn::module::Module;
+    use nasvit_model::seg::{HeadKind, SegConfig};
+    for name in nasvit_space::BUILTIN {
+        let s = nasvit_space::SearchSpace::builtin(name).unwrap();
+        assert_eq!(
+            nasvit_space::pyramid_levels(&s),
+            nasvit_model::pyramid_levels(&s),
+            "{name}"
+        );
+        assert_eq!(
+            nasvit_space::pyramid_multiple(&s),
+            nasvit_model::pyramid_multiple(&s),
+            "{name}"
+        );
+    }
+    let space = nasvit_space::SearchSpace::builtin("official").unwrap();
+    for arch in ["min", "max"] {
+        for (head, kind) in [
+            ("segformer", HeadKind::Segformer { embed: 64 }),
+            ("lraspp", HeadKind::Lraspp { inter: 32 }),
+        ] {
+            let (width_flag, width) = match kind {
+                HeadKind::Segformer { embed } => ("--embed", embed),
+                HeadKind::Lraspp { inter } => ("--inter", inter),
+            };
+            let width = width.to_string();
+            let v = seg_flops(&[
+                "--arch",
+                arch,
+                "--head",
+                head,
+                "--size",
+                "64x64",
+                width_flag,
+                &width,
+                "--classes",
+                "7",
+            ]);
+            let config = SegConfig {
+                space: space.clone(),
+                arch: nasvit_space::Arch::resolve(arch, &space).unwrap(),
+                head: kind,
+                num_classes: 7,
+            };
+            let model_head = config.init_head(&Default::default(), 0);
+            // burn's num_params counts the BN running statistics too; the cost model counts weights, biases and
+            // the BN affine pair only, as parameter counts of PyTorch models do
+            let running: usize = nasvit_model::named_shapes(&model_head)
+                .iter()
+                .filter(|(k, _)| k.ends_with("running_mean") || k.ends_with("running_var"))
+                .map(|(_, shape)| shape.iter().product::<usize>())
+                .sum();
+            assert!(running > 0, "{arch} {head}: one BN in each head");
+            assert_eq!(
+                v["head_params"].as_u64(),
+                Some((model_head.num_params() - running) as u64),
+                "{arch} {head}"
+            );
+        }
+    }
+}
