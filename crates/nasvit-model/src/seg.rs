@@ -19,8 +19,10 @@ use burn::module::Module;
 use burn::tensor::activation::{relu, sigmoid};
 use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
-use burn::tensor::{Device, Distribution, Tensor};
+use burn::tensor::{Device, Tensor, TensorData};
 use nasvit_space::{Arch, SearchSpace};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::write_tensors;
@@ -143,9 +145,12 @@ pub struct SegFormerHead {
 }
 
 impl SegFormerHead {
+    /// `dropout_seed` draws the dropout mask in [`Mode::Train`] (this crate's generator, not the device's, so that
+    /// a step is a function of its seed whatever else runs in the process).
+    ///
     /// # Shapes
     /// - `levels`: four `[B, C_i, H_i, W_i]` (finest first) -> `[B, K, H_0, W_0]`
-    pub fn forward(&self, levels: &[Tensor<4>], mode: Mode) -> Tensor<4> {
+    pub fn forward(&self, levels: &[Tensor<4>], mode: Mode, dropout_seed: u64) -> Tensor<4> {
         let [_, _, h0, w0] = levels[0].dims();
         let e = self.fuse.conv.conv.weight.dims()[0];
         let outs: Vec<Tensor<4>> = levels
@@ -156,10 +161,16 @@ impl SegFormerHead {
         let x = relu(self.fuse.forward(Tensor::cat(outs, 1), e, 1, mode));
         let x = match mode {
             Mode::Train => {
-                // inverted dropout; its draws come from the device's generator (seeded by the training loop)
+                // inverted dropout
                 let keep = 1.0 - SEGFORMER_DROPOUT;
-                let mask = Tensor::<4>::random(x.dims(), Distribution::Bernoulli(keep), &x.device());
-                x * mask.div_scalar(keep)
+                let dims = x.dims();
+                let mut rng = ChaCha8Rng::seed_from_u64(dropout_seed);
+                let scale = (1.0 / keep) as f32;
+                let mask: Vec<f32> = (0..dims.iter().product::<usize>())
+                    .map(|_| if rng.random_bool(keep) { scale } else { 0.0 })
+                    .collect();
+                let device = x.device();
+                x * Tensor::<4>::from_data(TensorData::new(mask, dims), &device)
             }
             _ => x,
         };
@@ -206,9 +217,9 @@ pub enum SegHead {
 impl SegHead {
     /// # Shapes
     /// - `levels`: four `[B, C_i, H_i, W_i]` -> `[B, K, H_j, W_j]` (level 0 for SegFormer, level 1 for LR-ASPP)
-    pub fn forward(&self, levels: &[Tensor<4>], mode: Mode) -> Tensor<4> {
+    pub fn forward(&self, levels: &[Tensor<4>], mode: Mode, dropout_seed: u64) -> Tensor<4> {
         match self {
-            SegHead::SegFormer(h) => h.forward(levels, mode),
+            SegHead::SegFormer(h) => h.forward(levels, mode, dropout_seed),
             SegHead::LrAspp(h) => h.forward(levels, mode),
         }
     }
@@ -252,14 +263,19 @@ impl SegModel {
         &self.config
     }
 
-    /// Per-pixel class logits at the input's size.
+    /// Per-pixel class logits at the input's size (inference: BN statistics, no dropout).
     ///
     /// # Shapes
     /// - `x`: `[B, 3, H, W]`, `H` and `W` multiples of [`crate::net::pyramid_multiple`] -> `[B, K, H, W]`
     pub fn forward(&self, x: Tensor<4>, mode: Mode) -> Result<Tensor<4>, ModelError> {
+        self.forward_with(x, mode, 0)
+    }
+
+    /// [`SegModel::forward`] with the seed of the dropout mask of a training step.
+    pub fn forward_with(&self, x: Tensor<4>, mode: Mode, dropout_seed: u64) -> Result<Tensor<4>, ModelError> {
         let [_, _, h, w] = x.dims();
         let levels = self.backbone.pyramid(x, mode)?;
-        Ok(bilinear(self.head.forward(&levels, mode), h, w))
+        Ok(bilinear(self.head.forward(&levels, mode, dropout_seed), h, w))
     }
 
     /// Writes the model (weights, BN statistics, and its [`SegConfig`] in the metadata) atomically.

@@ -64,8 +64,8 @@ fn a_constant_pyramid_gives_constant_logits_equal_to_the_one_pixel_head() {
         };
         let big: Vec<Tensor<4>> = (0..4).map(|i| level(i, sizes[i])).collect();
         let one: Vec<Tensor<4>> = (0..4).map(|i| level(i, (1, 1))).collect();
-        let yb = values(m.head.forward(&big, Mode::Eval).to_data());
-        let y1 = values(m.head.forward(&one, Mode::Eval).to_data());
+        let yb = values(m.head.forward(&big, Mode::Eval, 0).to_data());
+        let y1 = values(m.head.forward(&one, Mode::Eval, 0).to_data());
         let out = match head {
             HeadKind::Segformer { .. } => sizes[0],
             HeadKind::Lraspp { .. } => sizes[1],

@@ -20,6 +20,15 @@ pub enum SegError {
     Metric { path: String, error: MetricError },
     #[error("bad input: {0}")]
     Input(String),
+    /// A training run's usage or state problem, already phrased for the user.
+    #[error("{0}")]
+    Usage(String),
+}
+
+impl From<nasvit_train::fsio::FsError> for SegError {
+    fn from(e: nasvit_train::fsio::FsError) -> Self {
+        SegError::Usage(e.to_string())
+    }
 }
 
 impl SegError {

@@ -190,12 +190,23 @@ impl ModuleMapper for Load<'_> {
     }
 }
 
-fn load_into(
-    model: Supernet,
+/// Replaces the tensors of `model` by key (all must be given, with their shapes) and, when `ids` is given, gives
+/// its parameters their saved burn ids, so that a saved optimizer record applies to the rebuilt module.
+pub fn load_module<M: Module>(
+    model: M,
     tensors: &HashMap<String, TensorData>,
     ids: Option<&BTreeMap<String, u64>>,
     path: &Path,
-) -> Result<Supernet, StateError> {
+) -> Result<M, StateError> {
+    load_into(model, tensors, ids, path)
+}
+
+fn load_into<M: Module>(
+    model: M,
+    tensors: &HashMap<String, TensorData>,
+    ids: Option<&BTreeMap<String, u64>>,
+    path: &Path,
+) -> Result<M, StateError> {
     let mut l = Load {
         path: Vec::new(),
         tensors,

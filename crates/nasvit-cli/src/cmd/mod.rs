@@ -14,5 +14,6 @@ pub mod infer;
 pub mod report;
 pub mod search;
 pub mod seg;
+pub mod seg_train;
 pub mod space;
 pub mod train;

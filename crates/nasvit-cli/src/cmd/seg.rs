@@ -22,6 +22,8 @@ pub enum SegCommand {
     /// pixel (grey value or palette index). A ground-truth file without a prediction is an error; predictions
     /// without ground truth are listed and skipped.
     Score(ScoreArgs),
+    /// Train a segmentation model: a subnet (of a trained supernet, or from scratch) as backbone + a head.
+    Train(super::seg_train::SegTrainArgs),
     /// Segmentation data sets.
     Data {
         #[command(subcommand)]
@@ -93,6 +95,7 @@ pub struct MakeArgs {
 pub fn run(command: SegCommand) -> anyhow::Result<()> {
     match command {
         SegCommand::Score(args) => score(args),
+        SegCommand::Train(args) => super::seg_train::run_cmd(args),
         SegCommand::Data {
             command: SegDataCommand::Make(args),
         } => make(args),
