@@ -7,12 +7,16 @@
 //! - [`label`]: class-id PNGs (grey or palette, read as raw indices), photos, overlays;
 //! - [`palette`]: Cityscapes, ADE20K, VOC and generated colours, and the class names of the known sets;
 //! - [`data`]: [`SegDataset`], the Cityscapes / ADE20K / VOC-style loaders;
+//! - [`eval`]: a model's input normalisation ([`eval::to_input`]), whole-image and sliding-window inference,
+//!   `nasvit seg eval`; [`infer`]: label and overlay PNGs of single photos (`nasvit seg infer`);
 //! - [`synth`]: Fashion-MNIST items on real photos, written in the VOC layout (`nasvit seg data make`);
 //! - [`train`]: `nasvit seg train` (a subnet backbone + head on burn, run folders as `nasvit train`'s).
 
 pub mod data;
 pub mod error;
+pub mod eval;
 mod idx;
+pub mod infer;
 pub mod io;
 pub mod label;
 pub mod metric;
