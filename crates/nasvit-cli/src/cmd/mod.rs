@@ -14,6 +14,7 @@ pub mod infer;
 pub mod report;
 pub mod search;
 pub mod seg;
+pub mod seg_eval;
 pub mod seg_train;
 pub mod space;
 pub mod train;

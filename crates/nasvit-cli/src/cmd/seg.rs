@@ -24,6 +24,11 @@ pub enum SegCommand {
     Score(ScoreArgs),
     /// Train a segmentation model: a subnet (of a trained supernet, or from scratch) as backbone + a head.
     Train(super::seg_train::SegTrainArgs),
+    /// mIoU, mAcc, aAcc and per-class IoU/Acc of a segmentation model on a labelled set (whole-image or
+    /// sliding-window inference; ImageNet-normalised inputs; one confusion matrix over the set, 255 ignored).
+    Eval(super::seg_eval::SegEvalArgs),
+    /// Predict photos with a segmentation model: <stem>.png (class ids) and <stem>_overlay.png per photo.
+    Infer(super::seg_eval::SegInferArgs),
     /// Segmentation data sets.
     Data {
         #[command(subcommand)]
@@ -96,6 +101,8 @@ pub fn run(command: SegCommand) -> anyhow::Result<()> {
     match command {
         SegCommand::Score(args) => score(args),
         SegCommand::Train(args) => super::seg_train::run_cmd(args),
+        SegCommand::Eval(args) => super::seg_eval::run_eval(args),
+        SegCommand::Infer(args) => super::seg_eval::run_infer(args),
         SegCommand::Data {
             command: SegDataCommand::Make(args),
         } => make(args),

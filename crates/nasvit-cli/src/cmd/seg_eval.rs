@@ -1,0 +1,244 @@
+//! `nasvit seg eval` (mIoU of a segmentation model on a labelled set) and `nasvit seg infer` (label and overlay
+//! PNGs of single photos). The logic is `nasvit_seg::eval` / `nasvit_seg::infer`; this file is the flags.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use nasvit_seg::eval::{self, InferMode};
+use nasvit_seg::infer::{self, default_palette};
+use nasvit_seg::Palette;
+
+const MODEL_HELP: &str = "The segmentation model: a model.safetensors written by the segmentation training, or a \
+    folder holding one (a training run folder: RUN/last/model.safetensors, else FOLDER/model.safetensors).";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ModeName {
+    /// The whole image at once, padded bottom/right to the model's pyramid stride.
+    Whole,
+    /// Windows of --crop every --stride, overlapping logits averaged (mmsegmentation's slide inference).
+    Slide,
+}
+
+/// How images are run: shared by eval and infer, so both make the same predictions.
+#[derive(Args, Clone, Debug)]
+pub struct ModeArgs {
+    /// `whole` (pad to the pyramid stride, one pass) or `slide` (windows of --crop every --stride, overlapping
+    /// logits averaged; images smaller than the crop padded).
+    #[arg(long, value_enum, default_value = "whole")]
+    mode: ModeName,
+    /// Window size HxW of --mode slide (or one number for a square), multiples of the model's pyramid stride.
+    #[arg(long)]
+    crop: Option<String>,
+    /// Window step HxW of --mode slide (default: two thirds of the crop, as mmsegmentation's 512/341).
+    #[arg(long)]
+    stride: Option<String>,
+}
+
+impl ModeArgs {
+    fn mode(&self) -> anyhow::Result<InferMode> {
+        match self.mode {
+            ModeName::Whole => {
+                if self.crop.is_some() || self.stride.is_some() {
+                    bail!("--crop and --stride are for --mode slide");
+                }
+                Ok(InferMode::Whole)
+            }
+            ModeName::Slide => {
+                let crop = self
+                    .crop
+                    .as_deref()
+                    .map(|s| parse_hw("--crop", s))
+                    .transpose()?
+                    .context("--mode slide needs --crop HxW (e.g. 512x512)")?;
+                let stride = self.stride.as_deref().map(|s| parse_hw("--stride", s)).transpose()?;
+                Ok(InferMode::slide(crop, stride))
+            }
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct SegEvalArgs {
+    #[arg(long, help = MODEL_HELP)]
+    model: PathBuf,
+    /// A Cityscapes, ADE20K or VOC-style folder (see docs/segmentation.md).
+    #[arg(long)]
+    data: PathBuf,
+    /// The split (default: VOC's ImageSets/Segmentation/val.txt where it exists, else every labelled image;
+    /// Cityscapes `val`, ADE20K `validation`).
+    #[arg(long)]
+    split: Option<String>,
+    #[command(flatten)]
+    window: ModeArgs,
+    /// Evaluate the first N images (by name).
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Write the scores as JSON (the format of `nasvit seg score --json`).
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write the row-normalised confusion matrix as a heat-map PNG.
+    #[arg(long)]
+    confusion: Option<PathBuf>,
+    /// Threads of burn's CPU backend (default: RAYON_NUM_THREADS, else all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    #[command(flatten)]
+    device: super::device::DeviceArg,
+}
+
+#[derive(Args)]
+pub struct SegInferArgs {
+    #[arg(long, help = MODEL_HELP)]
+    model: PathBuf,
+    /// Photos (JPEG or PNG).
+    #[arg(required = true, num_args = 1..)]
+    images: Vec<PathBuf>,
+    /// Output folder (created if missing): <stem>.png (class ids, 8-bit grey) and <stem>_overlay.png per photo.
+    #[arg(long)]
+    out: PathBuf,
+    /// Overlay colours: cityscapes, ade20k, voc or generated (default: voc for a 21-class model, else generated).
+    #[arg(long)]
+    palette: Option<String>,
+    #[command(flatten)]
+    window: ModeArgs,
+    /// Threads of burn's CPU backend (default: RAYON_NUM_THREADS, else all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    #[command(flatten)]
+    device: super::device::DeviceArg,
+}
+
+/// `HxW` or `N` (square).
+fn parse_hw(flag: &str, s: &str) -> anyhow::Result<[usize; 2]> {
+    let parse = |v: &str| {
+        v.trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|&n| n > 0)
+            .with_context(|| format!("{flag} {s}: expected HxW of positive numbers (e.g. 512x1024) or one number"))
+    };
+    match s.split_once(['x', 'X']) {
+        Some((h, w)) => Ok([parse(h)?, parse(w)?]),
+        None => {
+            let n = parse(s)?;
+            Ok([n, n])
+        }
+    }
+}
+
+fn set_threads(threads: Option<usize>) -> anyhow::Result<()> {
+    if let Some(t) = threads {
+        anyhow::ensure!(t > 0, "--threads must be at least 1");
+        // Before anything starts rayon's global pool (burn's threads); nothing else runs yet.
+        std::env::set_var("RAYON_NUM_THREADS", t.to_string());
+    }
+    Ok(())
+}
+
+fn bar(len: u64) -> ProgressBar {
+    let b = ProgressBar::new(len);
+    b.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} images (ETA {eta})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    b
+}
+
+pub fn run_eval(args: SegEvalArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.limit != Some(0), "--limit must be at least 1");
+    set_threads(args.threads)?;
+    let mode = args.window.mode()?;
+    // the data first: a wrong folder is found before the model is built
+    let data = eval::open_eval_set(&args.data, args.split.as_deref())?;
+    let device = args.device.open()?;
+    let (model, file) = eval::load_model(&args.model, &device)?;
+    eval::check_classes(&model, &data)?;
+    mode.check(nasvit_model::pyramid_multiple(&model.config().space))?;
+    let n = args.limit.map_or(data.len(), |l| l.min(data.len()));
+    let config = model.config();
+    eprintln!(
+        "{}: {} head on the `{}` space, {} classes; {} images of {}, {mode} mode",
+        file.display(),
+        config.head.name(),
+        config.space.name,
+        config.num_classes,
+        n,
+        data.root().display()
+    );
+    let progress = bar(n as u64);
+    let matrix = eval::evaluate(&model, &data, mode, Some(n), &device, &mut |i| {
+        progress.set_position(i as u64)
+    })?;
+    progress.finish_and_clear();
+    let scores = matrix.scores(data.names()).context("scoring")?;
+    print!("{}", scores.table());
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&scores)? + "\n";
+        nasvit_seg::io::write_atomic(path, text.as_bytes())?;
+    }
+    if let Some(path) = &args.confusion {
+        matrix.write_heat_map(path)?;
+    }
+    Ok(())
+}
+
+pub fn run_infer(args: SegInferArgs) -> anyhow::Result<()> {
+    set_threads(args.threads)?;
+    let mode = args.window.mode()?;
+    // name clashes and a bad palette name are found before the model is built
+    let stems = infer::output_stems(&args.images)?;
+    if let Some(name) = &args.palette {
+        anyhow::ensure!(
+            Palette::by_name(name, 1).is_some(),
+            "--palette {name}: expected cityscapes, ade20k, voc or generated"
+        );
+    }
+    let device = args.device.open()?;
+    let (model, _) = eval::load_model(&args.model, &device)?;
+    let k = model.config().num_classes;
+    mode.check(nasvit_model::pyramid_multiple(&model.config().space))?;
+    let palette = match &args.palette {
+        None => default_palette(k),
+        Some(name) => Palette::by_name(name, k).with_context(|| format!("--palette {name}"))?,
+    };
+    if palette.len() < k {
+        eprintln!(
+            "warning: the {} palette has {} colours for {k} classes; classes past it are not coloured",
+            args.palette.as_deref().unwrap_or("default"),
+            palette.len()
+        );
+    }
+    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    let progress = bar(args.images.len() as u64);
+    for (image, stem) in args.images.iter().zip(&stems) {
+        let out = infer::infer_image(&model, image, stem, &args.out, &palette, mode, &device)?;
+        progress.suspend(|| {
+            println!(
+                "{} ({}x{}) -> {}, {}",
+                out.image.display(),
+                out.width,
+                out.height,
+                out.labels.display(),
+                out.overlay.display()
+            )
+        });
+        progress.inc(1);
+    }
+    progress.finish_and_clear();
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_sizes_parse_as_height_by_width() {
+        assert_eq!(parse_hw("--crop", "512x1024").unwrap(), [512, 1024]);
+        assert_eq!(parse_hw("--crop", "64").unwrap(), [64, 64]);
+        let e = parse_hw("--stride", "0x4").unwrap_err().to_string();
+        assert!(e.contains("--stride 0x4: expected HxW"), "{e}");
+    }
+}
