@@ -480,24 +480,11 @@ fn segmentation_flops_refuse_bad_sizes_and_options_with_one_clear_error() {
 }
 
 #[test]
-fn segmentation_cost_model_matches_the_model_heads_and_pyramid() {
-    // the one test crate that sees both nasvit-space's cost model and nasvit-model: the duplicated pyramid rule
-    // and the head parameter counts must agree with what the model builds
+fn segmentation_cost_model_matches_the_model_heads() {
+    // the one test crate that sees both nasvit-space's cost model and nasvit-model: the head parameter counts must
+    // agree with what the model builds (the pyramid rule is one function, nasvit_space::pyramid_levels)
     use burn::module::Module;
     use nasvit_model::seg::{HeadKind, SegConfig};
-    for name in nasvit_space::BUILTIN {
-        let s = nasvit_space::SearchSpace::builtin(name).unwrap();
-        assert_eq!(
-            nasvit_space::pyramid_levels(&s),
-            nasvit_model::pyramid_levels(&s),
-            "{name}"
-        );
-        assert_eq!(
-            nasvit_space::pyramid_multiple(&s),
-            nasvit_model::pyramid_multiple(&s),
-            "{name}"
-        );
-    }
     let space = nasvit_space::SearchSpace::builtin("official").unwrap();
     for arch in ["min", "max"] {
         for (head, kind) in [

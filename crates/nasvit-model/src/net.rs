@@ -212,45 +212,8 @@ pub(crate) fn mb_active(bs: &BlockShape) -> MbActive {
     }
 }
 
-/// The four stages whose outputs form a segmentation pyramid: the last stage at each stride, for the four finest
-/// strides beyond the stem's. For `official` and `paper` these are mb2, mb3, mb4, mb6 (strides 4, 8, 16, 32; mb7, at 64,
-/// is not run); for `tiny` (stem stride 1) mb2, mb4, mb6, mb7 (strides 2, 4, 8, 16). Each entry is
-/// `(stage index, stride)`.
-pub fn pyramid_levels(space: &nasvit_space::SearchSpace) -> Vec<(usize, usize)> {
-    let mut stride = space.stem.stride;
-    let mut last_at: Vec<(usize, usize)> = Vec::new();
-    for (i, st) in space.stages.iter().enumerate() {
-        stride *= st.stride;
-        match last_at.last_mut() {
-            Some(l) if l.1 == stride => l.0 = i,
-            _ => last_at.push((i, stride)),
-        }
-    }
-    last_at
-        .into_iter()
-        .filter(|l| l.1 > space.stem.stride)
-        .take(4)
-        .collect()
-}
-
-/// The side an input must be a multiple of for [`pyramid_levels`]: the deepest level's stride, and twice the
-/// first transformer stage's where 2 x 2 attention windows split its token map in halves.
-pub fn pyramid_multiple(space: &nasvit_space::SearchSpace) -> usize {
-    let deepest = pyramid_levels(space).last().map_or(1, |l| l.1);
-    let windowed = space.paper.as_ref().is_some_and(|p| p.windows.contains(&4));
-    let mut stride = space.stem.stride;
-    let mut first_tf = None;
-    for st in &space.stages {
-        stride *= st.stride;
-        if st.transformer && first_tf.is_none() {
-            first_tf = Some(stride);
-        }
-    }
-    match (windowed, first_tf) {
-        (true, Some(s)) => deepest.max(2 * s),
-        _ => deepest,
-    }
-}
+/// The pyramid's levels and size rule live with the cost model, which counts the same stages.
+pub use nasvit_space::{pyramid_levels, pyramid_multiple};
 
 impl NetView<'_> {
     /// The pyramid of a dense input (no resize; `H` and `W` multiples of [`pyramid_multiple`]).
