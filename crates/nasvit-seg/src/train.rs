@@ -28,6 +28,7 @@ use serde_json::json;
 
 use crate::data::SegDataset;
 use crate::error::SegError;
+use crate::eval::{MEAN, STD};
 
 /// Where the backbone comes from.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -173,7 +174,7 @@ pub struct SegRunSummary {
     pub checkpoint: PathBuf,
 }
 
-const MODEL_FILE: &str = "model.safetensors";
+use crate::eval::MODEL_FILE;
 const STATE_JSON: &str = "state.json";
 
 #[derive(Serialize, Deserialize)]
@@ -185,20 +186,6 @@ struct StateJson {
 
 fn io_err(path: &Path, e: impl ToString) -> SegError {
     SegError::Usage(format!("{}: {}", path.display(), e.to_string()))
-}
-
-/// ImageNet normalisation of an RGB image, `[3, H, W]` row-major.
-pub fn normalize(img: &RgbImage) -> Vec<f32> {
-    const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
-    const STD: [f32; 3] = [0.229, 0.224, 0.225];
-    let (w, h) = (img.width() as usize, img.height() as usize);
-    let mut out = vec![0f32; 3 * h * w];
-    for (i, p) in img.pixels().enumerate() {
-        for c in 0..3 {
-            out[c * h * w + i] = (f32::from(p[c]) / 255.0 - MEAN[c]) / STD[c];
-        }
-    }
-    out
 }
 
 /// One augmented training pair of crop size `[ch, cw]`: image (normalised, padding 0 after normalisation) and
@@ -234,8 +221,6 @@ fn augment(cfg: &SegTrainConfig, img: &RgbImage, labels: &[u8], rng: &mut ChaCha
     } else {
         (0.0, 1.0)
     };
-    const MEAN: [f64; 3] = [0.485, 0.456, 0.406];
-    const STD: [f64; 3] = [0.229, 0.224, 0.225];
     let mut x = vec![0f32; 3 * ch * cw];
     let mut y = vec![255i64; ch * cw];
     for r in 0..ch {
@@ -252,7 +237,8 @@ fn augment(cfg: &SegTrainConfig, img: &RgbImage, labels: &[u8], rng: &mut ChaCha
             let p = img.get_pixel(sx_raw as u32, sy as u32);
             for k in 0..3 {
                 let v = ((f64::from(p[k]) - 127.5) * contrast + 127.5 + bright).clamp(0.0, 255.0);
-                x[k * ch * cw + r * cw + dc] = ((v / 255.0 - MEAN[k]) / STD[k]) as f32;
+                // the normalisation of `eval::to_input`, after the jitter
+                x[k * ch * cw + r * cw + dc] = (v as f32 / 255.0 - MEAN[k]) / STD[k];
             }
             y[r * cw + dc] = i64::from(lab[sy * nw as usize + sx_raw]);
         }

@@ -1,6 +1,6 @@
-//! `nasvit seg`: semantic segmentation tools that need no model. `score` is mmsegmentation's metric on two
-//! folders of label PNGs (so any model's output, ours or another framework's, is scored the same way); `data
-//! make` writes the generated Fashion-MNIST-on-photos set that the segmentation heads train on.
+//! `nasvit seg`: semantic segmentation. `score` is mmsegmentation's metric on two folders of label PNGs (so any
+//! model's output, ours or another framework's, is scored the same way); `data make` writes the generated
+//! Fashion-MNIST-on-photos set; `train`, `eval` and `infer` (in `seg_train.rs`, `seg_eval.rs`) run the models.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
