@@ -1,54 +1,15 @@
 //! `nasvit seg score` and `nasvit seg data make` as a user runs them.
 
 use std::path::Path;
-use std::process::{Command, Output};
 
 use nasvit_seg::label::write_label_png;
 
-/// A folder removed when the test ends (this crate's tests use plain folders under the system temp dir).
-struct TempDir(std::path::PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let n = N.fetch_add(1, Ordering::Relaxed);
-        let p = std::env::temp_dir().join(format!("nasvit-seg-cli-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        Self(p)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn nasvit(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_nasvit"))
-        .args(args)
-        .output()
-        .expect("run nasvit")
-}
-
-fn ok(out: &Output) -> String {
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+mod common;
+use common::{nasvit, ok, s, TempDir};
 
 fn labels(dir: &Path, name: &str, v: &[u8]) {
     std::fs::create_dir_all(dir).unwrap();
     write_label_png(&dir.join(name), v, 2, 2).unwrap();
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 /// Two 2 x 2 images, four classes (class 3 never appears):

@@ -3,7 +3,7 @@
 //! `nasvit seg score` (the oracle), not the model's quality.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use burn::module::Param;
 use burn::tensor::{Device, Tensor};
@@ -12,44 +12,10 @@ use nasvit_model::SupernetConfig;
 use nasvit_seg::label::{read_label_png, read_rgb};
 use nasvit_space::SearchSpace;
 
+mod common;
+use common::{nasvit, ok, s, TempDir};
+
 const VOC: &str = "/usr/share/doc/labelme-examples/examples/semantic_segmentation/data_dataset_voc";
-
-/// A folder removed when the test ends.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let n = N.fetch_add(1, Ordering::Relaxed);
-        let p = std::env::temp_dir().join(format!("nasvit-seg-eval-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        Self(p)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn nasvit(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_nasvit"))
-        .args(args)
-        .output()
-        .expect("run nasvit")
-}
-
-fn ok(out: &Output) -> String {
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// The one-line error of a failed run.
 fn fails(out: &Output) -> String {
@@ -58,10 +24,6 @@ fn fails(out: &Output) -> String {
     assert!(!err.contains("panicked"), "{err}");
     assert_eq!(err.trim_end().lines().count(), 1, "one line expected: {err}");
     err
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 /// The VOC example folder, or None (a skip) where labelme-examples is missing and NASVIT_REQUIRE_VOC is not 1.

@@ -236,13 +236,23 @@ fn score(args: ScoreArgs) -> anyhow::Result<()> {
         progress.inc(1);
     }
     progress.finish_and_clear();
-    let scores = matrix.scores(&names).context("scoring")?;
+    report(&matrix, &names, args.json.as_deref(), args.confusion.as_deref())
+}
+
+/// The end of `score` and `eval`: the per-class table, and the JSON and heat map when asked for.
+pub(super) fn report(
+    matrix: &nasvit_seg::ConfusionMatrix,
+    names: &[String],
+    json: Option<&Path>,
+    confusion: Option<&Path>,
+) -> anyhow::Result<()> {
+    let scores = matrix.scores(names).context("scoring")?;
     print!("{}", scores.table());
-    if let Some(path) = &args.json {
+    if let Some(path) = json {
         let text = serde_json::to_string_pretty(&scores)? + "\n";
         nasvit_seg::io::write_atomic(path, text.as_bytes())?;
     }
-    if let Some(path) = &args.confusion {
+    if let Some(path) = confusion {
         matrix.write_heat_map(path)?;
     }
     Ok(())

@@ -172,16 +172,7 @@ pub fn run_eval(args: SegEvalArgs) -> anyhow::Result<()> {
         progress.set_position(i as u64)
     })?;
     progress.finish_and_clear();
-    let scores = matrix.scores(data.names()).context("scoring")?;
-    print!("{}", scores.table());
-    if let Some(path) = &args.json {
-        let text = serde_json::to_string_pretty(&scores)? + "\n";
-        nasvit_seg::io::write_atomic(path, text.as_bytes())?;
-    }
-    if let Some(path) = &args.confusion {
-        matrix.write_heat_map(path)?;
-    }
-    Ok(())
+    super::seg::report(&matrix, data.names(), args.json.as_deref(), args.confusion.as_deref())
 }
 
 pub fn run_infer(args: SegInferArgs) -> anyhow::Result<()> {
