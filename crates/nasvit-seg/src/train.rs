@@ -29,6 +29,7 @@ use serde_json::json;
 use crate::data::SegDataset;
 use crate::error::SegError;
 use crate::eval::{MEAN, STD};
+use nasvit_train::state::{CHECKPOINTS, LAST};
 
 /// Where the backbone comes from.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -350,7 +351,7 @@ pub fn run(opts: &SegRunOptions) -> Result<SegRunSummary, SegError> {
             let dir = opts.out.clone().unwrap_or_else(|| cfg.output_dir.clone());
             cfg.output_dir = dir.clone();
             let lock = nasvit_train::fsio::lock_dir(&dir, "seg train").map_err(|e| SegError::Usage(e.to_string()))?;
-            if dir.join("last").exists() || dir.join("metrics.jsonl").exists() {
+            if dir.join(LAST).exists() || dir.join("metrics.jsonl").exists() {
                 return Err(SegError::Usage(format!(
                     "{} already holds a run; continue it with --resume {} or choose another --out",
                     dir.display(),
@@ -363,7 +364,7 @@ pub fn run(opts: &SegRunOptions) -> Result<SegRunSummary, SegError> {
         }
     };
     nasvit_train::fsio::remove_stale_temps(&run_dir);
-    nasvit_train::fsio::remove_stale_temps(&run_dir.join("checkpoints"));
+    nasvit_train::fsio::remove_stale_temps(&run_dir.join(CHECKPOINTS));
     let train = SegDataset::open(&cfg.data, Some(&cfg.train_split))?;
     if train.is_empty() {
         return Err(SegError::Usage(format!("{}: no training images", cfg.data.display())));
@@ -429,7 +430,7 @@ pub fn run(opts: &SegRunOptions) -> Result<SegRunSummary, SegError> {
                 step: u64,
                 wall: f64|
      -> Result<PathBuf, SegError> {
-        let ckpts = run_dir.join("checkpoints");
+        let ckpts = run_dir.join(CHECKPOINTS);
         let dir = ckpts.join(format!("step-{step:08}"));
         nasvit_train::fsio::replace_dir(&dir, |tmp: &Path| -> Result<(), SegError> {
             let mut meta = BTreeMap::new();
@@ -449,8 +450,10 @@ pub fn run(opts: &SegRunOptions) -> Result<SegRunSummary, SegError> {
             let text = serde_json::to_string(&st).map_err(|e| SegError::Usage(e.to_string()))?;
             std::fs::write(tmp.join(STATE_JSON), text).map_err(|e| io_err(tmp, e))
         })?;
-        point_last(&run_dir, &format!("checkpoints/step-{step:08}"))?;
-        prune(&ckpts, step, cfg.keep_checkpoints.max(1));
+        let name = format!("step-{step:08}");
+        nasvit_train::state::point_last(&run_dir, &format!("{CHECKPOINTS}/{name}"))
+            .map_err(|e| SegError::Usage(e.to_string()))?;
+        nasvit_train::state::prune(&ckpts, &name, cfg.keep_checkpoints.max(1));
         Ok(dir)
     };
 
@@ -538,7 +541,7 @@ pub fn run(opts: &SegRunOptions) -> Result<SegRunSummary, SegError> {
     let checkpoint = if step > start || resume_from.is_none() {
         save(&model, &opt_back, &opt_head, step, wall)?
     } else {
-        last_ckpt.unwrap_or_else(|| run_dir.join("last"))
+        last_ckpt.unwrap_or_else(|| run_dir.join(LAST))
     };
     write(json!({"kind": "end", "step": step, "wall_s": wall}))?;
     Ok(SegRunSummary {
@@ -547,35 +550,6 @@ pub fn run(opts: &SegRunOptions) -> Result<SegRunSummary, SegError> {
         wall_s: wall,
         checkpoint,
     })
-}
-
-fn point_last(run_dir: &Path, rel: &str) -> Result<(), SegError> {
-    let last = run_dir.join("last");
-    let tmp = run_dir.join(format!(".last.tmp-{}", std::process::id()));
-    let _ = std::fs::remove_file(&tmp);
-    #[cfg(unix)]
-    std::os::unix::fs::symlink(rel, &tmp).map_err(|e| io_err(&tmp, e))?;
-    #[cfg(not(unix))]
-    std::fs::write(&tmp, rel).map_err(|e| io_err(&tmp, e))?;
-    std::fs::rename(&tmp, &last).map_err(|e| io_err(&last, e))
-}
-
-/// Keeps the newest `keep` step folders (the one of `current` included).
-fn prune(ckpts: &Path, current: u64, keep: usize) {
-    let Ok(entries) = std::fs::read_dir(ckpts) else {
-        return;
-    };
-    let current = format!("step-{current:08}");
-    let mut names: Vec<String> = entries
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("step-") && *n != current)
-        .collect();
-    names.sort();
-    let drop = names.len().saturating_sub(keep.saturating_sub(1));
-    for n in &names[..drop] {
-        let _ = std::fs::remove_dir_all(ckpts.join(n));
-    }
 }
 
 #[cfg(test)]

@@ -327,7 +327,8 @@ pub fn save_state(
     Ok(dir)
 }
 
-fn point_last(run_dir: &Path, rel: &str) -> Result<(), StateError> {
+/// Points `RUN/last` at `rel` (a path relative to the run folder) by an atomic rename of a new link.
+pub fn point_last(run_dir: &Path, rel: &str) -> Result<(), StateError> {
     let last = run_dir.join(LAST);
     let tmp = run_dir.join(format!(".last.tmp-{}", std::process::id()));
     let _ = std::fs::remove_file(&tmp);
@@ -339,7 +340,7 @@ fn point_last(run_dir: &Path, rel: &str) -> Result<(), StateError> {
 }
 
 /// Removes all but the newest `keep` step folders (never `current`).
-fn prune(ckpts: &Path, current: &str, keep: usize) {
+pub fn prune(ckpts: &Path, current: &str, keep: usize) {
     let Ok(entries) = std::fs::read_dir(ckpts) else {
         return;
     };
