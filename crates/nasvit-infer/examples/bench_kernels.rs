@@ -160,7 +160,11 @@ fn main() {
         let th = kernels::TalkingHeads {
             heads: h,
             head_dim: 8,
-            rpb: kernels::Rpb::Table { rev: &rev, side },
+            rpb: kernels::Rpb::Table {
+                rev: &rev,
+                h: side,
+                w: side,
+            },
             wl: &wl,
             bl: &bl,
             ww: &ww,

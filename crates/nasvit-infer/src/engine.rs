@@ -25,7 +25,7 @@ use crate::export::{ExportedModel, Preprocess};
 use crate::kernels::denormals::FlushDenormals;
 use crate::kernels::{self, nhwc, Act, Arena, Buf, ConvGeom, Mat, Par};
 use crate::resize::bicubic;
-use crate::state::Tensor;
+use crate::state::{StateDict, Tensor};
 
 /// Runtime options.
 #[derive(Clone, Copy, Debug, Default)]
@@ -48,15 +48,22 @@ impl EngineOptions {
 
 /// Wall time per kind of op, summed over the runs since the last `Engine::profile` call.
 #[derive(Default)]
-struct Profile(std::sync::Mutex<Vec<(&'static str, f64, usize)>>);
+pub(crate) struct Profile(std::sync::Mutex<Vec<(&'static str, f64, usize)>>);
 
 /// The profile of one forward pass, or nothing.
 #[derive(Clone, Copy)]
-struct Prof<'a>(Option<&'a Profile>);
+pub(crate) struct Prof<'a>(pub(crate) Option<&'a Profile>);
+
+impl Profile {
+    /// The entries so far, and a fresh start.
+    pub(crate) fn take(&self) -> Vec<(&'static str, f64, usize)> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
 
 impl Prof<'_> {
     #[inline]
-    fn time<R>(self, op: &'static str, f: impl FnOnce() -> R) -> R {
+    pub(crate) fn time<R>(self, op: &'static str, f: impl FnOnce() -> R) -> R {
         let Some(p) = self.0 else { return f() };
         let t = std::time::Instant::now();
         let r = f();
@@ -74,37 +81,37 @@ impl Prof<'_> {
 }
 
 /// A 1x1 conv or linear `[cout, cin]` (row-major) with an optional bias.
-struct Linear {
-    w: Vec<f32>,
-    b: Option<Vec<f32>>,
-    cout: usize,
-    cin: usize,
+pub(crate) struct Linear {
+    pub(crate) w: Vec<f32>,
+    pub(crate) b: Option<Vec<f32>>,
+    pub(crate) cout: usize,
+    pub(crate) cin: usize,
 }
 
 /// A 1x1 conv or token linear on channel-minor / token-major activations, its weight packed for the GEMM at
 /// load (`nhwc::PwWeight`).
-struct Pointwise {
-    w: nhwc::PwWeight,
-    b: Option<Vec<f32>>,
+pub(crate) struct Pointwise {
+    pub(crate) w: nhwc::PwWeight,
+    pub(crate) b: Option<Vec<f32>>,
 }
 
 impl Pointwise {
     /// `act(x W^T + b)` on `x: [n, cin]` -> `[n, cout]`.
-    fn run(&self, x: &[f32], n: usize, act: Act, par: Par, ar: &Arena) -> Buf {
+    pub(crate) fn run(&self, x: &[f32], n: usize, act: Act, par: Par, ar: &Arena) -> Buf {
         let mut out = ar.take(n * self.w.cout);
         nhwc::pointwise(self.w.view(), self.b.as_deref(), x, n, &mut out, false, act, par);
         out
     }
 
     /// `acc += x W^T + b` (the residual branches).
-    fn run_add(&self, x: &[f32], n: usize, acc: &mut [f32], par: Par) {
+    pub(crate) fn run_add(&self, x: &[f32], n: usize, acc: &mut [f32], par: Par) {
         nhwc::pointwise(self.w.view(), self.b.as_deref(), x, n, acc, true, Act::None, par);
     }
 }
 
 impl Linear {
     /// Packs the weight for the GEMM, once, at load.
-    fn pointwise(self) -> Pointwise {
+    pub(crate) fn pointwise(self) -> Pointwise {
         Pointwise {
             w: nhwc::PwWeight::new(&self.w, self.cout, self.cin),
             b: self.b,
@@ -112,7 +119,7 @@ impl Linear {
     }
 
     /// Matrix-vector product for the tiny SE / head layers.
-    fn matvec(&self, x: &[f32], act: Act, par: Par) -> Vec<f32> {
+    pub(crate) fn matvec(&self, x: &[f32], act: Act, par: Par) -> Vec<f32> {
         kernels::matvec(&self.w, self.b.as_deref(), self.cout, self.cin, x, act, par)
     }
 }
@@ -121,7 +128,8 @@ struct MbConv {
     cin: usize,
     cmid: usize,
     cout: usize,
-    geom: ConvGeom,
+    kernel: usize,
+    stride: usize,
     expand: Option<Pointwise>,
     /// Tap-major `[k*k, cmid]` (`nhwc::dw_weights`).
     dw_wt: Vec<f32>,
@@ -143,7 +151,6 @@ struct Mlp {
 struct TfLayer {
     c: usize,
     heads: usize,
-    grid: usize,
     windows: usize,
     norms: [(Vec<f32>, Vec<f32>); 3],
     /// q (pre-scaled by 8^-0.5) and k stacked: `[2C, C]`.
@@ -152,11 +159,7 @@ struct TfLayer {
     v: Pointwise,
     /// Tap-major `[9, 4C]`.
     vconv: Vec<f32>,
-    /// `[h, T, T]`, T = tokens per window; or, when it is a function of the offset (always for exported models),
-    /// its compact table (`kernels::Rpb::Table`), which stays in cache where the dense one streams from memory.
-    rpb: Vec<f32>,
-    /// The window side when `rpb` is the table.
-    rpb_side: Option<usize>,
+    rpb: RpbSource,
     proj_l: Linear,
     proj_w: Linear,
     /// Rows already multiplied by `g_a`.
@@ -170,6 +173,45 @@ enum Block {
     Tf(Box<TfLayer>),
 }
 
+/// Where a transformer layer's relative position bias comes from.
+enum RpbSource {
+    /// `[h, T, T]` for the arch's own grid (T = tokens per window), when it is not a function of the offset.
+    Dense(Vec<f32>),
+    /// The compact offset table of a square `side x side` window (`kernels::Rpb::Table`), from the dense bias of
+    /// a classification export: kilobytes that stay in cache where the dense one streams from memory.
+    Table { rev: Vec<f32>, side: usize },
+    /// The released table `[(2g - 1)^2, heads]` of a segmentation export: the offset table of each input's grid is
+    /// built from it per run, offsets beyond its reach clipped to its edge (`kernels::rpb_table_clipped`).
+    Released { table: Vec<f32>, g: usize },
+}
+
+/// The stem and the stages of a static subnet, packed: what the classification and segmentation engines share.
+pub(crate) struct Trunk {
+    pub(crate) in_channels: usize,
+    stem: Linear,
+    /// Tap-major `[cin*9, C0]` (`nhwc::conv_stem`).
+    stem_wt: Vec<f32>,
+    stem_stride: usize,
+    stages: Vec<(String, Vec<Block>)>,
+}
+
+/// An activation of one sample, channel-minor `[h*w, c]`.
+pub(crate) struct Map {
+    pub(crate) data: Buf,
+    pub(crate) h: usize,
+    pub(crate) w: usize,
+    pub(crate) c: usize,
+}
+
+impl Map {
+    /// `[c, h, w]` planar.
+    pub(crate) fn planar(&self) -> Vec<f32> {
+        let mut planar = vec![0.0; self.data.len()];
+        nhwc::transpose(&self.data, self.h * self.w, self.c, &mut planar);
+        planar
+    }
+}
+
 /// One stage output of one sample: name, `[C, H, W]`, data.
 type Tap = (String, Vec<usize>, Vec<f32>);
 
@@ -180,11 +222,7 @@ pub struct Engine {
     pub labels: Vec<String>,
     pub preprocess: Preprocess,
     in_channels: usize,
-    stem: Linear,
-    /// Tap-major `[cin*9, C0]` (`nhwc::conv_stem`).
-    stem_wt: Vec<f32>,
-    stem_geom: ConvGeom,
-    stages: Vec<(String, Vec<Block>)>,
+    trunk: Trunk,
     head_expand: Pointwise,
     head_mix: Linear,
     classifier: Linear,
@@ -200,9 +238,8 @@ pub struct RunOutput {
     pub taps: Vec<(String, Tensor)>,
 }
 
-fn take(model: &ExportedModel, key: &str) -> Result<Vec<f32>> {
-    model
-        .tensors
+pub(crate) fn take(tensors: &StateDict, key: &str) -> Result<Vec<f32>> {
+    tensors
         .get(key)
         .map(|t| t.data.clone())
         .ok_or_else(|| InferError::MissingKey {
@@ -211,9 +248,9 @@ fn take(model: &ExportedModel, key: &str) -> Result<Vec<f32>> {
         })
 }
 
-fn linear(model: &ExportedModel, prefix: &str, bias: bool) -> Result<Linear> {
+pub(crate) fn linear(tensors: &StateDict, prefix: &str, bias: bool) -> Result<Linear> {
     let key = format!("{prefix}.weight");
-    let t = model.tensors.get(&key).ok_or_else(|| InferError::MissingKey {
+    let t = tensors.get(&key).ok_or_else(|| InferError::MissingKey {
         key: key.clone(),
         context: String::new(),
     })?;
@@ -222,7 +259,7 @@ fn linear(model: &ExportedModel, prefix: &str, bias: bool) -> Result<Linear> {
     Ok(Linear {
         w: t.data.clone(),
         b: if bias {
-            Some(take(model, &format!("{prefix}.bias"))?)
+            Some(take(tensors, &format!("{prefix}.bias"))?)
         } else {
             None
         },
@@ -242,19 +279,21 @@ fn scale_rows(mut l: Linear, s: &[f32]) -> Linear {
     l
 }
 
-impl Engine {
-    /// Packs the weights of an exported model.
-    pub fn new(model: &ExportedModel, opts: EngineOptions) -> Result<Self> {
-        model.check()?;
-        let threads = if opts.threads == 0 {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
-        } else {
-            opts.threads
-        };
-        let sh = SubnetShape::new(&model.space, &model.arch);
-        let stem = linear(model, "stem", true)?;
+/// How a packed trunk gets its relative position biases.
+#[derive(Clone, Copy)]
+pub(crate) enum RpbMode {
+    /// `attn.rpb` `[h, T, T]` at the arch's grid (classification exports).
+    Dense,
+    /// `attn.rpb_table` `[(2g - 1)^2, h]` (segmentation exports: any grid).
+    Released { g: usize },
+}
+
+impl Trunk {
+    /// Packs the stem and the stages `0..=last_stage` of `sh` from tensors in the export key scheme.
+    pub(crate) fn new(tensors: &StateDict, sh: &SubnetShape, last_stage: usize, rpb_mode: RpbMode) -> Result<Self> {
+        let stem = linear(tensors, "stem", true)?;
         let mut stages = Vec::new();
-        for (i, st) in sh.stages.iter().enumerate() {
+        for (i, st) in sh.stages.iter().enumerate().take(last_stage.saturating_add(1)) {
             let mut blocks = Vec::new();
             for (j, b) in st.blocks.iter().enumerate() {
                 let p = format!("stages.{i}.{j}");
@@ -267,35 +306,30 @@ impl Engine {
                         stride,
                         no_expand,
                         se_mid,
-                        hin,
                         ..
                     } => Block::Mb(Box::new(MbConv {
                         cin,
                         cmid,
                         cout,
-                        geom: ConvGeom {
-                            h: hin,
-                            w: hin,
-                            k: kernel,
-                            stride,
-                        },
+                        kernel,
+                        stride,
                         expand: if no_expand {
                             None
                         } else {
-                            Some(linear(model, &format!("{p}.expand"), true)?.pointwise())
+                            Some(linear(tensors, &format!("{p}.expand"), true)?.pointwise())
                         },
-                        dw_wt: nhwc::dw_weights(&take(model, &format!("{p}.dw.weight"))?, cmid, kernel * kernel),
-                        dw_b: take(model, &format!("{p}.dw.bias"))?,
+                        dw_wt: nhwc::dw_weights(&take(tensors, &format!("{p}.dw.weight"))?, cmid, kernel * kernel),
+                        dw_b: take(tensors, &format!("{p}.dw.bias"))?,
                         se: match se_mid {
                             Some(_) => Some((
-                                linear(model, &format!("{p}.se.reduce"), true)?,
-                                linear(model, &format!("{p}.se.expand"), true)?,
+                                linear(tensors, &format!("{p}.se.reduce"), true)?,
+                                linear(tensors, &format!("{p}.se.expand"), true)?,
                             )),
                             None => None,
                         },
-                        project: linear(model, &format!("{p}.project"), true)?.pointwise(),
+                        project: linear(tensors, &format!("{p}.project"), true)?.pointwise(),
                         shortcut: if cin != cout {
-                            Some(linear(model, &format!("{p}.shortcut"), false)?.pointwise())
+                            Some(linear(tensors, &format!("{p}.shortcut"), false)?.pointwise())
                         } else {
                             None
                         },
@@ -308,9 +342,9 @@ impl Engine {
                         mlp_ratio,
                         mlp_dwconv,
                     } => {
-                        let q = linear(model, &format!("{p}.attn.q"), true)?;
-                        let k = linear(model, &format!("{p}.attn.k"), true)?;
-                        let v = linear(model, &format!("{p}.attn.v"), true)?;
+                        let q = linear(tensors, &format!("{p}.attn.q"), true)?;
+                        let k = linear(tensors, &format!("{p}.attn.k"), true)?;
+                        let v = linear(tensors, &format!("{p}.attn.v"), true)?;
                         let qs = (HEAD_DIM as f32).powf(-0.5);
                         let mut w = Vec::with_capacity(2 * c * c);
                         let mut bias = Vec::with_capacity(2 * c);
@@ -318,21 +352,32 @@ impl Engine {
                         bias.extend(q.b.as_ref().expect("bias").iter().map(|x| x * qs));
                         w.extend_from_slice(&k.w);
                         bias.extend_from_slice(k.b.as_ref().expect("bias"));
-                        let ga = take(model, &format!("{p}.scale_attn"))?;
-                        let dense = take(model, &format!("{p}.attn.rpb"))?;
-                        let tw = grid * grid / windows;
-                        let (rpb, rpb_side) = match kernels::rpb_table(&dense, heads, tw) {
-                            Some(t) => (t, Some((tw as f64).sqrt().round() as usize)),
-                            None => (dense, None),
+                        let ga = take(tensors, &format!("{p}.scale_attn"))?;
+                        let rpb = match rpb_mode {
+                            RpbMode::Dense => {
+                                let dense = take(tensors, &format!("{p}.attn.rpb"))?;
+                                let tw = grid * grid / windows;
+                                match kernels::rpb_table(&dense, heads, tw) {
+                                    Some(rev) => RpbSource::Table {
+                                        rev,
+                                        side: (tw as f64).sqrt().round() as usize,
+                                    },
+                                    None => RpbSource::Dense(dense),
+                                }
+                            }
+                            RpbMode::Released { g } => RpbSource::Released {
+                                table: take(tensors, &format!("{p}.attn.rpb_table"))?,
+                                g,
+                            },
                         };
-                        let gm = take(model, &format!("{p}.scale_mlp"))?;
+                        let gm = take(tensors, &format!("{p}.scale_mlp"))?;
                         let mlp = |m: &str| -> Result<Mlp> {
                             Ok(Mlp {
                                 hidden: mlp_ratio * c,
-                                fc1: linear(model, &format!("{p}.{m}.fc1"), true)?.pointwise(),
-                                fc2: scale_rows(linear(model, &format!("{p}.{m}.fc2"), true)?, &gm).pointwise(),
+                                fc1: linear(tensors, &format!("{p}.{m}.fc1"), true)?.pointwise(),
+                                fc2: scale_rows(linear(tensors, &format!("{p}.{m}.fc2"), true)?, &gm).pointwise(),
                                 dw: if mlp_dwconv {
-                                    let w = take(model, &format!("{p}.{m}.dw.weight"))?;
+                                    let w = take(tensors, &format!("{p}.{m}.dw.weight"))?;
                                     Some(nhwc::dw_weights(&w, mlp_ratio * c, 9))
                                 } else {
                                     None
@@ -341,14 +386,13 @@ impl Engine {
                         };
                         let norm = |n: usize| -> Result<(Vec<f32>, Vec<f32>)> {
                             Ok((
-                                take(model, &format!("{p}.norm{n}.weight"))?,
-                                take(model, &format!("{p}.norm{n}.bias"))?,
+                                take(tensors, &format!("{p}.norm{n}.weight"))?,
+                                take(tensors, &format!("{p}.norm{n}.bias"))?,
                             ))
                         };
                         Block::Tf(Box::new(TfLayer {
                             c,
                             heads,
-                            grid,
                             windows,
                             norms: [norm(1)?, norm(2)?, norm(3)?],
                             qk: Linear {
@@ -359,12 +403,15 @@ impl Engine {
                             }
                             .pointwise(),
                             v: v.pointwise(),
-                            vconv: nhwc::dw_weights(&take(model, &format!("{p}.attn.vconv.weight"))?, V_EXPAND * c, 9),
+                            vconv: nhwc::dw_weights(
+                                &take(tensors, &format!("{p}.attn.vconv.weight"))?,
+                                V_EXPAND * c,
+                                9,
+                            ),
                             rpb,
-                            rpb_side,
-                            proj_l: linear(model, &format!("{p}.attn.proj_l"), true)?,
-                            proj_w: linear(model, &format!("{p}.attn.proj_w"), true)?,
-                            proj: scale_rows(linear(model, &format!("{p}.attn.proj"), true)?, &ga).pointwise(),
+                            proj_l: linear(tensors, &format!("{p}.attn.proj_l"), true)?,
+                            proj_w: linear(tensors, &format!("{p}.attn.proj_w"), true)?,
+                            proj: scale_rows(linear(tensors, &format!("{p}.attn.proj"), true)?, &ga).pointwise(),
                             mlp1: mlp("mlp1")?,
                             mlp2: mlp("mlp2")?,
                         }))
@@ -373,24 +420,122 @@ impl Engine {
             }
             stages.push((st.name.clone(), blocks));
         }
+        Ok(Trunk {
+            in_channels: sh.in_channels,
+            stem_wt: nhwc::dw_weights(&stem.w, stem.cout, stem.cin),
+            stem,
+            stem_stride: sh.stem_stride,
+            stages,
+        })
+    }
+
+    /// The stem and every packed stage on one planar sample `x: [cin, h, w]`; `on_stage(i, name, map)` sees each
+    /// stage's output. Returns the last stage's output.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn run(
+        &self,
+        x: &[f32],
+        h: usize,
+        w: usize,
+        par: Par,
+        ar: &Arena,
+        pr: Prof,
+        on_stage: &mut dyn FnMut(usize, &str, &Map),
+    ) -> Map {
+        let g = ConvGeom {
+            h,
+            w,
+            k: 3,
+            stride: self.stem_stride,
+        };
+        let (ho, wo) = g.out();
+        let mut ch = self.stem.cout;
+        let mut cur = ar.take(ch * ho * wo);
+        let bias = self.stem.b.as_deref().unwrap_or(&[]);
+        // Everything after the stem is channel-minor (`[H*W, C]`, token-major in the transformer layers); the stem
+        // writes that layout itself where it can, else runs planar and is transposed.
+        let direct = pr.time("stem", || {
+            nhwc::conv_stem(
+                x,
+                self.in_channels,
+                g,
+                &self.stem_wt,
+                ch,
+                bias,
+                &mut cur,
+                Act::Swish,
+                par,
+                ar,
+            )
+        });
+        if !direct {
+            pr.time("stem", || {
+                kernels::conv_dense(
+                    x,
+                    self.in_channels,
+                    g,
+                    &self.stem.w,
+                    ch,
+                    bias,
+                    &mut cur,
+                    Act::Swish,
+                    par,
+                    ar,
+                )
+            });
+            pr.time("relayout", || {
+                let mut t = ar.take(ch * ho * wo);
+                nhwc::transpose_par(&cur, ch, ho * wo, &mut t, par);
+                ar.put(std::mem::replace(&mut cur, t));
+            });
+        }
+        let mut map = Map {
+            data: cur,
+            h: ho,
+            w: wo,
+            c: ch,
+        };
+        on_stage(usize::MAX, "stem", &map);
+        for (i, (name, blocks)) in self.stages.iter().enumerate() {
+            for b in blocks {
+                match b {
+                    Block::Mb(m) => {
+                        let (out, oh, ow) = m.forward(&map.data, map.h, map.w, par, ar, pr);
+                        ar.put(std::mem::replace(&mut map.data, out));
+                        (map.h, map.w) = (oh, ow);
+                        ch = m.cout;
+                        map.c = ch;
+                    }
+                    Block::Tf(t) => t.forward(&mut map.data, map.h, map.w, par, ar, pr),
+                }
+            }
+            on_stage(i, name, &map);
+        }
+        map
+    }
+}
+
+impl Engine {
+    /// Packs the weights of an exported model.
+    pub fn new(model: &ExportedModel, opts: EngineOptions) -> Result<Self> {
+        model.check()?;
+        let threads = if opts.threads == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            opts.threads
+        };
+        let sh = SubnetShape::new(&model.space, &model.arch);
+        let t = &model.tensors;
         Ok(Engine {
             space: model.space.clone(),
             arch: model.arch.clone(),
             labels: model.labels.clone(),
             preprocess: model.preprocess.clone(),
             in_channels: sh.in_channels,
-            stem_wt: nhwc::dw_weights(&stem.w, stem.cout, stem.cin),
-            stem,
-            stem_geom: ConvGeom {
-                h: sh.resolution,
-                w: sh.resolution,
-                k: 3,
-                stride: sh.stem_stride,
-            },
-            stages,
-            head_expand: linear(model, "head.expand", true)?.pointwise(),
-            head_mix: linear(model, "head.mix", false)?,
-            classifier: linear(model, "classifier", true)?,
+            trunk: Trunk::new(t, &sh, usize::MAX, RpbMode::Dense)?,
+            head_expand: linear(t, "head.expand", true)?.pointwise(),
+            head_mix: linear(t, "head.mix", false)?,
+            classifier: linear(t, "classifier", true)?,
             threads,
             arena: Arena::default(),
             profile: opts.profile.then(Profile::default),
@@ -419,7 +564,7 @@ impl Engine {
     /// built with `EngineOptions::profile`.
     pub fn profile(&self) -> Vec<(&'static str, f64, usize)> {
         let Some(p) = &self.profile else { return Vec::new() };
-        let mut ops = std::mem::take(&mut *p.0.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut ops = p.take();
         ops.sort_by(|a, b| b.1.total_cmp(&a.1));
         ops
     }
@@ -498,73 +643,13 @@ impl Engine {
         } else {
             x
         };
-        let g = self.stem_geom;
-        let (ho, _) = g.out();
-        let mut cur = ar.take(self.stem.cout * ho * ho);
-        let bias = self.stem.b.as_deref().unwrap_or(&[]);
-        let mut side = ho;
-        let mut ch = self.stem.cout;
-        // Everything after the stem is channel-minor (`[H*W, C]`, token-major in the transformer layers); the stem
-        // writes that layout itself where it can, else runs planar and is transposed.
-        let direct = pr.time("stem", || {
-            nhwc::conv_stem(
-                x,
-                self.in_channels,
-                g,
-                &self.stem_wt,
-                ch,
-                bias,
-                &mut cur,
-                Act::Swish,
-                par,
-                ar,
-            )
+        let map = self.trunk.run(x, r, r, par, ar, pr, &mut |_, name, m| {
+            if let Some(t) = taps.as_mut() {
+                t.push((name.to_string(), vec![m.c, m.h, m.w], m.planar()));
+            }
         });
-        if !direct {
-            pr.time("stem", || {
-                kernels::conv_dense(
-                    x,
-                    self.in_channels,
-                    g,
-                    &self.stem.w,
-                    ch,
-                    bias,
-                    &mut cur,
-                    Act::Swish,
-                    par,
-                    ar,
-                )
-            });
-            pr.time("relayout", || {
-                let mut t = ar.take(ch * side * side);
-                nhwc::transpose_par(&cur, ch, side * side, &mut t, par);
-                ar.put(std::mem::replace(&mut cur, t));
-            });
-        }
-        if let Some(t) = taps {
-            let mut planar = vec![0.0; cur.len()];
-            nhwc::transpose(&cur, side * side, ch, &mut planar);
-            t.push(("stem".into(), vec![ch, side, side], planar));
-        }
-        for (name, blocks) in &self.stages {
-            for b in blocks {
-                match b {
-                    Block::Mb(m) => {
-                        let (out, s) = m.forward(&cur, par, ar, pr);
-                        ar.put(std::mem::replace(&mut cur, out));
-                        side = s;
-                        ch = m.cout;
-                    }
-                    Block::Tf(t) => t.forward(&mut cur, par, ar, pr),
-                }
-            }
-            if let Some(t) = taps {
-                let mut planar = vec![0.0; cur.len()];
-                nhwc::transpose(&cur, side * side, ch, &mut planar);
-                t.push((name.clone(), vec![ch, side, side], planar));
-            }
-        }
-        let hw = side * side;
+        let hw = map.h * map.w;
+        let cur = map.data;
         let e = pr.time("head.expand", || self.head_expand.run(&cur, hw, Act::Swish, par, ar));
         let pooled = nhwc::channel_means(&e, self.head_expand.w.cout, par);
         ar.put(e);
@@ -575,9 +660,15 @@ impl Engine {
 }
 
 impl MbConv {
-    /// Channel-minor: `x: [hin*hin, cin]` -> (`[hout*hout, cout]`, hout).
-    fn forward(&self, x: &[f32], par: Par, ar: &Arena, pr: Prof) -> (Buf, usize) {
-        let g = self.geom;
+    /// Channel-minor: `x: [h*w, cin]` -> (`[ho*wo, cout]`, ho, wo).
+    #[allow(clippy::too_many_arguments)]
+    fn forward(&self, x: &[f32], h: usize, w: usize, par: Par, ar: &Arena, pr: Prof) -> (Buf, usize, usize) {
+        let g = ConvGeom {
+            h,
+            w,
+            k: self.kernel,
+            stride: self.stride,
+        };
         let hw_in = g.h * g.w;
         let (ho, wo) = g.out();
         let hw = ho * wo;
@@ -650,22 +741,23 @@ impl MbConv {
         if let Some(p) = pooled {
             ar.put(p);
         }
-        (out, ho)
+        (out, ho, wo)
     }
 }
 
 impl Mlp {
     /// `t += fc2(act(fc1(u)))` with the layer scale already in fc2; token-major `u, t: [N, C]`.
     #[allow(clippy::too_many_arguments)]
-    fn forward_add(&self, u: &[f32], n: usize, grid: usize, t: &mut [f32], par: Par, ar: &Arena, pr: Prof) {
+    fn forward_add(&self, u: &[f32], (gh, gw): (usize, usize), t: &mut [f32], par: Par, ar: &Arena, pr: Prof) {
+        let n = gh * gw;
         let hdn = match &self.dw {
             None => pr.time("tf.mlp.fc1", || self.fc1.run(u, n, Act::Swish, par, ar)),
             Some(w) => {
                 let pre = pr.time("tf.mlp.fc1", || self.fc1.run(u, n, Act::None, par, ar));
                 let mut out = ar.take(n * self.hidden);
                 let g = ConvGeom {
-                    h: grid,
-                    w: grid,
+                    h: gh,
+                    w: gw,
                     k: 3,
                     stride: 1,
                 };
@@ -683,8 +775,28 @@ impl Mlp {
 
 impl TfLayer {
     /// One NASViT transformer layer on token-major `t: [N, C]` in place.
-    fn forward(&self, t: &mut [f32], par: Par, ar: &Arena, pr: Prof) {
-        let (c, n) = (self.c, self.grid * self.grid);
+    #[allow(clippy::too_many_arguments)]
+    fn forward(&self, t: &mut [f32], gh: usize, gw: usize, par: Par, ar: &Arena, pr: Prof) {
+        let (c, n) = (self.c, gh * gw);
+        // the window's grid, and its relative position bias
+        let (wh, ww) = if self.windows == 4 { (gh / 2, gw / 2) } else { (gh, gw) };
+        let built;
+        let rpb = match &self.rpb {
+            RpbSource::Dense(d) => kernels::Rpb::Dense(d),
+            RpbSource::Table { rev, side } => kernels::Rpb::Table {
+                rev,
+                h: *side,
+                w: *side,
+            },
+            RpbSource::Released { table, g } => {
+                built = kernels::rpb_table_clipped(table, self.heads, self.heads, *g, wh, ww);
+                kernels::Rpb::Table {
+                    rev: &built,
+                    h: wh,
+                    w: ww,
+                }
+            }
+        };
         let mut u = ar.take(n * c);
         pr.time("tf.norm", || {
             nhwc::joint_layernorm(t, c, &self.norms[0].0, &self.norms[0].1, &mut u, par)
@@ -698,8 +810,8 @@ impl TfLayer {
         let dv_all = V_EXPAND * c;
         let mut vc = ar.take(n * dv_all);
         let g = ConvGeom {
-            h: self.grid,
-            w: self.grid,
+            h: gh,
+            w: gw,
             k: 3,
             stride: 1,
         };
@@ -709,12 +821,11 @@ impl TfLayer {
         ar.put(v);
         let mut o = ar.take(n * dv_all);
         if self.windows == 1 {
-            self.attend(&qk, &vc, n, &mut o, par, ar, pr);
+            self.attend(&qk, &vc, n, rpb, &mut o, par, ar, pr);
         } else {
             // 2x2 windows: gather each window's token rows, attend inside it, scatter the rows back.
-            let side = self.grid / 2;
-            let tw = side * side;
-            let token = |wy: usize, wx: usize, i: usize| (wy * side + i / side) * self.grid + wx * side + i % side;
+            let tw = wh * ww;
+            let token = |wy: usize, wx: usize, i: usize| (wy * wh + i / ww) * gw + wx * ww + i % ww;
             for wy in 0..2 {
                 for wx in 0..2 {
                     let mut qkw = ar.take(tw * 2 * c);
@@ -725,7 +836,7 @@ impl TfLayer {
                         vw[i * dv_all..(i + 1) * dv_all].copy_from_slice(&vc[r * dv_all..(r + 1) * dv_all]);
                     }
                     let mut ow = ar.take(tw * dv_all);
-                    self.attend(&qkw, &vw, tw, &mut ow, par, ar, pr);
+                    self.attend(&qkw, &vw, tw, rpb, &mut ow, par, ar, pr);
                     for i in 0..tw {
                         let r = token(wy, wx, i);
                         o[r * dv_all..(r + 1) * dv_all].copy_from_slice(&ow[i * dv_all..(i + 1) * dv_all]);
@@ -747,18 +858,28 @@ impl TfLayer {
         pr.time("tf.norm", || {
             nhwc::joint_layernorm(t, c, &self.norms[2].0, &self.norms[2].1, &mut u, par)
         });
-        self.mlp2.forward_add(&u, n, self.grid, t, par, ar, pr);
+        self.mlp2.forward_add(&u, (gh, gw), t, par, ar, pr);
         pr.time("tf.norm", || {
             nhwc::joint_layernorm(t, c, &self.norms[1].0, &self.norms[1].1, &mut u, par)
         });
-        self.mlp1.forward_add(&u, n, self.grid, t, par, ar, pr);
+        self.mlp1.forward_add(&u, (gh, gw), t, par, ar, pr);
         ar.put(u);
     }
 
     /// Talking-heads attention over `tn` tokens, token-major: `qk: [T, 2C]` (q then k), `v: [T, 4C]` ->
     /// `o: [T, 4C]`.
     #[allow(clippy::too_many_arguments)]
-    fn attend(&self, qk: &[f32], v: &[f32], tn: usize, o: &mut [f32], par: Par, ar: &Arena, pr: Prof) {
+    fn attend(
+        &self,
+        qk: &[f32],
+        v: &[f32],
+        tn: usize,
+        rpb: kernels::Rpb,
+        o: &mut [f32],
+        par: Par,
+        ar: &Arena,
+        pr: Prof,
+    ) {
         let (h, c) = (self.heads, self.c);
         let dv = V_EXPAND * HEAD_DIM;
         let dv_all = V_EXPAND * c;
@@ -767,10 +888,7 @@ impl TfLayer {
         let th = kernels::TalkingHeads {
             heads: h,
             head_dim: HEAD_DIM,
-            rpb: match self.rpb_side {
-                Some(side) => kernels::Rpb::Table { rev: &self.rpb, side },
-                None => kernels::Rpb::Dense(&self.rpb),
-            },
+            rpb,
             wl: &self.proj_l.w,
             bl: self.proj_l.b.as_deref().unwrap_or(&[]),
             ww: &self.proj_w.w,

@@ -264,9 +264,30 @@ pub fn dense_rpb(table: &Tensor, heads: usize, side: usize, g: usize) -> Tensor 
 impl ExportedModel {
     /// Extracts the static subnet `arch` of `space` from a supernet state dict in the released layout.
     pub fn from_state_dict(sd: &StateDict, space: &SearchSpace, arch: &Arch) -> Result<Self> {
+        Self::from_layout(sd, space, arch, false)
+    }
+
+    /// Exports an already extracted subnet (nasvit-model's `StaticNet` keys: the released names with the subnet's
+    /// blocks numbered from 0, every tensor at the subnet's size, the switchable scales selected, `[1, 1, C]`).
+    pub fn from_extracted(sd: &StateDict, space: &SearchSpace, arch: &Arch) -> Result<Self> {
+        Self::from_layout(sd, space, arch, true)
+    }
+
+    fn from_layout(sd: &StateDict, space: &SearchSpace, arch: &Arch, extracted: bool) -> Result<Self> {
         arch.validate(space).map_err(|e| InferError::Arch(e.to_string()))?;
         let sh = SubnetShape::new(space, arch);
-        let offsets = stage_offsets(space);
+        let offsets = if extracted {
+            let mut acc = 0;
+            sh.stages
+                .iter()
+                .map(|st| {
+                    acc += st.blocks.len();
+                    acc - st.blocks.len()
+                })
+                .collect()
+        } else {
+            stage_offsets(space)
+        };
         let g = space.max_grid();
         let mut out = StateDict::new();
         let (w, b) = fold_bn(
@@ -389,7 +410,7 @@ impl ExportedModel {
                         out.insert(format!("{p}.attn.rpb"), dense_rpb(&table, heads, side, g));
                         // Switchable scales: keyed by (stage depth, tokens mod 8), times 8/C (NASVIT.md 3); a space
                         // without them (the ablation) uses row 0, column 0 for every subnet.
-                        let (row, col) = if space.switchable_scales {
+                        let (row, col) = if space.switchable_scales && !extracted {
                             (depth, grid * grid % 8)
                         } else {
                             (0, 0)

@@ -60,6 +60,7 @@ pub mod error;
 pub mod export;
 pub mod image;
 pub mod onnx;
+pub mod seg;
 pub mod state;
 
 /// The kernels live in `nasvit-kernels`, shared with the training engine; `kernels` and `resize` keep their paths here.
@@ -73,4 +74,5 @@ pub use export::{export_layout, ExportedModel, Preprocess, FORMAT};
 pub use image::{classify, load_image, top_k, Prediction};
 pub use nasvit_space::{Arch, SearchSpace};
 pub use onnx::{save_onnx, to_onnx, OnnxOptions};
+pub use seg::{SegEngine, SegExport, SegHeadKind};
 pub use state::{load_safetensors, random_state_dict, released_layout, save_safetensors, StateDict, Tensor};

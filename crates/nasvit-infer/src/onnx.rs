@@ -96,6 +96,7 @@ const INT64: i64 = 7;
 // AttributeProto.AttributeType
 const ATTR_FLOAT: i64 = 1;
 const ATTR_INT: i64 = 2;
+const ATTR_STRING: i64 = 3;
 const ATTR_INTS: i64 = 7;
 
 #[derive(Clone, Debug)]
@@ -103,6 +104,7 @@ enum Attr {
     Int(i64),
     Float(f32),
     Ints(Vec<i64>),
+    Str(&'static str),
 }
 
 struct Node {
@@ -166,6 +168,18 @@ impl Builder {
         name
     }
 
+    /// An int64 initializer (once per name).
+    fn i64s(&mut self, name: &str, dims: &[usize], data: impl FnOnce() -> Vec<i64>) -> String {
+        if !self.inits.iter().any(|i| i.name == name) {
+            self.inits.push(Init {
+                name: name.to_string(),
+                dims: dims_i64(dims),
+                data: Data::I64(data()),
+            });
+        }
+        name.to_string()
+    }
+
     fn scalar(&mut self, name: &str, v: f32) -> String {
         if !self.inits.iter().any(|i| i.name == name) {
             self.f32(name, &[], vec![v]);
@@ -226,7 +240,7 @@ impl Builder {
         }
     }
 
-    fn encode(self, model: &ExportedModel, sh: &SubnetShape, input: &str, opts: OnnxOptions) -> Vec<u8> {
+    fn encode(self, io: GraphIo) -> Vec<u8> {
         let mut g = Pb::default();
         for n in self.nodes {
             let mut m = Pb::default();
@@ -254,6 +268,10 @@ impl Builder {
                         }
                         am.int(20, ATTR_INTS);
                     }
+                    Attr::Str(v) => {
+                        am.str(4, v);
+                        am.int(20, ATTR_STRING);
+                    }
                 }
                 m.msg(5, am);
             }
@@ -279,38 +297,20 @@ impl Builder {
             t.bytes(9, &raw);
             g.msg(5, t);
         }
-        let batch = if opts.dynamic_batch { None } else { Some(1) };
-        let r = sh.resolution;
-        let mut in_dims = vec![batch];
-        in_dims.extend([Some(sh.in_channels), Some(r), Some(r)]);
-        g.msg(11, value_info(input, &in_dims));
-        g.msg(12, value_info(OUTPUT_NAME, &[batch, Some(sh.num_classes)]));
+        g.msg(11, value_info(INPUT_NAME, &io.input));
+        g.msg(12, value_info(OUTPUT_NAME, &io.output));
 
         let mut mp = Pb::default();
         mp.int(1, IR_VERSION);
         mp.str(2, "nasvit-infer");
         mp.str(3, env!("CARGO_PKG_VERSION"));
-        mp.str(
-            6,
-            "NASViT subnet; input is normalised and already resized to the arch resolution",
-        );
+        mp.str(6, io.doc);
         mp.msg(7, g);
         let mut op = Pb::default();
         op.str(1, "");
         op.int(2, OPSET);
         mp.msg(8, op);
-        let meta = [
-            ("nasvit.arch", serde_json::to_string(&model.arch).unwrap_or_default()),
-            (
-                "nasvit.preprocess",
-                serde_json::to_string(&model.preprocess).unwrap_or_default(),
-            ),
-            (
-                "nasvit.labels",
-                serde_json::to_string(&model.labels).unwrap_or_default(),
-            ),
-        ];
-        for (k, v) in meta {
+        for (k, v) in io.meta {
             let mut e = Pb::default();
             e.str(1, k);
             e.str(2, &v);
@@ -318,6 +318,14 @@ impl Builder {
         }
         mp.0
     }
+}
+
+/// What a graph reads and writes, and its descriptions.
+struct GraphIo {
+    input: Vec<Option<usize>>,
+    output: Vec<Option<usize>>,
+    doc: &'static str,
+    meta: Vec<(&'static str, String)>,
 }
 
 /// `ValueInfoProto` of an f32 tensor; `None` dims are the symbolic `batch`.
@@ -346,13 +354,40 @@ fn value_info(name: &str, dims: &[Option<usize>]) -> Pb {
 // The network
 
 struct Ctx<'a> {
-    model: &'a ExportedModel,
+    tensors: &'a crate::state::StateDict,
     b: Builder,
+}
+
+/// Where a transformer layer's relative position bias comes from.
+#[derive(Clone, Copy)]
+enum Rpb {
+    /// `attn.rpb` `[h, T, T]` (classification exports).
+    Dense,
+    /// `attn.rpb_table` `[(2g - 1)^2, h]` gathered by the clipped index of the grid (segmentation exports).
+    Released { g: usize },
+}
+
+/// Row of the released table per (query, key) of an `h x w` grid, offsets clipped to the table's reach
+/// (`kernels::rpb_table_clipped`'s rule).
+fn clipped_index(h: usize, w: usize, g: usize) -> Vec<i64> {
+    let gi = g as i64;
+    let side = 2 * gi - 1;
+    let reach = |d: i64| d.clamp(-(gi - 1), gi - 1) + gi - 1;
+    let n = h * w;
+    let mut idx = Vec::with_capacity(n * n);
+    for q in 0..n {
+        let (qy, qx) = ((q / w) as i64, (q % w) as i64);
+        for k in 0..n {
+            let (ky, kx) = ((k / w) as i64, (k % w) as i64);
+            idx.push(reach(qy - ky) * side + reach(qx - kx));
+        }
+    }
+    idx
 }
 
 impl Ctx<'_> {
     fn tensor(&self, key: &str) -> Result<&crate::state::Tensor> {
-        self.model.tensors.get(key).ok_or_else(|| InferError::MissingKey {
+        self.tensors.get(key).ok_or_else(|| InferError::MissingKey {
             key: key.into(),
             context: String::new(),
         })
@@ -425,7 +460,7 @@ impl Ctx<'_> {
         cout: usize,
         kernel: usize,
         stride: usize,
-        hin: usize,
+        (hin, win): (usize, usize),
         no_expand: bool,
         se: bool,
     ) -> Result<String> {
@@ -454,14 +489,14 @@ impl Ctx<'_> {
         let out = self.conv1x1(&d, &format!("{p}.project"), None, true)?;
         let mut sc = x.to_string();
         if stride > 1 {
-            let pad = (hin % 2) as i64;
+            let (ph, pw) = ((hin % 2) as i64, (win % 2) as i64);
             sc = self.b.node(
                 "AveragePool",
                 &[&sc],
                 vec![
                     ("kernel_shape", Attr::Ints(vec![stride as i64; 2])),
                     ("strides", Attr::Ints(vec![stride as i64; 2])),
-                    ("pads", Attr::Ints(vec![pad; 4])),
+                    ("pads", Attr::Ints(vec![ph, pw, ph, pw])),
                     ("count_include_pad", Attr::Int(1)),
                 ],
             );
@@ -472,28 +507,36 @@ impl Ctx<'_> {
         Ok(self.b.node("Add", &[&out, &sc], vec![]))
     }
 
-    /// Splits `x: [B, heads*d, G, G]` into `[B*W, heads, T, d]` (or `[B*W, heads, d, T]` with `d_first`), `W`
-    /// windows of `ws x ws` per map, `T = (G/ws)^2` tokens each, in row-major token order.
-    fn split_heads(&mut self, x: &str, heads: usize, d: usize, grid: usize, ws: usize, d_first: bool) -> String {
-        let s = (grid / ws) as i64;
+    /// Splits `x: [B, heads*d, GH, GW]` into `[B*W, heads, T, d]` (or `[B*W, heads, d, T]` with `d_first`), `W`
+    /// windows of `ws x ws` per map, `T = (GH/ws)(GW/ws)` tokens each, in row-major token order.
+    fn split_heads(
+        &mut self,
+        x: &str,
+        heads: usize,
+        d: usize,
+        (gh, gw): (usize, usize),
+        ws: usize,
+        d_first: bool,
+    ) -> String {
+        let (sy, sx) = ((gh / ws) as i64, (gw / ws) as i64);
         let (h, d, ws) = (heads as i64, d as i64, ws as i64);
         if ws == 1 {
             // Global attention: a 4-d reshape, and no transpose at all for k.
-            let r = self.b.reshape(x, &[-1, h, d, s * s]);
+            let r = self.b.reshape(x, &[-1, h, d, sy * sx]);
             return if d_first {
                 r
             } else {
                 self.b.transpose(&r, &[0, 1, 3, 2])
             };
         }
-        let r = self.b.reshape(x, &[-1, h, d, ws, s, ws, s]);
+        let r = self.b.reshape(x, &[-1, h, d, ws, sy, ws, sx]);
         // dims: 0 B, 1 h, 2 d, 3 wy, 4 sy, 5 wx, 6 sx
         if d_first {
             let t = self.b.transpose(&r, &[0, 3, 5, 1, 2, 4, 6]);
-            self.b.reshape(&t, &[-1, h, d, s * s])
+            self.b.reshape(&t, &[-1, h, d, sy * sx])
         } else {
             let t = self.b.transpose(&r, &[0, 3, 5, 1, 4, 6, 2]);
-            self.b.reshape(&t, &[-1, h, s * s, d])
+            self.b.reshape(&t, &[-1, h, sy * sx, d])
         }
     }
 
@@ -528,21 +571,22 @@ impl Ctx<'_> {
         p: &str,
         c: usize,
         heads: usize,
-        grid: usize,
+        (gh, gw): (usize, usize),
         windows: usize,
         mlp_dwconv: bool,
+        rpb: Rpb,
     ) -> Result<String> {
         let ws = match windows {
             1 => 1,
-            4 if grid.is_multiple_of(2) => 2,
+            4 if gh.is_multiple_of(2) && gw.is_multiple_of(2) => 2,
             _ => {
                 return Err(InferError::Arch(format!(
-                    "ONNX export: {windows} attention windows on a {grid}x{grid} grid are not supported"
+                    "ONNX export: {windows} attention windows on a {gh}x{gw} grid are not supported"
                 )))
             }
         };
-        let s = grid / ws;
-        let t = s * s;
+        let (sy, sx) = (gh / ws, gw / ws);
+        let t = sy * sx;
         let dv = V_EXPAND * HEAD_DIM;
         let u = self.joint_ln(x, &format!("{p}.norm1"), c)?;
         let qs = vec![(HEAD_DIM as f32).powf(-0.5); c];
@@ -551,27 +595,40 @@ impl Ctx<'_> {
         let v = self.conv1x1(&u, &format!("{p}.attn.v"), None, true)?;
         let vw = self.init(&format!("{p}.attn.vconv.weight"))?;
         let v = self.b.conv(&v, &vw, None, 3, 1, V_EXPAND * c);
-        let qh = self.split_heads(&q, heads, HEAD_DIM, grid, ws, false);
-        let kh = self.split_heads(&k, heads, HEAD_DIM, grid, ws, true);
-        let vh = self.split_heads(&v, heads, dv, grid, ws, false);
+        let qh = self.split_heads(&q, heads, HEAD_DIM, (gh, gw), ws, false);
+        let kh = self.split_heads(&k, heads, HEAD_DIM, (gh, gw), ws, true);
+        let vh = self.split_heads(&v, heads, dv, (gh, gw), ws, false);
         let a = self.b.node("MatMul", &[&qh, &kh], vec![]);
-        let rpb = self.init(&format!("{p}.attn.rpb"))?;
+        let rpb = match rpb {
+            Rpb::Dense => self.init(&format!("{p}.attn.rpb"))?,
+            Rpb::Released { g } => {
+                // bias[h, q, k] = table[index[q, k], h]: the index of this window grid is shared by every layer
+                // on it (ORT folds the Gather of two constants at load)
+                let idx = self
+                    .b
+                    .i64s(&format!("rpb_index_{sy}x{sx}"), &[t * t], || clipped_index(sy, sx, g));
+                let table = self.init(&format!("{p}.attn.rpb_table"))?;
+                let gathered = self.b.node("Gather", &[&table, &idx], vec![("axis", Attr::Int(0))]);
+                let tr = self.b.transpose(&gathered, &[1, 0]);
+                self.b.reshape(&tr, &[1, heads as i64, t as i64, t as i64])
+            }
+        };
         let a = self.b.node("Add", &[&a, &rpb], vec![]);
         let a = self.head_mix(&a, &format!("{p}.attn.proj_l"), heads, t)?;
         let a = self.b.node("Softmax", &[&a], vec![("axis", Attr::Int(-1))]);
         let a = self.head_mix(&a, &format!("{p}.attn.proj_w"), heads, t)?;
         let o = self.b.node("MatMul", &[&a, &vh], vec![]);
-        let (si, wsi, hi, dvi) = (s as i64, ws as i64, heads as i64, dv as i64);
-        let (c4, gi) = ((V_EXPAND * c) as i64, grid as i64);
+        let (syi, sxi, wsi, hi, dvi) = (sy as i64, sx as i64, ws as i64, heads as i64, dv as i64);
+        let (c4, ghi, gwi) = ((V_EXPAND * c) as i64, gh as i64, gw as i64);
         let o = if ws == 1 {
-            // [B, h, T, dv] -> [B, h, dv, T] -> [B, 4C, G, G]
+            // [B, h, T, dv] -> [B, h, dv, T] -> [B, 4C, GH, GW]
             let o = self.b.transpose(&o, &[0, 1, 3, 2]);
-            self.b.reshape(&o, &[-1, c4, gi, gi])
+            self.b.reshape(&o, &[-1, c4, ghi, gwi])
         } else {
-            // [B*W, h, T, dv] -> [B, wy, wx, h, sy, sx, dv] -> [B, h, dv, wy, sy, wx, sx] -> [B, 4C, G, G]
-            let o = self.b.reshape(&o, &[-1, wsi, wsi, hi, si, si, dvi]);
+            // [B*W, h, T, dv] -> [B, wy, wx, h, sy, sx, dv] -> [B, h, dv, wy, sy, wx, sx] -> [B, 4C, GH, GW]
+            let o = self.b.reshape(&o, &[-1, wsi, wsi, hi, syi, sxi, dvi]);
             let o = self.b.transpose(&o, &[0, 3, 6, 1, 4, 2, 5]);
-            self.b.reshape(&o, &[-1, c4, gi, gi])
+            self.b.reshape(&o, &[-1, c4, ghi, gwi])
         };
         let o = self.b.swish(&o);
         let ga = self.tensor(&format!("{p}.scale_attn"))?.data.clone();
@@ -598,7 +655,7 @@ pub fn to_onnx_with(model: &ExportedModel, opts: OnnxOptions) -> Result<Vec<u8>>
     model.check()?;
     let sh = SubnetShape::new(&model.space, &model.arch);
     let mut cx = Ctx {
-        model,
+        tensors: &model.tensors,
         b: Builder::default(),
     };
     let w = cx.init("stem.weight")?;
@@ -618,7 +675,17 @@ pub fn to_onnx_with(model: &ExportedModel, opts: OnnxOptions) -> Result<Vec<u8>>
                     se_mid,
                     hin,
                     ..
-                } => cx.mbconv(&cur, &p, cin, cout, kernel, stride, hin, no_expand, se_mid.is_some())?,
+                } => cx.mbconv(
+                    &cur,
+                    &p,
+                    cin,
+                    cout,
+                    kernel,
+                    stride,
+                    (hin, hin),
+                    no_expand,
+                    se_mid.is_some(),
+                )?,
                 BlockShape::Transformer {
                     c,
                     heads,
@@ -626,7 +693,7 @@ pub fn to_onnx_with(model: &ExportedModel, opts: OnnxOptions) -> Result<Vec<u8>>
                     windows,
                     mlp_dwconv,
                     ..
-                } => cx.transformer(&cur, &p, c, heads, grid, windows, mlp_dwconv)?,
+                } => cx.transformer(&cur, &p, c, heads, (grid, grid), windows, mlp_dwconv, Rpb::Dense)?,
             };
         }
     }
@@ -648,7 +715,167 @@ pub fn to_onnx_with(model: &ExportedModel, opts: OnnxOptions) -> Result<Vec<u8>>
         ],
     );
     cx.b.name_last_output(OUTPUT_NAME);
-    Ok(cx.b.encode(model, &sh, INPUT_NAME, opts))
+    let batch = if opts.dynamic_batch { None } else { Some(1) };
+    let r = sh.resolution;
+    Ok(cx.b.encode(GraphIo {
+        input: vec![batch, Some(sh.in_channels), Some(r), Some(r)],
+        output: vec![batch, Some(sh.num_classes)],
+        doc: "NASViT subnet; input is normalised and already resized to the arch resolution",
+        meta: vec![
+            ("nasvit.arch", serde_json::to_string(&model.arch).unwrap_or_default()),
+            (
+                "nasvit.preprocess",
+                serde_json::to_string(&model.preprocess).unwrap_or_default(),
+            ),
+            (
+                "nasvit.labels",
+                serde_json::to_string(&model.labels).unwrap_or_default(),
+            ),
+        ],
+    }))
+}
+
+/// The ONNX model of a segmentation export (see `crate::seg`) for a fixed `h x w` input, batch 1: input `input`
+/// `[1, C, h, w]` (normalised), output `logits` `[1, K, h, w]`. The sizes are fixed because each transformer
+/// layer's bias is gathered from its table by an index that depends on the grid; `h` and `w` must be multiples of
+/// the space's pyramid multiple. Same graph as the engine: backbone to the deepest level, the head as folded in
+/// the export, `Resize` (linear, `pytorch_half_pixel`, i.e. PyTorch's `align_corners=False`) for every upsampling.
+pub fn seg_to_onnx(model: &crate::seg::SegExport, h: usize, w: usize) -> Result<Vec<u8>> {
+    model.check()?;
+    let m = model.multiple();
+    if h == 0 || w == 0 || !h.is_multiple_of(m) || !w.is_multiple_of(m) {
+        return Err(InferError::Input(format!(
+            "ONNX size {h}x{w}: both sides must be positive multiples of {m}"
+        )));
+    }
+    let sh = SubnetShape::new(&model.space, &model.arch);
+    let levels = crate::seg::seg_levels(&model.space, &model.arch);
+    let last = levels.last().map_or(0, |l| l.0);
+    let g = model.space.max_grid();
+    let mut cx = Ctx {
+        tensors: &model.tensors,
+        b: Builder::default(),
+    };
+    let out_side = |x: usize, k: usize, s: usize| (x + 2 * (k / 2) - k) / s + 1;
+    let wt = cx.init("stem.weight")?;
+    let bs = cx.init("stem.bias")?;
+    let x = cx.b.conv(INPUT_NAME, &wt, Some(&bs), 3, sh.stem_stride, 1);
+    let mut cur = cx.b.swish(&x);
+    let (mut gh, mut gw) = (out_side(h, 3, sh.stem_stride), out_side(w, 3, sh.stem_stride));
+    let mut outs: Vec<(String, usize, usize)> = Vec::new();
+    for (i, st) in sh.stages.iter().enumerate().take(last + 1) {
+        for (j, blk) in st.blocks.iter().enumerate() {
+            let p = format!("stages.{i}.{j}");
+            cur = match *blk {
+                BlockShape::MbConv {
+                    cin,
+                    cout,
+                    kernel,
+                    stride,
+                    no_expand,
+                    se_mid,
+                    ..
+                } => {
+                    let y = cx.mbconv(
+                        &cur,
+                        &p,
+                        cin,
+                        cout,
+                        kernel,
+                        stride,
+                        (gh, gw),
+                        no_expand,
+                        se_mid.is_some(),
+                    )?;
+                    (gh, gw) = (out_side(gh, kernel, stride), out_side(gw, kernel, stride));
+                    y
+                }
+                BlockShape::Transformer {
+                    c,
+                    heads,
+                    windows,
+                    mlp_dwconv,
+                    ..
+                } => cx.transformer(&cur, &p, c, heads, (gh, gw), windows, mlp_dwconv, Rpb::Released { g })?,
+            };
+        }
+        if levels.iter().any(|l| l.0 == i) {
+            outs.push((cur.clone(), gh, gw));
+        }
+    }
+    let k = model.num_classes;
+    let resize = |b: &mut Builder, x: &str, c: usize, oh: usize, ow: usize| -> String {
+        let sizes = b.shape(&[1, c as i64, oh as i64, ow as i64]);
+        b.node(
+            "Resize",
+            &[x, "", "", &sizes],
+            vec![
+                ("mode", Attr::Str("linear")),
+                ("coordinate_transformation_mode", Attr::Str("pytorch_half_pixel")),
+            ],
+        )
+    };
+    let (logits, lh, lw) = match model.head {
+        crate::seg::SegHeadKind::Segformer { embed } => {
+            let (h0, w0) = (outs[0].1, outs[0].2);
+            let mut sum: Option<String> = None;
+            for (i, (x, xh, xw)) in outs.iter().enumerate() {
+                let mut y = cx.conv1x1(x, &format!("seg.linear{i}"), None, true)?;
+                if (*xh, *xw) != (h0, w0) {
+                    y = resize(&mut cx.b, &y, embed, h0, w0);
+                }
+                sum = Some(match sum {
+                    None => y,
+                    Some(s) => cx.b.node("Add", &[&s, &y], vec![]),
+                });
+            }
+            let r = cx.b.node("Relu", &[&sum.unwrap_or_default()], vec![]);
+            (cx.conv1x1(&r, "seg.classifier", None, true)?, h0, w0)
+        }
+        crate::seg::SegHeadKind::Lraspp { .. } => {
+            let (x3, h3, w3) = &outs[3];
+            let (x1, h1, w1) = &outs[1];
+            let f = cx.conv1x1(x3, "seg.cbr", None, true)?;
+            let f = cx.b.node("Relu", &[&f], vec![]);
+            let pooled = cx.b.node("GlobalAveragePool", &[x3], vec![]);
+            let s = cx.conv1x1(&pooled, "seg.scale", None, false)?;
+            let s = cx.b.node("Sigmoid", &[&s], vec![]);
+            let f = cx.b.node("Mul", &[&f, &s], vec![]);
+            let mut z = cx.conv1x1(&f, "seg.high", None, true)?;
+            if (h3, w3) != (h1, w1) {
+                z = resize(&mut cx.b, &z, k, *h1, *w1);
+            }
+            let lo = cx.conv1x1(x1, "seg.low", None, true)?;
+            (cx.b.node("Add", &[&lo, &z], vec![]), *h1, *w1)
+        }
+    };
+    if (lh, lw) != (h, w) {
+        resize(&mut cx.b, &logits, k, h, w);
+    } else {
+        cx.b.node("Identity", &[&logits], vec![]);
+    }
+    cx.b.name_last_output(OUTPUT_NAME);
+    Ok(cx.b.encode(GraphIo {
+        input: vec![Some(1), Some(sh.in_channels), Some(h), Some(w)],
+        output: vec![Some(1), Some(k), Some(h), Some(w)],
+        doc: "NASViT segmentation model; input normalised, its height and width fixed at export",
+        meta: vec![
+            ("nasvit.arch", serde_json::to_string(&model.arch).unwrap_or_default()),
+            (
+                "nasvit.seg_head",
+                serde_json::to_string(&model.head).unwrap_or_default(),
+            ),
+            ("nasvit.size", format!("[{h}, {w}]")),
+            ("nasvit.mean", serde_json::to_string(&model.mean).unwrap_or_default()),
+            ("nasvit.std", serde_json::to_string(&model.std).unwrap_or_default()),
+        ],
+    }))
+}
+
+/// Writes [`seg_to_onnx`] to `path` atomically.
+pub fn save_seg_onnx(model: &crate::seg::SegExport, h: usize, w: usize, path: &Path) -> Result<()> {
+    let bytes = seg_to_onnx(model, h, w)?;
+    crate::seg::write_atomic(path, &bytes)
 }
 
 /// Writes [`to_onnx`] to `path`.

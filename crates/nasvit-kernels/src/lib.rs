@@ -901,14 +901,15 @@ pub fn softmax_row(row: &mut [f32]) {
     softmax_row_mv(row)
 }
 
-/// The relative position bias of attention over a `side x side` grid of tokens.
+/// The relative position bias of attention over an `h x w` grid of tokens (row-major).
 #[derive(Clone, Copy)]
 pub enum Rpb<'a> {
-    /// `[h, T, T]`.
+    /// `[heads, T, T]`.
     Dense(&'a [f32]),
-    /// Per head, the `(2 side - 1)^2` biases by offset `(dy, dx) = (qy - ky, qx - kx) + side - 1`, each row of dx
-    /// stored reversed, so that the keys of one grid row read a contiguous run: `rpb_table` makes it.
-    Table { rev: &'a [f32], side: usize },
+    /// Per head, the `(2h - 1) x (2w - 1)` biases by offset `(dy, dx) = (qy - ky + h - 1, qx - kx + w - 1)`, each
+    /// row of dx stored reversed, so that the keys of one grid row read a contiguous run: `rpb_table` (square
+    /// grids, from a dense bias) and `rpb_table_clipped` (any grid, from a released table) make it.
+    Table { rev: &'a [f32], h: usize, w: usize },
 }
 
 /// The offset table of a dense relative position bias `[h, T, T]` (see `Rpb::Table`), or `None` when T is not
@@ -938,6 +939,31 @@ pub fn rpb_table(dense: &[f32], h: usize, tn: usize) -> Option<Vec<f32>> {
     // Offsets no pair of tokens has (none on a square grid) would stay NaN; never read, but keep them finite.
     rev.iter_mut().filter(|v| v.is_nan()).for_each(|v| *v = 0.0);
     Some(rev)
+}
+
+/// The offset table (`Rpb::Table`) of an `h x w` grid from a released bias table `[(2g - 1)^2, hmax]` (row
+/// `(dy + g - 1) (2g - 1) + dx + g - 1`, columns the heads, of which the first `heads` are used). An offset beyond
+/// the table's reach (`|dy|` or `|dx| > g - 1`, only on a side longer than `g`) takes the table's edge row: each
+/// of `dy`, `dx` is clamped to `[-(g - 1), g - 1]` (nasvit-model's `relative_position_index_rect`).
+pub fn rpb_table_clipped(table: &[f32], hmax: usize, heads: usize, g: usize, h: usize, w: usize) -> Vec<f32> {
+    let side = 2 * g - 1;
+    assert!(g >= 1 && heads <= hmax && table.len() >= side * side * hmax && h >= 1 && w >= 1);
+    let (mh, mw) = (2 * h - 1, 2 * w - 1);
+    let gi = g as isize;
+    let reach = |d: isize| (d.clamp(-(gi - 1), gi - 1) + gi - 1) as usize;
+    let mut rev = vec![0.0f32; heads * mh * mw];
+    for dyi in 0..mh {
+        let dy = dyi as isize - (h as isize - 1);
+        for s in 0..mw {
+            // slot s of a reversed row holds dx = qx - kx = (w - 1) - s
+            let dx = (w as isize - 1) - s as isize;
+            let row = reach(dy) * side + reach(dx);
+            for j in 0..heads {
+                rev[(j * mh + dyi) * mw + s] = table[row * hmax + j];
+            }
+        }
+    }
+    rev
 }
 
 /// The weights of talking-heads attention scores (NASVIT.md 2.2): relative position bias, and the `[h, h]` head
@@ -978,14 +1004,14 @@ fn attention_block_impl(
     for j in 0..h {
         let init = match th.rpb {
             Rpb::Dense(d) => Init::Rows(&d[(j * tn + q0) * tn..], tn),
-            Rpb::Table { rev, side } => {
-                let m = 2 * side - 1;
-                let table = &rev[j * m * m..(j + 1) * m * m];
+            Rpb::Table { rev, h: gh, w: gw } => {
+                let (mh, mw) = (2 * gh - 1, 2 * gw - 1);
+                let table = &rev[j * mh * mw..(j + 1) * mh * mw];
                 for (qi, row) in s0.chunks_exact_mut(tn).enumerate() {
-                    let (qy, qx) = ((q0 + qi) / side, (q0 + qi) % side);
-                    for (ky, keys) in row.chunks_exact_mut(side).enumerate() {
-                        let at = (qy + side - 1 - ky) * m + side - 1 - qx;
-                        keys.copy_from_slice(&table[at..at + side]);
+                    let (qy, qx) = ((q0 + qi) / gw, (q0 + qi) % gw);
+                    for (ky, keys) in row.chunks_exact_mut(gw).enumerate() {
+                        let at = (qy + gh - 1 - ky) * mw + gw - 1 - qx;
+                        keys.copy_from_slice(&table[at..at + gw]);
                     }
                 }
                 Init::Rows(s0, tn)
@@ -1168,7 +1194,9 @@ pub fn attention_probs(th: &TalkingHeads, q: (&[f32], usize, usize), k: &[f32], 
     assert!((tn == 0 || h == 0 || q.0.len() > last_q) && k.len() >= h * th.head_dim * tn);
     match th.rpb {
         Rpb::Dense(d) => assert!(d.len() >= h * tn * tn),
-        Rpb::Table { rev, side } => assert!(side * side == tn && rev.len() >= h * (2 * side - 1).pow(2)),
+        Rpb::Table { rev, h: gh, w: gw } => {
+            assert!(gh * gw == tn && gh >= 1 && gw >= 1 && rev.len() >= h * (2 * gh - 1) * (2 * gw - 1))
+        }
     }
     assert!(th.wl.len() >= h * h && th.ww.len() >= h * h);
     assert!(th.bl.len() >= h && th.bw.len() >= h && out.len() >= tn * h * tn);
@@ -1403,7 +1431,17 @@ mod tests {
             }
             let s3 = mix(&ww, &bw, &s2);
             let rev = rpb_table(&dense, h, tn).expect("a function of the offset");
-            for (rpb, threads) in [(Rpb::Dense(&dense), 1), (Rpb::Table { rev: &rev, side }, 2)] {
+            for (rpb, threads) in [
+                (Rpb::Dense(&dense), 1),
+                (
+                    Rpb::Table {
+                        rev: &rev,
+                        h: side,
+                        w: side,
+                    },
+                    2,
+                ),
+            ] {
                 let th = TalkingHeads {
                     heads: h,
                     head_dim: hd,
@@ -1440,6 +1478,55 @@ mod tests {
         odd[1] = 1.0;
         assert!(rpb_table(&odd, 2, 16).is_none());
         assert!(rpb_table(&odd[..2 * 15 * 15], 2, 15).is_none());
+    }
+
+    #[test]
+    fn clipped_rectangular_table_matches_a_dense_bias() {
+        // Rectangles within and beyond the table's reach (g - 1 = 2): the offset table must give the probabilities
+        // of the dense bias built by the clipping rule itself.
+        for (g, gh, gw, h) in [(3, 2, 5, 2), (3, 4, 3, 3), (2, 3, 7, 1), (4, 3, 3, 2)] {
+            let hmax = h + 1;
+            let side = 2 * g - 1;
+            let table = values(side * side * hmax, 21);
+            let tn = gh * gw;
+            let clip = |d: isize| (d.clamp(-(g as isize - 1), g as isize - 1) + g as isize - 1) as usize;
+            let mut dense = vec![0.0f32; h * tn * tn];
+            for j in 0..h {
+                for a in 0..tn {
+                    for b in 0..tn {
+                        let dy = (a / gw) as isize - (b / gw) as isize;
+                        let dx = (a % gw) as isize - (b % gw) as isize;
+                        dense[(j * tn + a) * tn + b] = table[(clip(dy) * side + clip(dx)) * hmax + j];
+                    }
+                }
+            }
+            let rev = rpb_table_clipped(&table, hmax, h, g, gh, gw);
+            let hd = 8;
+            let q = values(h * hd * tn, 22);
+            let k = values(h * hd * tn, 23);
+            let (wl, bl, ww, bw) = (values(h * h, 24), values(h, 25), values(h * h, 26), values(h, 27));
+            let run = |rpb: Rpb| {
+                let th = TalkingHeads {
+                    heads: h,
+                    head_dim: hd,
+                    rpb,
+                    wl: &wl,
+                    bl: &bl,
+                    ww: &ww,
+                    bw: &bw,
+                };
+                let mut out = vec![f32::NAN; tn * h * tn];
+                attention_probs(&th, (&q, 1, tn), &k, tn, &mut out, Par { threads: 2 });
+                out
+            };
+            let want = run(Rpb::Dense(&dense));
+            let got = run(Rpb::Table {
+                rev: &rev,
+                h: gh,
+                w: gw,
+            });
+            assert_eq!(got, want, "g {g} grid {gh}x{gw}");
+        }
     }
 
     #[test]
