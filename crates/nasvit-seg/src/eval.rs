@@ -12,13 +12,19 @@
 //!   logits exactly.
 //!
 //! The prediction is the first class of highest logit per pixel.
+//!
+//! A [`SegRunner`] runs the model: nasvit-infer's engine ([`SegEngine`], BN and the head folded, the default of
+//! `nasvit seg infer` / `eval` on the CPU) or the burn [`SegModel`] (any device). Both compute the same function
+//! (crates/nasvit-seg/tests/engine_parity.rs holds them to 1e-4).
 
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Tensor, TensorData};
 use image::RgbImage;
+use nasvit_infer::{EngineOptions, SegEngine, SegExport};
 use nasvit_model::seg::SegModel;
 use nasvit_model::{pyramid_multiple, Mode, ModelError};
+use nasvit_space::SearchSpace;
 
 use crate::data::SegDataset;
 use crate::error::{Result, SegError};
@@ -162,6 +168,104 @@ fn one_line(s: &str) -> String {
     s.lines().map(str::trim).collect::<Vec<_>>().join("; ")
 }
 
+/// What runs a segmentation model.
+pub enum SegRunner {
+    /// The burn model on a device.
+    Burn { model: Box<SegModel>, device: Device },
+    /// nasvit-infer's engine (CPU).
+    Engine(Box<SegEngine>),
+}
+
+impl SegRunner {
+    /// Loads the model at `path` ([`model_path`], or a segmentation export folder of `nasvit export --seg-model`,
+    /// which only the engine runs) into the engine (`engine`, with `threads` workers, 0 = one per core) or burn.
+    /// Returns it with the file or folder it came from.
+    pub fn load(path: &Path, engine: bool, threads: usize, device: &Device) -> Result<(Self, PathBuf)> {
+        if path.is_dir() && SegExport::is_seg_export(path) {
+            if !engine {
+                return Err(SegError::io(
+                    path,
+                    "a segmentation export folder runs in the engine only (not --engine burn); pass the model.safetensors of the training run for burn",
+                ));
+            }
+            let e = SegEngine::load(path, EngineOptions::with_threads(threads))
+                .map_err(|e| SegError::io(path, one_line(&e.to_string())))?;
+            check_k(e.num_classes, path)?;
+            return Ok((SegRunner::Engine(Box::new(e)), path.to_path_buf()));
+        }
+        if !engine {
+            let (model, file) = load_model(path, device)?;
+            return Ok((
+                SegRunner::Burn {
+                    model: Box::new(model),
+                    device: device.clone(),
+                },
+                file,
+            ));
+        }
+        let file = model_path(path)?;
+        let export = SegExport::from_seg_model_file(&file, &MEAN, &STD)
+            .map_err(|e| SegError::io(&file, one_line(&e.to_string())))?;
+        check_k(export.num_classes, &file)?;
+        let e = SegEngine::new(&export, EngineOptions::with_threads(threads))
+            .map_err(|e| SegError::io(&file, one_line(&e.to_string())))?;
+        Ok((SegRunner::Engine(Box::new(e)), file))
+    }
+
+    pub fn num_classes(&self) -> usize {
+        match self {
+            SegRunner::Burn { model, .. } => model.config().num_classes,
+            SegRunner::Engine(e) => e.num_classes,
+        }
+    }
+
+    pub fn space(&self) -> &SearchSpace {
+        match self {
+            SegRunner::Burn { model, .. } => &model.config().space,
+            SegRunner::Engine(e) => &e.space,
+        }
+    }
+
+    /// `"segformer"` or `"lraspp"`.
+    pub fn head_name(&self) -> &'static str {
+        match self {
+            SegRunner::Burn { model, .. } => model.config().head.name(),
+            SegRunner::Engine(e) => e.head_kind.name(),
+        }
+    }
+
+    /// `"engine"` or `"burn"`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            SegRunner::Burn { .. } => "burn",
+            SegRunner::Engine(_) => "engine",
+        }
+    }
+
+    /// One forward pass on a `[3, h, w]` input: `[K, h, w]` logits.
+    fn run(&self, x: Vec<f32>, (h, w): (usize, usize)) -> Result<Vec<f32>> {
+        match self {
+            SegRunner::Burn { model, device } => run(model, x, (h, w), device),
+            SegRunner::Engine(e) => {
+                let t = nasvit_infer::Tensor::new(vec![1, 3, h, w], x);
+                e.run(&t)
+                    .map(|y| y.data)
+                    .map_err(|e| SegError::Input(format!("engine forward pass on a {h}x{w} input: {e}")))
+            }
+        }
+    }
+}
+
+fn check_k(k: usize, path: &Path) -> Result<()> {
+    if k > MAX_CLASSES {
+        return Err(SegError::io(
+            path,
+            format!("the model has {k} classes; label maps hold at most {MAX_CLASSES}"),
+        ));
+    }
+    Ok(())
+}
+
 /// `[C, h, w]` padded with zeros bottom/right to `[C, ph, pw]`.
 fn pad(x: &[f32], c: usize, (h, w): (usize, usize), (ph, pw): (usize, usize)) -> Vec<f32> {
     if (h, w) == (ph, pw) {
@@ -206,17 +310,29 @@ fn round_up(v: usize, m: usize) -> usize {
     v.div_ceil(m) * m
 }
 
-/// Per-pixel logits of `img`: `[K, H, W]` row-major at the image's size.
+/// Per-pixel logits of `img` by the burn model: `[K, H, W]` row-major at the image's size.
 pub fn logits(model: &SegModel, img: &RgbImage, mode: InferMode, device: &Device) -> Result<Vec<f32>> {
-    let (h, w) = (img.height() as usize, img.width() as usize);
     let k = model.config().num_classes;
     let multiple = pyramid_multiple(&model.config().space);
+    logits_by(&|x, hw| run(model, x, hw, device), k, multiple, img, mode)
+}
+
+/// Per-pixel logits of `img` by `runner`: `[K, H, W]` row-major at the image's size.
+pub fn logits_with(runner: &SegRunner, img: &RgbImage, mode: InferMode) -> Result<Vec<f32>> {
+    let multiple = pyramid_multiple(runner.space());
+    logits_by(&|x, hw| runner.run(x, hw), runner.num_classes(), multiple, img, mode)
+}
+
+type RunFn<'a> = dyn Fn(Vec<f32>, (usize, usize)) -> Result<Vec<f32>> + 'a;
+
+fn logits_by(run: &RunFn, k: usize, multiple: usize, img: &RgbImage, mode: InferMode) -> Result<Vec<f32>> {
+    let (h, w) = (img.height() as usize, img.width() as usize);
     mode.check(multiple)?;
     let x = to_input(img);
     let (padded, full) = match mode {
         InferMode::Whole => {
             let (ph, pw) = (round_up(h, multiple), round_up(w, multiple));
-            let y = run(model, pad(&x, 3, (h, w), (ph, pw)), (ph, pw), device)?;
+            let y = run(pad(&x, 3, (h, w), (ph, pw)), (ph, pw))?;
             ((ph, pw), y)
         }
         InferMode::Slide {
@@ -234,7 +350,7 @@ pub fn logits(model: &SegModel, img: &RgbImage, mode: InferMode, device: &Device
                 let y0 = (r * sh + ch).min(ph) - ch;
                 for c in 0..cols {
                     let x0 = (c * sw + cw).min(pw) - cw;
-                    let y = run(model, window(&x, 3, (ph, pw), (y0, x0), (ch, cw)), (ch, cw), device)?;
+                    let y = run(window(&x, 3, (ph, pw), (y0, x0), (ch, cw)), (ch, cw))?;
                     for cls in 0..k {
                         for yy in 0..ch {
                             let src = (cls * ch + yy) * cw;
@@ -289,14 +405,14 @@ pub fn argmax(logits: &[f32], k: usize) -> Vec<u8> {
 }
 
 /// The class id of every pixel of `img` (row-major, the image's size).
-pub fn predict(model: &SegModel, img: &RgbImage, mode: InferMode, device: &Device) -> Result<Vec<u8>> {
-    let k = model.config().num_classes;
+pub fn predict(runner: &SegRunner, img: &RgbImage, mode: InferMode) -> Result<Vec<u8>> {
+    let k = runner.num_classes();
     if k > MAX_CLASSES {
         return Err(SegError::Input(format!(
             "the model has {k} classes; label maps hold at most {MAX_CLASSES}"
         )));
     }
-    Ok(argmax(&logits(model, img, mode, device)?, k))
+    Ok(argmax(&logits_with(runner, img, mode)?, k))
 }
 
 /// The set `nasvit seg eval` reads: `split` if given; else the VOC `val` list where the folder has one, and the
@@ -308,8 +424,8 @@ pub fn open_eval_set(root: &Path, split: Option<&str>) -> Result<SegDataset> {
 }
 
 /// The model's classes must be the set's: ids are compared as numbers, so a model of another set scores noise.
-pub fn check_classes(model: &SegModel, data: &SegDataset) -> Result<()> {
-    let (k, n) = (model.config().num_classes, data.num_classes());
+pub fn check_classes(runner: &SegRunner, data: &SegDataset) -> Result<()> {
+    let (k, n) = (runner.num_classes(), data.num_classes());
     if k != n {
         return Err(SegError::Input(format!(
             "the model predicts {k} classes but the dataset {} has {n} ({}...): train or pick a model for this set",
@@ -323,15 +439,14 @@ pub fn check_classes(model: &SegModel, data: &SegDataset) -> Result<()> {
 /// Evaluates `model` on the first `limit` items of `data` (all by default): one confusion matrix over all of
 /// them. `progress` gets the number of images done after each.
 pub fn evaluate(
-    model: &SegModel,
+    runner: &SegRunner,
     data: &SegDataset,
     mode: InferMode,
     limit: Option<usize>,
-    device: &Device,
     progress: &mut dyn FnMut(usize),
 ) -> Result<ConfusionMatrix> {
-    check_classes(model, data)?;
-    mode.check(pyramid_multiple(&model.config().space))?;
+    check_classes(runner, data)?;
+    mode.check(pyramid_multiple(runner.space()))?;
     let n = limit.map_or(data.len(), |l| l.min(data.len()));
     if n == 0 {
         return Err(SegError::Input("nothing to evaluate: a limit of 0 images".into()));
@@ -339,7 +454,7 @@ pub fn evaluate(
     let mut matrix = ConfusionMatrix::new(data.num_classes()).map_err(|e| metric::at(data.root().display(), e))?;
     for i in 0..n {
         let sample = data.get(i)?;
-        let pred = predict(model, &sample.image, mode, device).map_err(|e| SegError::image(data.image_path(i), e))?;
+        let pred = predict(runner, &sample.image, mode).map_err(|e| SegError::image(data.image_path(i), e))?;
         matrix
             .add_image(&sample.labels, &pred)
             .map_err(|e| metric::at(data.label_path(i).display(), e))?;

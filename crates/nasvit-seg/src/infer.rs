@@ -1,15 +1,12 @@
-//! `nasvit seg infer`: a [`SegModel`]'s prediction for single photos, written as files a user (or
+//! `nasvit seg infer`: a segmentation model's prediction (by the engine or burn, [`SegRunner`]) for single photos, written as files a user (or
 //! `nasvit seg score`) reads: per photo `<stem>.png`, the class ids as an 8-bit grey PNG, and
 //! `<stem>_overlay.png`, the photo blended with the class colours. Both are written atomically.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use burn::tensor::Device;
-use nasvit_model::seg::SegModel;
-
 use crate::error::{Result, SegError};
-use crate::eval::{predict, InferMode};
+use crate::eval::{predict, InferMode, SegRunner};
 use crate::label::{read_rgb, write_label_png, write_overlay_png};
 use crate::palette::Palette;
 
@@ -58,19 +55,18 @@ pub fn output_stems(images: &[PathBuf]) -> Result<Vec<String>> {
     Ok(stems)
 }
 
-/// Runs `model` on the photo at `image` and writes `out/<stem>.png` and `out/<stem>_overlay.png`.
+/// Runs the model on the photo at `image` and writes `out/<stem>.png` and `out/<stem>_overlay.png`.
 pub fn infer_image(
-    model: &SegModel,
+    runner: &SegRunner,
     image: &Path,
     stem: &str,
     out: &Path,
     palette: &Palette,
     mode: InferMode,
-    device: &Device,
 ) -> Result<InferOutput> {
     let img = read_rgb(image)?;
     let (width, height) = img.dimensions();
-    let labels = predict(model, &img, mode, device).map_err(|e| SegError::image(image, e))?;
+    let labels = predict(runner, &img, mode).map_err(|e| SegError::image(image, e))?;
     let label_path = out.join(format!("{stem}.png"));
     let overlay_path = out.join(format!("{stem}_overlay.png"));
     write_label_png(&label_path, &labels, width, height)?;

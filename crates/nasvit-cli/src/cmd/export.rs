@@ -1,6 +1,12 @@
 //! `nasvit export --checkpoint CKPT --arch ARCH --out DIR`: a standalone model folder for `nasvit infer` /
 //! `nasvit bench` (`model.safetensors` with BN folded and the switchable scales resolved, `model.json`,
 //! `arch.json`) and `model.onnx`.
+//!
+//! `nasvit export --seg-model FILE --out DIR`: a segmentation model (`nasvit seg train`'s `model.safetensors`)
+//! as a segmentation export folder (`nasvit_infer::seg`: backbone + head, BN folded) for `nasvit seg infer` and
+//! `nasvit bench --size HxW`, with `model.onnx` at `--onnx-size` (ONNX sizes are fixed: the attention bias
+//! depends on the token grid). `--seg-scratch` exports an untrained model of `--space`/`--arch`/`--head` (random
+//! weights: for latency measurements only).
 
 use std::path::PathBuf;
 
@@ -18,11 +24,35 @@ use super::data::{data_config, DATA_HELP};
 #[derive(Args)]
 pub struct ExportArgs {
     /// A nasvit checkpoint (e.g. RUN/supernet.safetensors).
-    #[arg(long)]
-    checkpoint: PathBuf,
+    #[arg(long, required_unless_present_any = ["seg_model", "seg_scratch"], conflicts_with_all = ["seg_model", "seg_scratch"])]
+    checkpoint: Option<PathBuf>,
     /// `min`, `max` or a JSON/YAML arch file (e.g. one point of a search's pareto.json saved as a file).
-    #[arg(long)]
-    arch: String,
+    #[arg(long, required_unless_present = "seg_model")]
+    arch: Option<String>,
+    /// A segmentation model file (`nasvit seg train`'s RUN/last/model.safetensors) to export instead of a
+    /// classification subnet.
+    #[arg(long, help_heading = "Segmentation", conflicts_with = "seg_scratch")]
+    seg_model: Option<PathBuf>,
+    /// Export an untrained segmentation model of --space, --arch and --head (random weights, for latency
+    /// measurements).
+    #[arg(long, help_heading = "Segmentation")]
+    seg_scratch: bool,
+    /// Space of --seg-scratch.
+    #[arg(long, help_heading = "Segmentation", default_value = "official")]
+    space: String,
+    /// Head of --seg-scratch: `segformer` (--embed) or `lraspp` (--inter).
+    #[arg(long, help_heading = "Segmentation", default_value = "segformer")]
+    head: String,
+    #[arg(long, help_heading = "Segmentation", default_value_t = 256)]
+    embed: usize,
+    #[arg(long, help_heading = "Segmentation", default_value_t = 128)]
+    inter: usize,
+    /// Classes of --seg-scratch.
+    #[arg(long, help_heading = "Segmentation", default_value_t = 19)]
+    classes: usize,
+    /// The input size `HxW` of a segmentation model's model.onnx (multiples of the space's pyramid multiple).
+    #[arg(long, help_heading = "Segmentation", default_value = "512x1024")]
+    onnx_size: String,
     /// Output folder.
     #[arg(long)]
     out: PathBuf,
@@ -44,12 +74,124 @@ pub struct ExportArgs {
     engine: nasvit_train::EngineKind,
 }
 
+/// `HxW` (or one number for a square).
+pub fn parse_hw(what: &str, text: &str) -> anyhow::Result<(usize, usize)> {
+    let mut it = text.split(['x', 'X']).map(|t| t.trim().parse::<usize>());
+    match (it.next(), it.next(), it.next()) {
+        (Some(Ok(h)), Some(Ok(w)), None) if h > 0 && w > 0 => Ok((h, w)),
+        (Some(Ok(s)), None, None) if s > 0 => Ok((s, s)),
+        _ => anyhow::bail!("{what} {text}: expected HxW with positive sides, e.g. 512x1024"),
+    }
+}
+
+/// Writes `model` (and its ONNX at `onnx`) as the folder `out`, replaced whole.
+fn write_folder(
+    out: &std::path::Path,
+    write: impl FnOnce(&std::path::Path) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    // One writer per model folder, and the folder is replaced whole: written beside the old one and swapped in
+    // only when complete, so a failure keeps the old model and no file of it (an old model.onnx) survives.
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let _lock = nasvit_train::fsio::lock(&parent.join(format!(".{name}.lock")), "export")?;
+    nasvit_train::fsio::remove_stale_temps_of(parent, &name);
+    nasvit_train::fsio::replace_dir(out, write)
+}
+
+fn run_seg(args: &ExportArgs) -> anyhow::Result<()> {
+    use nasvit_infer::seg::{SegExport, SegHeadKind};
+    let (oh, ow) = parse_hw("--onnx-size", &args.onnx_size)?;
+    let mean = nasvit_seg::eval::MEAN;
+    let std = nasvit_seg::eval::STD;
+    let mut model = if let Some(file) = &args.seg_model {
+        // the file's own config; the options of --seg-scratch do not apply
+        SegExport::from_seg_model_file(file, &mean, &std).with_context(|| format!("exporting {}", file.display()))?
+    } else {
+        let space =
+            nasvit_space::SearchSpace::load(&args.space).with_context(|| format!("loading space `{}`", args.space))?;
+        let arch = Arch::resolve(args.arch.as_deref().unwrap_or("min"), &space)?;
+        let head = match args.head.as_str() {
+            "segformer" => nasvit_model::seg::HeadKind::Segformer { embed: args.embed },
+            "lraspp" => nasvit_model::seg::HeadKind::Lraspp { inter: args.inter },
+            h => anyhow::bail!("--head {h}: expected segformer or lraspp"),
+        };
+        let config = nasvit_model::seg::SegConfig {
+            space,
+            arch,
+            head,
+            num_classes: args.classes,
+        };
+        // the same checks as a model file's config
+        let config = nasvit_model::seg::SegConfig::from_json(&config.to_json().to_string())?;
+        let device = Device::flex();
+        let net = nasvit_model::seg::SegModel::from_scratch(config.clone(), &device, 0)?;
+        let mut sd = StateDict::new();
+        for (key, data) in nasvit_model::named_tensors(&net) {
+            let shape = data.shape().to_vec();
+            let values: Vec<f32> = data
+                .convert::<f32>()
+                .try_to_vec::<f32>()
+                .map_err(|e| anyhow::anyhow!("tensor {key}: {e:?}"))?;
+            sd.insert(key, InferTensor::new(shape, values));
+        }
+        let head = match config.head {
+            nasvit_model::seg::HeadKind::Segformer { embed } => SegHeadKind::Segformer { embed },
+            nasvit_model::seg::HeadKind::Lraspp { inter } => SegHeadKind::Lraspp { inter },
+        };
+        SegExport::from_seg_state_dict(&sd, &config.space, &config.arch, &head, config.num_classes, &mean, &std)?
+    };
+    let m = model.multiple();
+    anyhow::ensure!(
+        oh % m == 0 && ow % m == 0,
+        "--onnx-size {oh}x{ow}: both sides must be multiples of {m} (the space's pyramid multiple)"
+    );
+    if !args.no_onnx {
+        model.onnx_size = Some([oh, ow]);
+    }
+    write_folder(&args.out, |tmp| -> anyhow::Result<()> {
+        model.save(tmp)?;
+        if !args.no_onnx {
+            nasvit_infer::onnx::save_seg_onnx(&model, oh, ow, &tmp.join("model.onnx"))?;
+        }
+        Ok(())
+    })?;
+    println!(
+        "exported the {} model ({} head, {} classes, space {}, resolution {}) to {}{}",
+        if args.seg_scratch {
+            "untrained segmentation"
+        } else {
+            "segmentation"
+        },
+        model.head.name(),
+        model.num_classes,
+        model.space.name,
+        model.arch.resolution,
+        args.out.display(),
+        if args.no_onnx {
+            String::new()
+        } else {
+            format!(" (model.onnx for {oh}x{ow} inputs)")
+        }
+    );
+    Ok(())
+}
+
 pub fn run(args: ExportArgs) -> anyhow::Result<()> {
+    if args.seg_model.is_some() || args.seg_scratch {
+        return run_seg(&args);
+    }
+    let checkpoint = args.checkpoint.clone().context("--checkpoint is required")?;
+    let arch_name = args.arch.clone().context("--arch is required")?;
     let device = Device::flex();
-    let mut net =
-        load_checkpoint(&args.checkpoint, &device).with_context(|| format!("loading {}", args.checkpoint.display()))?;
+    let mut net = load_checkpoint(&checkpoint, &device).with_context(|| format!("loading {}", checkpoint.display()))?;
     let space = net.space().clone();
-    let arch = Arch::resolve(&args.arch, &space)?;
+    let arch = Arch::resolve(&arch_name, &space)?;
     let mut preprocess = Preprocess::default_for(&space, &arch);
     if args.data.is_none() {
         eprintln!(
@@ -116,21 +258,7 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
         );
         model.labels = labels;
     }
-    // One writer per model folder, and the folder is replaced whole: written beside the old one and swapped in
-    // only when complete, so a failure keeps the old model and no file of it (an old model.onnx) survives.
-    let name = args
-        .out
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let parent = args
-        .out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(std::path::Path::new("."));
-    let _lock = nasvit_train::fsio::lock(&parent.join(format!(".{name}.lock")), "export")?;
-    nasvit_train::fsio::remove_stale_temps_of(parent, &name);
-    nasvit_train::fsio::replace_dir(&args.out, |tmp| -> anyhow::Result<()> {
+    write_folder(&args.out, |tmp| -> anyhow::Result<()> {
         model.save(tmp)?;
         if !args.no_onnx {
             nasvit_infer::onnx::save_onnx(&model, &tmp.join("model.onnx"))?;

@@ -11,7 +11,11 @@ use nasvit_seg::infer::{self, default_palette};
 use nasvit_seg::Palette;
 
 const MODEL_HELP: &str = "The segmentation model: a model.safetensors written by the segmentation training, or a \
-    folder holding one (a training run folder: RUN/last/model.safetensors, else FOLDER/model.safetensors).";
+    folder holding one (a training run folder: RUN/last/model.safetensors, else FOLDER/model.safetensors), or a \
+    segmentation export folder (`nasvit export --seg-model`, engine only).";
+
+const ENGINE_HELP: &str = "What runs the model: `cpu` (nasvit-infer's engine: BN and the head folded, the fast CPU \
+    path), `burn` (the burn model, any --device) or `auto` (cpu on --device cpu, else burn).";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum ModeName {
@@ -81,9 +85,11 @@ pub struct SegEvalArgs {
     /// Write the row-normalised confusion matrix as a heat-map PNG.
     #[arg(long)]
     confusion: Option<PathBuf>,
-    /// Threads of burn's CPU backend (default: RAYON_NUM_THREADS, else all cores).
+    /// Threads of the engine or of burn's CPU backend (default: RAYON_NUM_THREADS for burn, else all cores).
     #[arg(long)]
     threads: Option<usize>,
+    #[arg(long, default_value = "auto", help = ENGINE_HELP)]
+    engine: nasvit_train::EngineKind,
     #[command(flatten)]
     device: super::device::DeviceArg,
 }
@@ -103,9 +109,11 @@ pub struct SegInferArgs {
     palette: Option<String>,
     #[command(flatten)]
     window: ModeArgs,
-    /// Threads of burn's CPU backend (default: RAYON_NUM_THREADS, else all cores).
+    /// Threads of the engine or of burn's CPU backend (default: RAYON_NUM_THREADS for burn, else all cores).
     #[arg(long)]
     threads: Option<usize>,
+    #[arg(long, default_value = "auto", help = ENGINE_HELP)]
+    engine: nasvit_train::EngineKind,
     #[command(flatten)]
     device: super::device::DeviceArg,
 }
@@ -126,6 +134,23 @@ fn parse_hw(flag: &str, s: &str) -> anyhow::Result<[usize; 2]> {
             Ok([n, n])
         }
     }
+}
+
+/// The model at `path` in the engine `--engine` / `--device` select.
+fn load_runner(
+    path: &std::path::Path,
+    engine: nasvit_train::EngineKind,
+    device: &super::device::DeviceArg,
+    threads: Option<usize>,
+) -> anyhow::Result<(eval::SegRunner, PathBuf)> {
+    let kind = device.engine(engine)?;
+    let fast = kind != nasvit_train::EngineKind::Burn;
+    let dev = if fast {
+        burn::tensor::Device::flex()
+    } else {
+        device.open()?
+    };
+    Ok(eval::SegRunner::load(path, fast, threads.unwrap_or(0), &dev)?)
 }
 
 fn set_threads(threads: Option<usize>) -> anyhow::Result<()> {
@@ -152,25 +177,22 @@ pub fn run_eval(args: SegEvalArgs) -> anyhow::Result<()> {
     let mode = args.window.mode()?;
     // the data first: a wrong folder is found before the model is built
     let data = eval::open_eval_set(&args.data, args.split.as_deref())?;
-    let device = args.device.open()?;
-    let (model, file) = eval::load_model(&args.model, &device)?;
-    eval::check_classes(&model, &data)?;
-    mode.check(nasvit_model::pyramid_multiple(&model.config().space))?;
+    let (runner, file) = load_runner(&args.model, args.engine, &args.device, args.threads)?;
+    eval::check_classes(&runner, &data)?;
+    mode.check(nasvit_model::pyramid_multiple(runner.space()))?;
     let n = args.limit.map_or(data.len(), |l| l.min(data.len()));
-    let config = model.config();
     eprintln!(
-        "{}: {} head on the `{}` space, {} classes; {} images of {}, {mode} mode",
+        "{}: {} head on the `{}` space, {} classes ({}); {} images of {}, {mode} mode",
         file.display(),
-        config.head.name(),
-        config.space.name,
-        config.num_classes,
+        runner.head_name(),
+        runner.space().name,
+        runner.num_classes(),
+        runner.name(),
         n,
         data.root().display()
     );
     let progress = bar(n as u64);
-    let matrix = eval::evaluate(&model, &data, mode, Some(n), &device, &mut |i| {
-        progress.set_position(i as u64)
-    })?;
+    let matrix = eval::evaluate(&runner, &data, mode, Some(n), &mut |i| progress.set_position(i as u64))?;
     progress.finish_and_clear();
     super::seg::report(&matrix, data.names(), args.json.as_deref(), args.confusion.as_deref())
 }
@@ -186,10 +208,9 @@ pub fn run_infer(args: SegInferArgs) -> anyhow::Result<()> {
             "--palette {name}: expected cityscapes, ade20k, voc or generated"
         );
     }
-    let device = args.device.open()?;
-    let (model, _) = eval::load_model(&args.model, &device)?;
-    let k = model.config().num_classes;
-    mode.check(nasvit_model::pyramid_multiple(&model.config().space))?;
+    let (runner, _) = load_runner(&args.model, args.engine, &args.device, args.threads)?;
+    let k = runner.num_classes();
+    mode.check(nasvit_model::pyramid_multiple(runner.space()))?;
     let palette = match &args.palette {
         None => default_palette(k),
         Some(name) => Palette::by_name(name, k).with_context(|| format!("--palette {name}"))?,
@@ -204,7 +225,7 @@ pub fn run_infer(args: SegInferArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
     let progress = bar(args.images.len() as u64);
     for (image, stem) in args.images.iter().zip(&stems) {
-        let out = infer::infer_image(&model, image, stem, &args.out, &palette, mode, &device)?;
+        let out = infer::infer_image(&runner, image, stem, &args.out, &palette, mode)?;
         progress.suspend(|| {
             println!(
                 "{} ({}x{}) -> {}, {}",
