@@ -8,10 +8,11 @@
 //! Each image (`height x width`, multiples of 32, default 128 x 128):
 //! - background: a random crop (25-100 % of the largest crop of the output's aspect) of one background photo,
 //!   resized to the output size (triangle filter), mirrored half the time;
-//! - 2-5 Fashion-MNIST items, each scaled 0.8x-3x of its 28 px (bilinear), at a random position inside the
-//!   image, later items over earlier ones; each gets a random tint, shaded by the item's own intensity
-//!   (`tint * (0.35 + 0.65 v / 255)`) so its texture stays visible, and is blended over the background at
-//!   opacity 0.9 where its scaled intensity `v >= THRESHOLD` (48 of 255), fading to 0 below it (soft edges);
+//! - 2-5 Fashion-MNIST items (`items`), each scaled 0.8x-3x of its 28 px (`scale`; bilinear), at a random position
+//!   inside the image, later items over earlier ones; each gets a random tint, shaded by the item's own intensity
+//!   (`tint * (0.35 + 0.65 v / 255)`) so its texture stays visible (`look: colour`), or keeps its own grey level
+//!   `v` as in Fashion-MNIST (`look: grey`), and is blended over the background at opacity 0.9 where its scaled
+//!   intensity `v >= THRESHOLD` (48 of 255), fading to 0 below it (soft edges);
 //! - mask: item class + 1 where `v >= THRESHOLD`, else whatever lies below (0 = background).
 //!
 //! So 11 classes: `background` + the 10 Fashion-MNIST classes. The train split draws items only from
@@ -116,6 +117,33 @@ pub struct SynthConfig {
     pub fashion_dir: PathBuf,
     /// Photos (or folders of `.jpg`/`.jpeg`/`.png` photos) to cut backgrounds from.
     pub backgrounds: Vec<PathBuf>,
+    /// Items per image, inclusive range.
+    pub items: [u32; 2],
+    /// Item scale (of its 28 px), inclusive range.
+    pub scale: [f32; 2],
+    /// How an item is drawn.
+    pub look: Look,
+}
+
+/// How an item's pixels are drawn over the background.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Look {
+    /// A random saturated tint shaded by the item's intensity (`tint * (0.35 + 0.65 v / 255)`).
+    Colour,
+    /// The item's own grey level `v`, as in Fashion-MNIST (the domain a supernet trained on it knows).
+    Grey,
+}
+
+impl std::str::FromStr for Look {
+    type Err = SegError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "colour" | "color" => Ok(Look::Colour),
+            "grey" | "gray" => Ok(Look::Grey),
+            _ => Err(SegError::Input(format!("look {s:?}: expected colour or grey"))),
+        }
+    }
 }
 
 impl Default for SynthConfig {
@@ -128,6 +156,9 @@ impl Default for SynthConfig {
             seed: 0,
             fashion_dir: PathBuf::from(FASHION_DIR),
             backgrounds: default_backgrounds(),
+            items: [2, 5],
+            scale: [0.8, 3.0],
+            look: Look::Colour,
         }
     }
 }
@@ -141,6 +172,18 @@ impl SynthConfig {
                     "{what} {v}: must be a multiple of 32 (the backbone's stride) in 32..={MAX_SIDE}"
                 )));
             }
+        }
+        let [lo, hi] = self.items;
+        if lo > hi || hi > 64 {
+            return Err(SegError::Input(format!(
+                "items {lo}-{hi} per image: need min <= max <= 64"
+            )));
+        }
+        let [slo, shi] = self.scale;
+        if !(slo > 0.0 && slo <= shi && shi <= 64.0) {
+            return Err(SegError::Input(format!(
+                "item scale {slo}-{shi}: need 0 < min <= max <= 64"
+            )));
         }
         if self.train > MAX_ITEMS || self.val > MAX_ITEMS {
             return Err(SegError::Input(format!(
@@ -356,10 +399,10 @@ impl Generator {
             Split::Train => &self.train,
             Split::Val => &self.val,
         };
-        let count = rng.random_range(2..=5);
+        let count = rng.random_range(self.config.items[0]..=self.config.items[1]);
         for _ in 0..count {
             let (item, label) = items.item(rng.random_range(0..items.len()));
-            let scale = rng.random_range(0.8f32..=3.0);
+            let scale = rng.random_range(self.config.scale[0]..=self.config.scale[1]);
             // Items wider than the image are shrunk to fit, so every item is whole.
             let iw = ((item.width() as f32 * scale).round() as u32).clamp(1, w);
             let ih = ((item.height() as f32 * scale).round() as u32).clamp(1, h);
@@ -371,6 +414,10 @@ impl Generator {
                 rng.random_range(0.5f32..1.0),
                 rng.random_range(0.7f32..1.0),
             );
+            let tint = match self.config.look {
+                Look::Colour => Some(tint),
+                Look::Grey => None,
+            };
             paste(&mut img, &mut mask, &scaled, label + 1, (x, y), tint);
         }
         (img, mask)
@@ -503,7 +550,8 @@ fn fit_background(img: RgbImage) -> std::result::Result<RgbImage, String> {
 }
 
 /// Blends one scaled item (grey intensities) into `img` at `(x, y)` and labels its pixels `class` in `mask`.
-fn paste(img: &mut RgbImage, mask: &mut [u8], item: &GrayImage, class: u8, (x, y): (u32, u32), tint: [f32; 3]) {
+/// Draws `item` at `(x, y)`: with a `tint`, `tint * (0.35 + 0.65 v / 255)`; without, the grey level `v` itself.
+fn paste(img: &mut RgbImage, mask: &mut [u8], item: &GrayImage, class: u8, (x, y): (u32, u32), tint: Option<[f32; 3]>) {
     let w = img.width();
     for (ix, iy, v) in item.enumerate_pixels() {
         let v = v.0[0];
@@ -517,12 +565,13 @@ fn paste(img: &mut RgbImage, mask: &mut [u8], item: &GrayImage, class: u8, (x, y
         } else {
             OPACITY * f32::from(v) / f32::from(THRESHOLD)
         };
-        let shade = 0.35 + 0.65 * f32::from(v) / 255.0;
+        let colour = match tint {
+            Some(t) => t.map(|t| t * (0.35 + 0.65 * f32::from(v) / 255.0)),
+            None => [f32::from(v); 3],
+        };
         let p = img.get_pixel_mut(px, py);
-        for (v, t) in p.0.iter_mut().zip(tint) {
-            *v = ((1.0 - alpha) * f32::from(*v) + alpha * t * shade)
-                .round()
-                .clamp(0.0, 255.0) as u8;
+        for (v, c) in p.0.iter_mut().zip(colour) {
+            *v = ((1.0 - alpha) * f32::from(*v) + alpha * c).round().clamp(0.0, 255.0) as u8;
         }
     }
 }
@@ -554,7 +603,7 @@ mod tests {
         let mut img = RgbImage::from_pixel(4, 2, image::Rgb([100, 100, 100]));
         let mut mask = vec![7u8; 8];
         let item = GrayImage::from_raw(3, 1, vec![255, 24, 0]).unwrap();
-        paste(&mut img, &mut mask, &item, 3, (1, 1), [200.0, 100.0, 0.0]);
+        paste(&mut img, &mut mask, &item, 3, (1, 1), Some([200.0, 100.0, 0.0]));
         // 0.1 * 100 + 0.9 * (200, 100, 0) = (190, 100, 10)
         assert_eq!(img.get_pixel(1, 1).0, [190, 100, 10]);
         // shade 0.4111765: tint (82.235, 41.118, 0); 0.55 * 100 + 0.45 * tint = (92.006, 73.503, 55)
@@ -562,6 +611,36 @@ mod tests {
         assert_eq!(img.get_pixel(3, 1).0, [100, 100, 100]);
         assert_eq!(img.get_pixel(1, 0).0, [100, 100, 100]);
         assert_eq!(mask, vec![7, 7, 7, 7, 7, 3, 7, 7]);
+    }
+
+    #[test]
+    fn grey_items_keep_their_own_level() {
+        // opaque pixel: 0.1 * 100 + 0.9 * 200 = 190; half-threshold pixel: 0.55 * 100 + 0.45 * 24 = 65.8
+        let mut img = RgbImage::from_pixel(3, 1, image::Rgb([100, 100, 100]));
+        let mut mask = vec![0u8; 3];
+        let item = GrayImage::from_raw(3, 1, vec![200, 24, 0]).unwrap();
+        paste(&mut img, &mut mask, &item, 5, (0, 0), None);
+        assert_eq!(img.get_pixel(0, 0).0, [190; 3]);
+        assert_eq!(img.get_pixel(1, 0).0, [66; 3]);
+        assert_eq!(img.get_pixel(2, 0).0, [100; 3]);
+        assert_eq!(mask, vec![5, 0, 0]);
+    }
+
+    #[test]
+    fn item_counts_and_scales_are_checked() {
+        for (items, scale) in [
+            ([3, 2], [1.0, 1.0]),
+            ([1, 65], [1.0, 1.0]),
+            ([1, 2], [0.0, 1.0]),
+            ([1, 2], [2.0, 1.0]),
+        ] {
+            let c = SynthConfig {
+                items,
+                scale,
+                ..SynthConfig::default()
+            };
+            assert!(c.validate().is_err(), "{items:?} {scale:?}");
+        }
     }
 
     #[test]

@@ -38,6 +38,7 @@ fn generator(seed: u64) -> Generator {
         seed,
         fashion_dir: PathBuf::new(),
         backgrounds: vec![],
+        ..SynthConfig::default()
     };
     // train labels 0..5 (classes 1..=5), val labels 5..10 (classes 6..=10)
     Generator::from_parts(config, items(&[0, 1, 2, 3, 4]), items(&[5, 6, 7, 8, 9]), backgrounds()).unwrap()

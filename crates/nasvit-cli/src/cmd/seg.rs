@@ -86,6 +86,16 @@ pub struct MakeArgs {
     size: String,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Items per image, MIN-MAX (or one number).
+    #[arg(long, default_value = "2-5")]
+    items: String,
+    /// Item scale range of its 28 px, MIN-MAX (or one number).
+    #[arg(long, default_value = "0.8-3")]
+    scale: String,
+    /// How items are drawn: `colour` (a random tint shaded by the item) or `grey` (the item's own grey level,
+    /// as in Fashion-MNIST).
+    #[arg(long, default_value = "colour")]
+    look: synth::Look,
     /// Folder of Fashion-MNIST's IDX files (Debian package dataset-fashion-mnist).
     #[arg(long, default_value = synth::FASHION_DIR)]
     fashion: PathBuf,
@@ -281,6 +291,21 @@ fn make(args: MakeArgs) -> anyhow::Result<()> {
     } else {
         args.backgrounds
     };
+    let range = |what: &str, s: &str| -> anyhow::Result<[f32; 2]> {
+        let num = |t: &str| {
+            t.trim()
+                .parse::<f32>()
+                .map_err(|_| anyhow::anyhow!("--{what} {s:?}: expected MIN-MAX or one number"))
+        };
+        match s.split_once('-') {
+            Some((a, b)) => Ok([num(a)?, num(b)?]),
+            None => num(s).map(|v| [v, v]),
+        }
+    };
+    let items = range("items", &args.items)?;
+    if items.iter().any(|v| v.fract() != 0.0 || *v < 0.0) {
+        anyhow::bail!("--items {:?}: whole numbers", args.items);
+    }
     let config = SynthConfig {
         train: args.train,
         val: args.val,
@@ -289,6 +314,9 @@ fn make(args: MakeArgs) -> anyhow::Result<()> {
         seed: args.seed,
         fashion_dir: args.fashion,
         backgrounds,
+        items: items.map(|v| v as u32),
+        scale: range("scale", &args.scale)?,
+        look: args.look,
     };
     config.validate()?;
     let generator = Generator::new(config)?;
