@@ -33,7 +33,7 @@ use crate::error::{InferError, Result};
 use crate::export::{export_layout, ExportedModel, BN_EPS};
 use crate::kernels::denormals::FlushDenormals;
 use crate::kernels::{nhwc, Act, Arena, Buf, Par};
-use crate::resize::{bilinear_add_nhwc, bilinear_planar};
+use crate::resize::{bilinear_add_nhwc, bilinear_planar, bilinear_row_add, bilinear_taps};
 use crate::state::{load_safetensors, save_safetensors, StateDict, Tensor};
 
 /// Value of `format` in a segmentation export's `model.json`.
@@ -673,22 +673,47 @@ impl SegEngine {
                 embed,
             } => {
                 let e = *embed;
-                let (h0, w0) = (levels[0].1, levels[0].2);
-                let mut acc = pr.time("seg.linear", || {
-                    linears[0].run(&levels[0].0, h0 * w0, Act::None, par, ar)
+                let (h0, w0, c0) = (levels[0].1, levels[0].2, levels[0].3);
+                // Row by row of level 0, so that the E-channel sum stays in cache: level 0's linear, the upsampled
+                // linears of the coarser levels (computed once, at their own sizes), ReLU, the classifier.
+                let coarse: Vec<(Buf, usize, usize)> = linears
+                    .iter()
+                    .zip(&levels)
+                    .skip(1)
+                    .map(|(l, (x, lh, lw, _))| {
+                        let z = pr.time("seg.linear", || l.run(x, lh * lw, Act::None, par, ar));
+                        (z, *lh, *lw)
+                    })
+                    .collect();
+                let taps: Vec<_> = coarse
+                    .iter()
+                    .map(|(_, lh, lw)| (bilinear_taps(*lh, h0), bilinear_taps(*lw, w0)))
+                    .collect();
+                let mut y = ar.take(h0 * w0 * k);
+                let x0 = &levels[0].0;
+                let rows = h0.div_ceil(par.threads.max(1) * 8).max(1);
+                let one = Par { threads: 1 };
+                pr.time("seg.decode", || {
+                    par.chunks_mut(&mut y, rows * w0 * k, &|t, chunk| {
+                        let mut acc = vec![0.0f32; w0 * e];
+                        let mut tmp = Vec::new();
+                        for (r, out) in chunk.chunks_exact_mut(w0 * k).enumerate() {
+                            let oy = t * rows + r;
+                            let xr = &x0[oy * w0 * c0..(oy + 1) * w0 * c0];
+                            let l0 = &linears[0];
+                            nhwc::pointwise(l0.w.view(), l0.b.as_deref(), xr, w0, &mut acc, false, Act::None, one);
+                            for ((z, _, lw), (ty, tx)) in coarse.iter().zip(&taps) {
+                                bilinear_row_add(z, e, *lw, ty[oy], tx, &mut tmp, &mut acc);
+                            }
+                            acc.iter_mut().for_each(|v| *v = v.max(0.0));
+                            let cl = classifier;
+                            nhwc::pointwise(cl.w.view(), cl.b.as_deref(), &acc, w0, out, false, Act::None, one);
+                        }
+                    })
                 });
-                for (l, (x, lh, lw, _)) in linears.iter().zip(&levels).skip(1) {
-                    let z = pr.time("seg.linear", || l.run(x, lh * lw, Act::None, par, ar));
-                    pr.time("seg.upsample", || {
-                        bilinear_add_nhwc(&z, e, (*lh, *lw), &mut acc, (h0, w0), par)
-                    });
+                for (z, ..) in coarse {
                     ar.put(z);
                 }
-                pr.time("seg.relu", || {
-                    crate::kernels::bias_act(&mut acc, e, None, Act::Relu, par)
-                });
-                let y = pr.time("seg.classifier", || classifier.run(&acc, h0 * w0, Act::None, par, ar));
-                ar.put(acc);
                 (y, h0, w0)
             }
             Head::LrAspp {

@@ -115,6 +115,31 @@ pub fn bilinear_add_nhwc(
     });
 }
 
+/// One output row of a bilinear upsampling of a channel-minor map `x: [ih*iw, c]`, added into `out: [ow, c]`:
+/// `ty` is the row's taps (`bilinear_taps(ih, oh)[oy]`), `tx` the columns' (`bilinear_taps(iw, ow)`), `tmp` a
+/// scratch row. `bilinear_add_nhwc` row by row, for callers that fuse more work per row.
+pub fn bilinear_row_add(
+    x: &[f32],
+    c: usize,
+    iw: usize,
+    (y0, y1, ly): (usize, usize, f32),
+    tx: &[(usize, usize, f32)],
+    tmp: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    tmp.resize(iw * c, 0.0);
+    let (a, b) = (&x[y0 * iw * c..(y0 + 1) * iw * c], &x[y1 * iw * c..(y1 + 1) * iw * c]);
+    for ((d, &va), &vb) in tmp.iter_mut().zip(a).zip(b) {
+        *d = va + ly * (vb - va);
+    }
+    for (o, &(x0, x1, lx)) in out.chunks_exact_mut(c).zip(tx) {
+        let (p, q) = (&tmp[x0 * c..(x0 + 1) * c], &tmp[x1 * c..(x1 + 1) * c]);
+        for ((d, &vp), &vq) in o.iter_mut().zip(p).zip(q) {
+            *d += vp + lx * (vq - vp);
+        }
+    }
+}
+
 /// Bilinear resize of planar `x: [c, ih, iw]` to `out: [c, oh, ow]` (planes split across threads).
 pub fn bilinear_planar(
     x: &[f32],
@@ -208,6 +233,14 @@ mod tests {
             }
             let mut acc = vec![1.0f32; oh * ow * c];
             bilinear_add_nhwc(&xt, c, (ih, iw), &mut acc, (oh, ow), par);
+            // row by row: the same sums
+            let (ty, tx) = (bilinear_taps(ih, oh), bilinear_taps(iw, ow));
+            let mut rows = vec![1.0f32; oh * ow * c];
+            let mut tmp = Vec::new();
+            for (oy, row) in rows.chunks_exact_mut(ow * c).enumerate() {
+                bilinear_row_add(&xt, c, iw, ty[oy], &tx, &mut tmp, row);
+            }
+            assert_eq!(rows, acc);
             for ch in 0..c {
                 for p in 0..oh * ow {
                     let w = want[ch * oh * ow + p];

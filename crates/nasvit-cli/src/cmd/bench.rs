@@ -35,6 +35,11 @@ pub struct BenchArgs {
     /// the same threads, warm-up and runs.
     #[arg(long)]
     ort: bool,
+    /// Segmentation models: alternate the engine's and onnxruntime's timed runs this many times (`--iters` runs
+    /// each per round) and report the median of the rounds' medians, so that a machine whose speed drifts (other
+    /// work, a noisy VM) affects both alike.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
     /// The onnxruntime timing script.
     #[arg(long, default_value = "scripts/bench_ort.py")]
     ort_script: PathBuf,
@@ -167,30 +172,58 @@ fn run_seg(args: &BenchArgs) -> anyhow::Result<()> {
         engine.run(&x)?;
     }
     engine.profile();
-    let mut times = Vec::with_capacity(args.iters);
-    for _ in 0..args.iters {
-        let t0 = std::time::Instant::now();
-        engine.run(&x)?;
-        times.push(t0.elapsed().as_secs_f64() * 1e3);
+    let rounds = args.rounds.max(1);
+    let onnx = if args.ort {
+        Some(ort_model(args, &model, h, w)?)
+    } else {
+        None
+    };
+    let mut all = Vec::with_capacity(args.iters * rounds);
+    let mut eng_medians = Vec::new();
+    let mut ort_runs: Vec<serde_json::Value> = Vec::new();
+    for _ in 0..rounds {
+        let mut times = Vec::with_capacity(args.iters);
+        for _ in 0..args.iters {
+            let t0 = std::time::Instant::now();
+            engine.run(&x)?;
+            times.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+        eng_medians.push(stats(times.clone()).0);
+        all.extend(times);
+        if let Some((path, _)) = &onnx {
+            ort_runs.push(run_ort_script(args, path)?);
+        }
     }
-    let (median, p90, mean) = stats(times);
+    let (_, p90, mean) = stats(all);
+    let median = stats(eng_medians.clone()).0;
     let peak = nasvit_infer::peak_rss_kib();
     let ops: Vec<(&str, f64)> = engine
         .profile()
         .into_iter()
-        .map(|(op, ms, _)| (op, ms / args.iters as f64))
+        .map(|(op, ms, _)| (op, ms / (args.iters * rounds) as f64))
         .collect();
-    let ort = if args.ort {
-        Some(time_ort(args, &model, h, w)?)
-    } else {
-        None
-    };
+    if let Some((path, true)) = &onnx {
+        let _ = std::fs::remove_file(path);
+        if let Some(d) = path.parent() {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+    let ort = (!ort_runs.is_empty()).then(|| {
+        let f = |k: &str| -> Vec<f64> { ort_runs.iter().filter_map(|o| o[k].as_f64()).collect() };
+        let medians = f("median_ms");
+        serde_json::json!({
+            "median_ms": stats(medians.clone()).0,
+            "p90_ms": stats(f("p90_ms")).0,
+            "peak_rss_kib": ort_runs.iter().filter_map(|o| o["peak_rss_kib"].as_u64()).max(),
+            "round_medians_ms": medians,
+        })
+    });
     let mib = |k: Option<u64>| k.map_or("unknown".to_string(), |k| format!("{:.1} MiB", k as f64 / 1024.0));
     if args.json {
         let mut j = serde_json::json!({
             "task": "seg", "head": model.head.name(), "size": [h, w], "threads": engine.threads(),
-            "iters": args.iters, "median_ms": median, "p90_ms": p90, "mean_ms": mean, "peak_rss_kib": peak,
-            "mmacs": mmacs,
+            "iters": args.iters, "rounds": rounds, "median_ms": median, "p90_ms": p90, "mean_ms": mean,
+            "peak_rss_kib": peak, "mmacs": mmacs, "round_medians_ms": eng_medians,
         });
         if let Some(o) = &ort {
             j["ort"] = o.clone();
@@ -207,7 +240,7 @@ fn run_seg(args: &BenchArgs) -> anyhow::Result<()> {
         println!("{j}");
     } else {
         println!(
-            "{} head, {h}x{w}, batch 1, {} threads, {} runs; {:.1} GMACs (nasvit flops --task seg)",
+            "{} head, {h}x{w}, batch 1, {} threads, {} runs x {rounds} rounds; {:.1} GMACs (nasvit flops --task seg)",
             model.head.name(),
             engine.threads(),
             args.iters,
@@ -237,28 +270,26 @@ fn run_seg(args: &BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `scripts/bench_ort.py --json` on the folder's model.onnx (or the model written to ONNX for `h x w`).
-fn time_ort(
-    args: &BenchArgs,
-    model: &nasvit_infer::SegExport,
-    h: usize,
-    w: usize,
-) -> anyhow::Result<serde_json::Value> {
+/// The ONNX file onnxruntime times: the folder's model.onnx when it was exported for `h x w`, else the folder's
+/// model written for that size into a temporary folder (the flag: remove it afterwards).
+fn ort_model(args: &BenchArgs, model: &nasvit_infer::SegExport, h: usize, w: usize) -> anyhow::Result<(PathBuf, bool)> {
     let own = args.model.join("model.onnx");
-    let tmp;
-    let onnx = if model.onnx_size == Some([h, w]) && own.is_file() {
-        own
-    } else {
-        tmp = std::env::temp_dir().join(format!("nasvit-bench-{}", std::process::id()));
-        std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        let p = tmp.join(format!("model_{h}x{w}.onnx"));
-        nasvit_infer::onnx::save_seg_onnx(model, h, w, &p)?;
-        eprintln!(
-            "model.onnx is not for {h}x{w}: timing onnxruntime on {} (the same model, written for that size)",
-            p.display()
-        );
-        p
-    };
+    if model.onnx_size == Some([h, w]) && own.is_file() {
+        return Ok((own, false));
+    }
+    let tmp = std::env::temp_dir().join(format!("nasvit-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let p = tmp.join(format!("model_{h}x{w}.onnx"));
+    nasvit_infer::onnx::save_seg_onnx(model, h, w, &p)?;
+    eprintln!(
+        "model.onnx is not for {h}x{w}: timing onnxruntime on {} (the same model, written for that size)",
+        p.display()
+    );
+    Ok((p, true))
+}
+
+/// `scripts/bench_ort.py --json` on `onnx`, with the bench's threads, warm-up and runs.
+fn run_ort_script(args: &BenchArgs, onnx: &std::path::Path) -> anyhow::Result<serde_json::Value> {
     let threads = if args.threads == 0 {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     } else {
@@ -266,19 +297,13 @@ fn time_ort(
     };
     let out = std::process::Command::new("python3")
         .arg(&args.ort_script)
-        .arg(&onnx)
+        .arg(onnx)
         .args(["--threads", &threads.to_string()])
         .args(["--warmup", &args.warmup.to_string()])
         .args(["--iters", &args.iters.to_string()])
         .arg("--json")
         .output()
         .with_context(|| format!("running python3 {}", args.ort_script.display()))?;
-    if onnx.parent() != Some(args.model.as_path()) {
-        let _ = std::fs::remove_file(&onnx);
-        if let Some(d) = onnx.parent() {
-            let _ = std::fs::remove_dir(d);
-        }
-    }
     anyhow::ensure!(
         out.status.success(),
         "{} failed (is onnxruntime installed? `pip install onnxruntime numpy`): {}",
