@@ -7,7 +7,8 @@
 //!
 //! Each image (`height x width`, multiples of 32, default 128 x 128):
 //! - background: a random crop (25-100 % of the largest crop of the output's aspect) of one background photo,
-//!   resized to the output size (triangle filter), mirrored half the time;
+//!   resized to the output size (triangle filter), mirrored half the time, its levels times `background_gain`
+//!   (default 1);
 //! - 2-5 Fashion-MNIST items (`items`), each scaled 0.8x-3x of its 28 px (`scale`; bilinear), at a random position
 //!   inside the image, later items over earlier ones; each gets a random tint, shaded by the item's own intensity
 //!   (`tint * (0.35 + 0.65 v / 255)`) so its texture stays visible (`look: colour`), or keeps its own grey level
@@ -123,6 +124,8 @@ pub struct SynthConfig {
     pub scale: [f32; 2],
     /// How an item is drawn.
     pub look: Look,
+    /// Background brightness factor (1 = the photo as is; < 1 darkens it towards Fashion-MNIST's black).
+    pub background_gain: f32,
 }
 
 /// How an item's pixels are drawn over the background.
@@ -159,6 +162,7 @@ impl Default for SynthConfig {
             items: [2, 5],
             scale: [0.8, 3.0],
             look: Look::Colour,
+            background_gain: 1.0,
         }
     }
 }
@@ -183,6 +187,12 @@ impl SynthConfig {
         if !(slo > 0.0 && slo <= shi && shi <= 64.0) {
             return Err(SegError::Input(format!(
                 "item scale {slo}-{shi}: need 0 < min <= max <= 64"
+            )));
+        }
+        if !(0.0..=1.0).contains(&self.background_gain) {
+            return Err(SegError::Input(format!(
+                "background gain {}: must be in 0..=1",
+                self.background_gain
             )));
         }
         if self.train > MAX_ITEMS || self.val > MAX_ITEMS {
@@ -438,6 +448,11 @@ impl Generator {
         let mut out = imageops::resize(&crop, w, h, FilterType::Triangle);
         if rng.random_bool(0.5) {
             imageops::flip_horizontal_in_place(&mut out);
+        }
+        if self.config.background_gain != 1.0 {
+            for v in out.iter_mut() {
+                *v = (f32::from(*v) * self.config.background_gain).round().clamp(0.0, 255.0) as u8;
+            }
         }
         out
     }

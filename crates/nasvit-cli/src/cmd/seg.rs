@@ -96,6 +96,10 @@ pub struct MakeArgs {
     /// as in Fashion-MNIST).
     #[arg(long, default_value = "colour")]
     look: synth::Look,
+    /// Background brightness factor in 0..1 (1 = the photos as they are; lower darkens them towards
+    /// Fashion-MNIST's black backgrounds).
+    #[arg(long, default_value_t = 1.0)]
+    background_gain: f32,
     /// Folder of Fashion-MNIST's IDX files (Debian package dataset-fashion-mnist).
     #[arg(long, default_value = synth::FASHION_DIR)]
     fashion: PathBuf,
@@ -317,6 +321,7 @@ fn make(args: MakeArgs) -> anyhow::Result<()> {
         items: items.map(|v| v as u32),
         scale: range("scale", &args.scale)?,
         look: args.look,
+        background_gain: args.background_gain,
     };
     config.validate()?;
     let generator = Generator::new(config)?;
