@@ -173,6 +173,16 @@ enum Block {
     Tf(Box<TfLayer>),
 }
 
+/// From this many tokens per attention window on, attention runs fused per block of query rows (`TfLayer::attend`).
+const FUSED_ATTENTION_TOKENS: usize = 512;
+/// Query rows per block of the fused attention.
+const FUSED_ROWS: usize = 32;
+
+thread_local! {
+    /// The fused attention's probabilities of one row block and the kernel's scratch, per pool thread.
+    static ATTN_SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
 /// Where a transformer layer's relative position bias comes from.
 enum RpbSource {
     /// `[h, T, T]` for the arch's own grid (T = tokens per window), when it is not a function of the offset.
@@ -883,8 +893,6 @@ impl TfLayer {
         let (h, c) = (self.heads, self.c);
         let dv = V_EXPAND * HEAD_DIM;
         let dv_all = V_EXPAND * c;
-        // Probabilities `[query, head, key]`.
-        let mut a = ar.take(h * tn * tn);
         let th = kernels::TalkingHeads {
             heads: h,
             head_dim: HEAD_DIM,
@@ -894,6 +902,37 @@ impl TfLayer {
             ww: &self.proj_w.w,
             bw: self.proj_w.b.as_deref().unwrap_or(&[]),
         };
+        if tn >= FUSED_ATTENTION_TOKENS {
+            // Long sequences (segmentation maps): per block of query rows, the probabilities and at once A V, so
+            // that the `[rows, h, T]` block stays in cache instead of `[T, h, T]` going through memory twice.
+            pr.time("tf.attn", || {
+                let mut ktb = ar.take(c * tn);
+                nhwc::transpose_block(qk, tn, 2 * c, c, c, &mut ktb);
+                let kt = &ktb[..];
+                par.chunks_mut(&mut o[..tn * dv_all], FUSED_ROWS * dv_all, &|b, orows| {
+                    let (q0, m) = (b * FUSED_ROWS, orows.len() / dv_all);
+                    ATTN_SCRATCH.with(|cell| {
+                        let mut guard = cell.borrow_mut();
+                        let (a, scratch) = &mut *guard;
+                        a.resize(m * h * tn, 0.0);
+                        kernels::attention_probs_rows(&th, (qk, 2 * c, 1), kt, tn, (q0, m), a, scratch);
+                        for j in 0..h {
+                            let aj = Mat {
+                                data: &a[j * tn..],
+                                rs: h * tn,
+                                cs: 1,
+                            };
+                            let vj = Mat::rows(&v[j * dv..], dv_all);
+                            kernels::matmul(m, dv, tn, aj, vj, &mut orows[j * dv..], dv_all, false);
+                        }
+                    })
+                });
+                ar.put(ktb);
+            });
+            return;
+        }
+        // Probabilities `[query, head, key]`.
+        let mut a = ar.take(h * tn * tn);
         pr.time("tf.attn.probs", || {
             // The scores read K as `[C, T]` rows; Q is read in place, token-major.
             let mut kt = ar.take(c * tn);

@@ -1212,6 +1212,37 @@ pub fn attention_probs(th: &TalkingHeads, q: (&[f32], usize, usize), k: &[f32], 
     });
 }
 
+/// [`attention_probs`] for the query rows `q0 .. q0 + nq` only, on the calling thread: `out[qi, head, key]` for
+/// `qi < nq`. For attention over many tokens, where the engine runs `A V` right after each block of rows while its
+/// probabilities are in cache instead of streaming all of them through memory. `scratch` is reused between calls.
+pub fn attention_probs_rows(
+    th: &TalkingHeads,
+    q: (&[f32], usize, usize),
+    k: &[f32],
+    tn: usize,
+    (q0, nq): (usize, usize),
+    out: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
+    let h = th.heads;
+    let last_q = (tn.max(1) - 1) * q.1 + (h * th.head_dim).max(1) * q.2 - q.2;
+    assert!((tn == 0 || h == 0 || q.0.len() > last_q) && k.len() >= h * th.head_dim * tn);
+    match th.rpb {
+        Rpb::Dense(d) => assert!(d.len() >= h * tn * tn),
+        Rpb::Table { rev, h: gh, w: gw } => {
+            assert!(gh * gw == tn && gh >= 1 && gw >= 1 && rev.len() >= h * (2 * gh - 1) * (2 * gw - 1))
+        }
+    }
+    assert!(th.wl.len() >= h * h && th.ww.len() >= h * h);
+    assert!(th.bl.len() >= h && th.bw.len() >= h && q0 + nq <= tn && out.len() >= nq * h * tn);
+    if nq == 0 || h == 0 {
+        return;
+    }
+    for (i, o) in out[..nq * h * tn].chunks_mut(QB * h * tn).enumerate() {
+        attention_block(th, q, k, tn, q0 + i * QB, o, scratch)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1526,6 +1557,31 @@ mod tests {
                 w: gw,
             });
             assert_eq!(got, want, "g {g} grid {gh}x{gw}");
+            // row blocks of any size (the fused attention's), one thread: the same rows
+            let th = TalkingHeads {
+                heads: h,
+                head_dim: hd,
+                rpb: Rpb::Table {
+                    rev: &rev,
+                    h: gh,
+                    w: gw,
+                },
+                wl: &wl,
+                bl: &bl,
+                ww: &ww,
+                bw: &bw,
+            };
+            let mut scratch = Vec::new();
+            for rows in [1, 3, 5, tn] {
+                let mut q0 = 0;
+                while q0 < tn {
+                    let nq = rows.min(tn - q0);
+                    let mut out = vec![f32::NAN; nq * h * tn];
+                    attention_probs_rows(&th, (&q, 1, tn), &k, tn, (q0, nq), &mut out, &mut scratch);
+                    assert_eq!(out[..], want[q0 * h * tn..(q0 + nq) * h * tn], "rows {rows} from {q0}");
+                    q0 += nq;
+                }
+            }
         }
     }
 

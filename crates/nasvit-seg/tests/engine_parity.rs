@@ -4,7 +4,8 @@
 //! the 1e-4 init, a visible relative position bias), so that every part of the network moves the logits.
 //!
 //! The non-square size, 96 x 320, gives the stride-16 stage a 6 x 20 token grid: wider than the bias table's
-//! reach (18), so the clipping of relative positions is exercised. The onnxruntime part runs
+//! reach (18), so the clipping of relative positions is exercised; 256 x 512 (SegFormer only) gives it 512 tokens,
+//! where the engine's attention runs fused per block of query rows. The onnxruntime part runs
 //! `python3 scripts/onnx_check.py`; without onnxruntime it is skipped with a message, unless
 //! `NASVIT_REQUIRE_ORT=1`, which makes it fail instead.
 
@@ -168,7 +169,7 @@ fn run_ort(dir: &Path, model: &Path, x: &Tensor) -> Tensor {
     read_f32(&out)
 }
 
-fn check_head(head: HeadKind, name: &str, seed: u64) {
+fn check_head(head: HeadKind, name: &str, seed: u64, sizes: &[(usize, usize)]) {
     let dir = scratch(name);
     let file = random_seg_file(head, seed, &dir);
     let export = SegExport::from_seg_model_file(&file, &MEAN, &STD).unwrap();
@@ -178,7 +179,7 @@ fn check_head(head: HeadKind, name: &str, seed: u64) {
     let export = SegExport::load(&folder).unwrap();
     let engine = SegEngine::new(&export, EngineOptions::with_threads(2)).unwrap();
     let ort = ort_available();
-    for (h, w) in [(64, 64), (96, 320)] {
+    for &(h, w) in sizes {
         let x = input(h, w, seed + h as u64 + w as u64);
         let want = burn_logits(&file, &x);
         assert_eq!(want.shape, vec![1, 7, h, w]);
@@ -212,12 +213,18 @@ fn check_head(head: HeadKind, name: &str, seed: u64) {
 
 #[test]
 fn segformer_head_matches_burn_and_onnxruntime() {
-    check_head(HeadKind::Segformer { embed: 64 }, "segformer", 11);
+    // 256 x 512: 512 tokens at stride 16, where the engine's attention runs fused per block of query rows
+    check_head(
+        HeadKind::Segformer { embed: 64 },
+        "segformer",
+        11,
+        &[(64, 64), (96, 320), (256, 512)],
+    );
 }
 
 #[test]
 fn lraspp_head_matches_burn_and_onnxruntime() {
-    check_head(HeadKind::Lraspp { inter: 32 }, "lraspp", 12);
+    check_head(HeadKind::Lraspp { inter: 32 }, "lraspp", 12, &[(64, 64), (96, 320)]);
 }
 
 #[test]
