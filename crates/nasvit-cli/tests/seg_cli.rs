@@ -94,6 +94,26 @@ fn score_two_folders_against_a_hand_computed_answer() {
     assert_eq!((img.width(), img.height()), (4 * 32 + 5, 4 * 32 + 5));
 }
 
+/// Raw ADE20K-style ground truth (0 = "other", classes from 1): with --reduce-zero-label, gt [0, 1, 2, 255]
+/// becomes [255, 0, 1, 255]; pred [1, 0, 1, 1] then scores (0,0) and (1,1) on the two counted pixels:
+/// both classes IoU 1, mIoU 100. Without the flag, gt id 2 is outside --num-classes 2 and refused.
+#[test]
+fn score_reduces_zero_labels_on_request() {
+    let dir = TempDir::new();
+    let (gt, pred) = (dir.path().join("gt"), dir.path().join("pred"));
+    labels(&gt, "a.png", &[0, 1, 2, 255]);
+    labels(&pred, "a.png", &[1, 0, 1, 1]);
+    let args = ["seg", "score", "--pred", s(&pred), "--gt", s(&gt), "--num-classes", "2"];
+    let out = nasvit(&[&args[..], &["--reduce-zero-label"]].concat());
+    let stdout = ok(&out);
+    assert!(
+        stdout.contains("mIoU 100.00  mAcc 100.00  aAcc 100.00  (1 images)"),
+        "{stdout}"
+    );
+    let out = nasvit(&args);
+    assert!(!out.status.success());
+}
+
 #[test]
 fn score_names_missing_predictions_and_bad_ids() {
     let dir = TempDir::new();

@@ -39,6 +39,17 @@ pub enum Layout {
     Voc,
 }
 
+/// mmsegmentation's `reduce_zero_label` (ADE20K's raw annotations): 0 ("other") -> 255, then v -> v - 1, with
+/// 255 staying 255.
+pub fn reduce_zero_label(labels: &mut [u8]) {
+    labels.iter_mut().for_each(|v| {
+        *v = match *v {
+            0 | IGNORE => IGNORE,
+            x => x - 1,
+        }
+    })
+}
+
 /// How the stored ids of one label file become class ids.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum LabelRule {
@@ -51,13 +62,7 @@ impl LabelRule {
     fn apply(self, labels: &mut [u8]) {
         match self {
             LabelRule::AsStored => {}
-            // mmseg: 0 -> 255, then v - 1, with 255 staying 255.
-            LabelRule::ReduceZero => labels.iter_mut().for_each(|v| {
-                *v = match *v {
-                    0 | IGNORE => IGNORE,
-                    x => x - 1,
-                }
-            }),
+            LabelRule::ReduceZero => reduce_zero_label(labels),
             LabelRule::CityscapesLabelIds => labels.iter_mut().for_each(|v| {
                 *v = CITYSCAPES_ID_TO_TRAIN_ID
                     .get(usize::from(*v))

@@ -358,8 +358,7 @@ pub fn run(opts: &SegRunOptions) -> Result<SegRunSummary, SegError> {
                     dir.display()
                 )));
             }
-            nasvit_train::fsio::write_atomic(&dir.join("config.yaml"), cfg.to_yaml().as_bytes())
-                .map_err(|e| SegError::Usage(e.to_string()))?;
+            // config.yaml is written once the data and the model are known to fit it (below)
             (cfg, dir, None, lock)
         }
     };
@@ -395,7 +394,12 @@ pub fn run(opts: &SegRunOptions) -> Result<SegRunSummary, SegError> {
                 st.wall_s,
             )
         }
-        None => (build_model(&cfg, classes, &device)?, adamw(&cfg), adamw(&cfg), 0, 0.0),
+        None => {
+            let model = build_model(&cfg, classes, &device)?;
+            nasvit_train::fsio::write_atomic(&run_dir.join("config.yaml"), cfg.to_yaml().as_bytes())
+                .map_err(|e| SegError::Usage(e.to_string()))?;
+            (model, adamw(&cfg), adamw(&cfg), 0, 0.0)
+        }
     };
     if model.config().num_classes != classes {
         return Err(SegError::Usage(format!(

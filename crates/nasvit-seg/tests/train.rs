@@ -141,6 +141,8 @@ fn bad_configs_are_refused_before_a_run_folder_is_written() {
     std::fs::write(&cfg, text).unwrap();
     let err = run(&opts(Path::new(&cfg), &dir.join("crop"))).expect_err("crop");
     assert!(err.to_string().contains("multiples of 16"), "{err}");
+    // the refused run leaves no config.yaml behind, so the same --out takes a corrected config
+    assert!(!dir.join("crop").join("config.yaml").exists());
     let text = std::fs::read_to_string(&cfg)
         .unwrap()
         .replace("batch_size: 3", "batch_size: 0");

@@ -55,6 +55,10 @@ pub struct ScoreArgs {
     /// Number of classes (ids 0..N; at most 255).
     #[arg(long)]
     num_classes: usize,
+    /// Reduce the ground truth as mmsegmentation's reduce_zero_label (ADE20K's raw annotations): 0 -> 255
+    /// (ignored), v -> v - 1. Predictions are taken as they are.
+    #[arg(long)]
+    reduce_zero_label: bool,
     /// Write the scores as JSON: {"miou", "aacc", "macc", "per_class": [{"class", "iou", "acc"}], "images"}.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -226,7 +230,10 @@ fn score(args: ScoreArgs) -> anyhow::Result<()> {
     let progress = bar(gt.len() as u64, "images");
     for (stem, gt_path) in &gt {
         let pred_path = &pred[stem];
-        let g = read_label_png(gt_path)?;
+        let mut g = read_label_png(gt_path)?;
+        if args.reduce_zero_label {
+            nasvit_seg::data::reduce_zero_label(&mut g.labels);
+        }
         let p = read_label_png(pred_path)?;
         if (g.width, g.height) != (p.width, p.height) {
             bail!(
