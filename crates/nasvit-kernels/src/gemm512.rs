@@ -102,6 +102,59 @@ unsafe fn exp_neg_v(x: __m512) -> __m512 {
 ///
 /// # Safety
 /// The CPU must have AVX-512F.
+/// Four rows x 32 columns of the attention's small products (`small_mm`'s block in `lib.rs`):
+/// `dst[(i0 + r) ds + c + l] = init(r, l) + sum_j w[(i0 + r) wrs + j wcs] src[j ss + c + l]`, `r < 4`, `l < 32`,
+/// eight accumulators in registers. `init` is `Some((rows, rs))` (start at `rows[(i0 + r) rs + c + l]`) or, with
+/// `None`, `scalars[i0 + r]`.
+///
+/// # Safety
+/// The CPU has AVX-512F, and every index above is in bounds of its slice for `r < 4`, `j < k`, `l < 32` (the
+/// caller asserts it).
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn small_mm_4x32(
+    i0: usize,
+    k: usize,
+    c: usize,
+    (w, wrs, wcs): (&[f32], usize, usize),
+    (src, ss): (&[f32], usize),
+    scalars: &[f32],
+    rows: Option<(&[f32], usize)>,
+    dst: &mut [f32],
+    ds: usize,
+) {
+    let mut acc = [[_mm512_setzero_ps(); 2]; 4];
+    for (r, a) in acc.iter_mut().enumerate() {
+        match rows {
+            Some((rows, rs)) => {
+                let p = rows.as_ptr().add((i0 + r) * rs + c);
+                a[0] = _mm512_loadu_ps(p);
+                a[1] = _mm512_loadu_ps(p.add(16));
+            }
+            None => {
+                let v = _mm512_set1_ps(*scalars.get_unchecked(i0 + r));
+                a[0] = v;
+                a[1] = v;
+            }
+        }
+    }
+    let (wp, sp) = (w.as_ptr(), src.as_ptr());
+    for j in 0..k {
+        let v0 = _mm512_loadu_ps(sp.add(j * ss + c));
+        let v1 = _mm512_loadu_ps(sp.add(j * ss + c + 16));
+        for (r, a) in acc.iter_mut().enumerate() {
+            let wv = _mm512_set1_ps(*wp.add((i0 + r) * wrs + j * wcs));
+            a[0] = _mm512_fmadd_ps(wv, v0, a[0]);
+            a[1] = _mm512_fmadd_ps(wv, v1, a[1]);
+        }
+    }
+    let dp = dst.as_mut_ptr();
+    for (r, a) in acc.iter().enumerate() {
+        _mm512_storeu_ps(dp.add((i0 + r) * ds + c), a[0]);
+        _mm512_storeu_ps(dp.add((i0 + r) * ds + c + 16), a[1]);
+    }
+}
+
 #[target_feature(enable = "avx512f")]
 pub unsafe fn softmax_row(row: &mut [f32]) {
     let (p, n) = (row.as_mut_ptr(), row.len());

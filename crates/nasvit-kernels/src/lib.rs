@@ -1093,6 +1093,44 @@ fn small_mm(
 ) {
     let (dst, ds) = dst;
     let mut c = 0;
+    #[cfg(target_arch = "x86_64")]
+    if fma && m >= 4 && len >= 32 && k > 0 && avx512() {
+        // Blocks of 4 rows x 32 columns with eight accumulators (the generic blocks below hold four, and leave
+        // the FMA units waiting on their latency); the other rows and columns go the generic way.
+        let (w_, wrs, wcs) = w;
+        let (src_, ss) = src;
+        let m4 = m / 4 * 4;
+        let c32 = len / 32 * 32;
+        // One check for every access of the blocks: the last row, column and tap of each slice.
+        assert!((m4 - 1) * wrs + (k - 1) * wcs < w_.len() && (k - 1) * ss + c32 <= src_.len());
+        assert!((m4 - 1) * ds + c32 <= dst.len());
+        let (scalars, rows): (&[f32], Option<(&[f32], usize)>) = match init {
+            Init::Scalars(sc) => {
+                assert!(sc.len() >= m4);
+                (sc, None)
+            }
+            Init::Rows(r, rs) => {
+                assert!((m4 - 1) * rs + c32 <= r.len());
+                (&[], Some((r, rs)))
+            }
+        };
+        while c < c32 {
+            for i0 in (0..m4).step_by(4) {
+                // SAFETY: the CPU has AVX-512F (avx512), and the asserts above bound every index the block
+                // reads or writes (rows < m4, columns < c32, taps < k).
+                unsafe { gemm512::small_mm_4x32(i0, k, c, (w_, wrs, wcs), (src_, ss), scalars, rows, dst, ds) };
+            }
+            c += 32;
+        }
+        if m4 < m {
+            // the last rows over the columns done above
+            let mut cc = 0;
+            while cc < c32 {
+                small_mm_rows_from(m4, m, k, cc, w, src, init, dst, ds, fma);
+                cc += 16;
+            }
+        }
+    }
     while c + 16 <= len {
         small_mm_cols::<16>(m, k, c, w, src, init, dst, ds, fma);
         c += 16;
@@ -1104,6 +1142,28 @@ fn small_mm(
     while c < len {
         small_mm_cols::<1>(m, k, c, w, src, init, dst, ds, fma);
         c += 1;
+    }
+}
+
+/// Rows `i0 .. m` (fewer than 4) of 16 columns at `c`: the rows the AVX-512 blocks leave.
+#[inline(always)]
+fn small_mm_rows_from(
+    i0: usize,
+    m: usize,
+    k: usize,
+    c: usize,
+    w: (&[f32], usize, usize),
+    src: (&[f32], usize),
+    init: Init,
+    dst: &mut [f32],
+    ds: usize,
+    fma: bool,
+) {
+    match m - i0 {
+        3 => small_mm_block::<16, 3>(i0, k, c, w, src, init, dst, ds, fma),
+        2 => small_mm_block::<16, 2>(i0, k, c, w, src, init, dst, ds, fma),
+        1 => small_mm_block::<16, 1>(i0, k, c, w, src, init, dst, ds, fma),
+        _ => {}
     }
 }
 
@@ -1416,7 +1476,7 @@ mod tests {
 
     #[test]
     fn attention_probs_match_naive() {
-        for (h, side) in [(3, 7), (5, 4), (2, 14)] {
+        for (h, side) in [(3, 7), (5, 4), (2, 14), (8, 9)] {
             let (hd, tn) = (8, side * side);
             let (q, k) = (values(h * hd * tn, 4), values(h * hd * tn, 5));
             let m = 2 * side - 1;
