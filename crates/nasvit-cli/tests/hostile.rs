@@ -1,5 +1,6 @@
 //! Hostile inputs (issue 18): every reader of a file a user hands to nasvit — arch JSON/YAML, space YAML, training
-//! config, checkpoint, model folder, IDX, image folder, images — gives `Ok` or a typed error on random bytes,
+//! config, checkpoint, model folder, IDX, image folder, images, and segmentation's label PNGs, configs, VOC
+//! folders and model files — gives `Ok` or a typed error on random bytes,
 //! truncations, mutated headers and extreme numbers, never a panic, under a memory ceiling this test binary sets
 //! for itself (an allocation past it aborts the binary, failing the suite). Then the commands of the reported
 //! cases, under `ulimit -v`.
@@ -165,6 +166,58 @@ proptest! {
     }
 }
 
+const SEG_CONFIG: &str = "data: /x/d\nbackbone:\n  from: scratch\n  space: tiny\n  arch: min\nhead:\n  kind: segformer\n  embed: 16\n\
+                          crop: [32, 32]\nbatch_size: 4\nmax_steps: 10\nlr: 0.001\nhead_lr_mult: 10.0\nwarmup_steps: 2\n\
+                          scale: [0.5, 2.0]\n";
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn segmentation_label_pngs(bytes in mutations(label_png(false)), palette in mutations(label_png(true))) {
+        ceiling();
+        let dir = scratch("label");
+        for (k, b) in [bytes, palette].into_iter().enumerate() {
+            let path = dir.join(format!("{k}.png"));
+            std::fs::write(&path, b).expect("write");
+            if let Ok(map) = nasvit_seg::label::read_label_png(&path) {
+                prop_assert_eq!(map.labels.len(), map.width as usize * map.height as usize);
+            }
+        }
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn segmentation_configs(text in extreme_numbers(SEG_CONFIG), bytes in mutations(SEG_CONFIG.as_bytes().to_vec())) {
+        ceiling();
+        for t in [text, String::from_utf8_lossy(&bytes).into_owned()] {
+            if let Ok(c) = nasvit_seg::train::SegTrainConfig::from_yaml(&t) {
+                // what a run allocates per step is bounded by the check
+                prop_assert!(c.batch_size as u64 * c.crop[0] as u64 * c.crop[1] as u64 <= 1 << 28);
+            }
+        }
+    }
+
+    #[test]
+    fn segmentation_sets(label in mutations(label_png(true)), list in mutations(b"a\n".to_vec())) {
+        ceiling();
+        // a VOC folder: one photo, its label (mutated) and the split list (mutated)
+        let dir = scratch("voc");
+        for d in ["JPEGImages", "SegmentationClassPNG", "ImageSets/Segmentation"] {
+            std::fs::create_dir_all(dir.join(d)).expect("dir");
+        }
+        std::fs::write(dir.join("JPEGImages/a.png"), png_file()).expect("write");
+        std::fs::write(dir.join("SegmentationClassPNG/a.png"), label).expect("write");
+        std::fs::write(dir.join("ImageSets/Segmentation/train.txt"), list).expect("write");
+        if let Ok(set) = nasvit_seg::SegDataset::open(&dir, Some("train")) {
+            for i in 0..set.len() {
+                let _ = set.get(i);
+            }
+        }
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
+
 proptest! {
     // a checkpoint load builds a supernet: fewer cases
     #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
@@ -176,6 +229,16 @@ proptest! {
         let path = dir.join("x.safetensors");
         std::fs::write(&path, bytes).expect("write");
         let _ = load_checkpoint(&path, &Device::flex());
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn segmentation_models(bytes in mutations(seg_model_file())) {
+        ceiling();
+        let dir = scratch("segmodel");
+        let path = dir.join("model.safetensors");
+        std::fs::write(&path, bytes).expect("write");
+        let _ = nasvit_model::seg::SegModel::load(&path, &Device::flex());
         std::fs::remove_dir_all(&dir).ok();
     }
 
@@ -211,6 +274,38 @@ fn png_file() -> Vec<u8> {
         .write_to(&mut out, image::ImageFormat::Png)
         .expect("png");
     out.into_inner()
+}
+
+/// A 12 x 9 label PNG of ids 0..4 and 255: grey, or palette-indexed with VOC's colours.
+fn label_png(palette: bool) -> Vec<u8> {
+    let labels: Vec<u8> = (0..108)
+        .map(|i| if i % 17 == 0 { 255 } else { (i % 5) as u8 })
+        .collect();
+    let voc = nasvit_seg::Palette::voc();
+    nasvit_seg::label::encode_label_png(&labels, 12, 9, palette.then_some(&voc)).expect("png")
+}
+
+/// A saved segmentation model: tiny min subnet + SegFormer head (E = 8), 3 classes.
+fn seg_model_file() -> Vec<u8> {
+    static BYTES: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    BYTES
+        .get_or_init(|| {
+            let dir = scratch("segmodel-src");
+            let space = SearchSpace::builtin("tiny").expect("tiny");
+            let config = nasvit_model::seg::SegConfig {
+                arch: space.min_arch(),
+                space,
+                head: nasvit_model::seg::HeadKind::Segformer { embed: 8 },
+                num_classes: 3,
+            };
+            let m = nasvit_model::seg::SegModel::from_scratch(config, &Device::flex(), 1).expect("model");
+            let path = dir.join("m.safetensors");
+            m.save(&path, &Default::default()).expect("save");
+            let b = std::fs::read(&path).expect("read");
+            std::fs::remove_dir_all(&dir).ok();
+            b
+        })
+        .clone()
 }
 
 fn checkpoint_file() -> Vec<u8> {

@@ -131,6 +131,14 @@ impl SegTrainConfig {
         if self.crop.iter().any(|&c| c == 0 || c > 8192) {
             return bad(format!("crop {:?}: sides in 1..8192", self.crop));
         }
+        // the input batch alone is 3 floats a pixel: past 2^28 pixels (3 GiB) it is refused before anything is built
+        let pixels = self.batch_size as u64 * self.crop[0] as u64 * self.crop[1] as u64;
+        if pixels > 1 << 28 {
+            return bad(format!(
+                "batch_size {} x crop {:?} = {pixels} pixels a step: at most 2^28",
+                self.batch_size, self.crop
+            ));
+        }
         if !(self.scale[0] > 0.0 && self.scale[0] <= self.scale[1] && self.scale[1] <= 8.0) {
             return bad(format!("scale {:?}: 0 < min <= max <= 8", self.scale));
         }
