@@ -28,7 +28,7 @@ use serde_json::json;
 
 use crate::data::SegDataset;
 use crate::error::SegError;
-use crate::eval::{MEAN, STD};
+use crate::eval::{evaluate, InferMode, SegRunner, MEAN, STD};
 use nasvit_train::state::{CHECKPOINTS, LAST};
 
 /// Where the backbone comes from.
@@ -74,7 +74,9 @@ pub struct SegTrainConfig {
     pub checkpoint_every: u64,
     pub keep_checkpoints: usize,
     pub log_every: u64,
-    /// Validation images scored at the end (0: all).
+    /// Validation images (the first N of `val_split`) scored after every checkpoint and at the end, in the
+    /// engine on the checkpoint's file (metrics.jsonl `kind: eval`); 0 evaluates nothing (`nasvit seg eval` on
+    /// the run does it afterwards).
     pub eval_images: usize,
 }
 
@@ -337,6 +339,37 @@ fn adamw(cfg: &SegTrainConfig) -> ModuleOptimizer {
     AdamWConfig::new().with_weight_decay(cfg.weight_decay as f32).init()
 }
 
+/// Scores the first `limit` validation images with the checkpoint's model file in the engine (whole-image
+/// inference, one confusion matrix): the metrics line `kind: eval`. The training state is not touched, so a run
+/// evaluated along the way equals one that is not.
+fn eval_checkpoint(
+    ckpt: &Path,
+    (val, split): (&SegDataset, &str),
+    limit: usize,
+    step: u64,
+    quiet: bool,
+) -> Result<serde_json::Value, SegError> {
+    let t = Instant::now();
+    let (runner, _) = SegRunner::load(&ckpt.join(MODEL_FILE), true, 0, &Device::flex())?;
+    let matrix = evaluate(&runner, val, InferMode::Whole, Some(limit), &mut |_| {})?;
+    let scores = matrix
+        .scores(val.names())
+        .map_err(|e| SegError::Usage(format!("evaluation at step {step}: {e}")))?;
+    if !quiet {
+        eprintln!(
+            "step {step}: val mIoU {:.2} %, aAcc {:.2} % ({} images, {:.1} s)",
+            scores.miou * 100.0,
+            scores.aacc * 100.0,
+            scores.images,
+            t.elapsed().as_secs_f64()
+        );
+    }
+    Ok(json!({
+        "kind": "eval", "step": step, "split": split, "images": scores.images,
+        "miou": scores.miou, "aacc": scores.aacc, "macc": scores.macc, "eval_s": t.elapsed().as_secs_f64(),
+    }))
+}
+
 /// Runs (or resumes) a segmentation training run.
 pub fn run(opts: &SegRunOptions) -> Result<SegRunSummary, SegError> {
     let started = Instant::now();
@@ -377,6 +410,23 @@ pub fn run(opts: &SegRunOptions) -> Result<SegRunSummary, SegError> {
         return Err(SegError::Usage(format!("{}: no training images", cfg.data.display())));
     }
     let classes = train.num_classes();
+    let val = if cfg.eval_images > 0 {
+        let val = SegDataset::open(&cfg.data, Some(&cfg.val_split))?;
+        if val.is_empty() || val.num_classes() != classes {
+            return Err(SegError::Usage(format!(
+                "{} split {}: {} images of {} classes for evaluation during training (eval_images {}), \
+                 the training split has {classes} classes",
+                cfg.data.display(),
+                cfg.val_split,
+                val.len(),
+                val.num_classes(),
+                cfg.eval_images
+            )));
+        }
+        Some(val)
+    } else {
+        None
+    };
     let device = Device::flex().autodiff();
 
     // --- model and optimisers (fresh or from the last checkpoint, parameter ids included)
@@ -537,13 +587,23 @@ pub fn run(opts: &SegRunOptions) -> Result<SegRunSummary, SegError> {
             window_images = 0;
         }
         if step % cfg.checkpoint_every.max(1) == 0 && step != stop {
-            last_ckpt = Some(save(
+            let ckpt = save(
                 &model,
                 &opt_back,
                 &opt_head,
                 step,
                 wall0 + started.elapsed().as_secs_f64(),
-            )?);
+            )?;
+            if let Some(val) = &val {
+                write(eval_checkpoint(
+                    &ckpt,
+                    (val, &cfg.val_split),
+                    cfg.eval_images,
+                    step,
+                    opts.quiet,
+                )?)?;
+            }
+            last_ckpt = Some(ckpt);
         }
     }
     if let Some(pb) = &bar {
@@ -551,7 +611,17 @@ pub fn run(opts: &SegRunOptions) -> Result<SegRunSummary, SegError> {
     }
     let wall = wall0 + started.elapsed().as_secs_f64();
     let checkpoint = if step > start || resume_from.is_none() {
-        save(&model, &opt_back, &opt_head, step, wall)?
+        let ckpt = save(&model, &opt_back, &opt_head, step, wall)?;
+        if let Some(val) = &val {
+            write(eval_checkpoint(
+                &ckpt,
+                (val, &cfg.val_split),
+                cfg.eval_images,
+                step,
+                opts.quiet,
+            )?)?;
+        }
+        ckpt
     } else {
         last_ckpt.unwrap_or_else(|| run_dir.join(LAST))
     };

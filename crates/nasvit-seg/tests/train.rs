@@ -1,5 +1,6 @@
 //! `nasvit seg train` end to end on a tiny VOC-layout set: the loss falls on a set it can fit, a run stopped and
-//! resumed equals the run done at once (weights after AdamW, BN statistics), and bad configs are refused before a
+//! resumed equals the run done at once (weights after AdamW, BN statistics; evaluation along the way changes
+//! nothing), the evaluations in metrics.jsonl are the burn model's scores, and bad configs are refused before a
 //! run folder is written.
 
 use std::collections::HashMap;
@@ -9,8 +10,10 @@ use burn::tensor::Device;
 use image::{Rgb, RgbImage};
 use nasvit_model::named_tensors;
 use nasvit_model::seg::SegModel;
+use nasvit_seg::eval::{evaluate, InferMode, SegRunner};
 use nasvit_seg::label::{write_label_png, write_rgb_png};
 use nasvit_seg::train::{run, SegRunOptions};
+use nasvit_seg::SegDataset;
 
 /// Six 32 x 32 images, 3 classes: a bright square (class 1) or a dark one (class 2) on a mid-grey background.
 fn dataset(root: &Path) {
@@ -89,10 +92,20 @@ fn losses(run_dir: &Path) -> Vec<f64> {
 fn a_resumed_run_equals_the_run_done_at_once() {
     let dir = scratch("resume");
     dataset(&dir.join("data"));
+    // run one also evaluates after each checkpoint: evaluation must not touch the training state
+    let with_eval = dir.join("eval.yaml");
+    std::fs::write(
+        &with_eval,
+        std::fs::read_to_string(config(&dir, &dir.join("data"), 6, "jitter: 0.1\neval_images: 1\n"))
+            .unwrap()
+            .replace("checkpoint_every: 100", "checkpoint_every: 2"),
+    )
+    .unwrap();
     let cfg = config(&dir, &dir.join("data"), 6, "jitter: 0.1\n");
     let one = dir.join("one");
-    let s = run(&opts(&cfg, &one)).expect("6 steps");
+    let s = run(&opts(&with_eval, &one)).expect("6 steps");
     assert_eq!(s.step, 6);
+    assert_eq!(eval_steps(&one), vec![2, 4, 6]);
     let two = dir.join("two");
     run(&SegRunOptions {
         stop_after: Some(3),
@@ -117,16 +130,62 @@ fn a_resumed_run_equals_the_run_done_at_once() {
     assert_eq!(losses(&one), losses(&two));
 }
 
+fn evals(run_dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["kind"] == "eval")
+        .collect()
+}
+
+fn eval_steps(run_dir: &Path) -> Vec<u64> {
+    evals(run_dir).iter().map(|v| v["step"].as_u64().unwrap()).collect()
+}
+
 #[test]
 fn the_loss_falls_on_a_set_the_model_can_fit() {
     let dir = scratch("fit");
     dataset(&dir.join("data"));
-    let cfg = config(&dir, &dir.join("data"), 40, "flip: false\njitter: 0.0\n");
-    run(&opts(&cfg, &dir.join("run"))).expect("train");
-    let l = losses(&dir.join("run"));
+    let cfg = config(
+        &dir,
+        &dir.join("data"),
+        40,
+        "flip: false\njitter: 0.0\neval_images: 2\n",
+    );
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("checkpoint_every: 100", "checkpoint_every: 20");
+    std::fs::write(&cfg, text).unwrap();
+    let run_dir = dir.join("run");
+    run(&opts(&cfg, &run_dir)).expect("train");
+    let l = losses(&run_dir);
     let first: f64 = l[..5].iter().sum::<f64>() / 5.0;
     let last: f64 = l[l.len() - 5..].iter().sum::<f64>() / 5.0;
     assert!(last < 0.5 * first, "loss {first:.3} -> {last:.3}");
+    // the last evaluation is the final model's score on the two validation images, as the burn model gives it
+    let e = evals(&run_dir);
+    assert_eq!(eval_steps(&run_dir), vec![20, 40]);
+    let last = e.last().unwrap();
+    assert_eq!(
+        (last["images"].as_u64(), last["split"].as_str()),
+        (Some(2), Some("val"))
+    );
+    let val = SegDataset::open(&dir.join("data"), Some("val")).unwrap();
+    let (burn, _) = SegRunner::load(&run_dir.join("last/model.safetensors"), false, 1, &Device::flex()).unwrap();
+    let oracle = evaluate(&burn, &val, InferMode::Whole, None, &mut |_| {})
+        .unwrap()
+        .scores(val.names())
+        .unwrap();
+    for key in ["miou", "aacc", "macc"] {
+        let want = match key {
+            "miou" => oracle.miou,
+            "aacc" => oracle.aacc,
+            _ => oracle.macc,
+        };
+        let got = last[key].as_f64().unwrap();
+        assert!((got - want).abs() < 1e-9, "{key}: {got} vs burn {want}");
+    }
 }
 
 #[test]
