@@ -529,6 +529,11 @@ pub fn run(opts: &SegRunOptions) -> Result<SegRunSummary, SegError> {
         pb.set_position(start);
         pb
     });
+    let eval_at = |ckpt: &Path, step: u64| {
+        val.as_ref()
+            .map(|v| eval_checkpoint(ckpt, (v, &cfg.val_split), cfg.eval_images, step, opts.quiet))
+            .transpose()
+    };
     let [ch, cw] = cfg.crop;
     let mut step = start;
     let mut window = Instant::now();
@@ -594,14 +599,8 @@ pub fn run(opts: &SegRunOptions) -> Result<SegRunSummary, SegError> {
                 step,
                 wall0 + started.elapsed().as_secs_f64(),
             )?;
-            if let Some(val) = &val {
-                write(eval_checkpoint(
-                    &ckpt,
-                    (val, &cfg.val_split),
-                    cfg.eval_images,
-                    step,
-                    opts.quiet,
-                )?)?;
+            if let Some(e) = eval_at(&ckpt, step)? {
+                write(e)?;
             }
             last_ckpt = Some(ckpt);
         }
@@ -612,14 +611,8 @@ pub fn run(opts: &SegRunOptions) -> Result<SegRunSummary, SegError> {
     let wall = wall0 + started.elapsed().as_secs_f64();
     let checkpoint = if step > start || resume_from.is_none() {
         let ckpt = save(&model, &opt_back, &opt_head, step, wall)?;
-        if let Some(val) = &val {
-            write(eval_checkpoint(
-                &ckpt,
-                (val, &cfg.val_split),
-                cfg.eval_images,
-                step,
-                opts.quiet,
-            )?)?;
+        if let Some(e) = eval_at(&ckpt, step)? {
+            write(e)?;
         }
         ckpt
     } else {
