@@ -44,27 +44,15 @@ pub const SEG_METADATA_KEY: &str = "nasvit.seg";
 pub const MAX_SEG_CLASSES: usize = 65_536;
 pub const MAX_HEAD_WIDTH: usize = 4096;
 
-/// The head of a segmentation model, as nasvit-model's `HeadKind` writes it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
-pub enum SegHeadKind {
-    Segformer { embed: usize },
-    Lraspp { inter: usize },
-}
+/// The head of a segmentation model: nasvit-space's (the cost model's), with the serde form nasvit-model's
+/// `HeadKind` writes (`{"kind": "segformer", "embed": 256}`).
+pub use nasvit_space::SegHeadKind;
 
-impl SegHeadKind {
-    pub fn name(&self) -> &'static str {
-        match self {
-            SegHeadKind::Segformer { .. } => "segformer",
-            SegHeadKind::Lraspp { .. } => "lraspp",
-        }
-    }
-
-    fn width(&self) -> usize {
-        match *self {
-            SegHeadKind::Segformer { embed } => embed,
-            SegHeadKind::Lraspp { inter } => inter,
-        }
+/// The head's width: SegFormer's `E` or LR-ASPP's `I`.
+fn head_width(head: &SegHeadKind) -> usize {
+    match *head {
+        SegHeadKind::Segformer { embed } => embed,
+        SegHeadKind::Lraspp { inter } => inter,
     }
 }
 
@@ -217,10 +205,10 @@ fn parse_seg_config(path: &Path, text: &str) -> Result<(SearchSpace, Arch, SegHe
         .and_then(|k| usize::try_from(k).ok())
         .filter(|&k| (1..=MAX_SEG_CLASSES).contains(&k))
         .ok_or_else(|| meta_err(path, format!("num_classes must be 1..{MAX_SEG_CLASSES}")))?;
-    if !(1..=MAX_HEAD_WIDTH).contains(&head.width()) {
+    if !(1..=MAX_HEAD_WIDTH).contains(&head_width(&head)) {
         return Err(meta_err(
             path,
-            format!("head width {} outside 1..{MAX_HEAD_WIDTH}", head.width()),
+            format!("head width {} outside 1..{MAX_HEAD_WIDTH}", head_width(&head)),
         ));
     }
     if pyramid_levels(&space).len() != 4 {
@@ -377,7 +365,7 @@ impl SegExport {
         let model = SegExport {
             space: space.clone(),
             arch: arch.clone(),
-            head: head.clone(),
+            head: *head,
             num_classes,
             mean: mean.to_vec(),
             std: std.to_vec(),
@@ -409,7 +397,7 @@ impl SegExport {
             format: SEG_FORMAT.into(),
             space: self.space.to_json(),
             arch: self.arch.clone(),
-            head: self.head.clone(),
+            head: self.head,
             num_classes: self.num_classes,
             rpb_grid: self.space.max_grid(),
             mean: self.mean.clone(),
@@ -581,7 +569,7 @@ impl SegEngine {
         Ok(SegEngine {
             space: model.space.clone(),
             arch: model.arch.clone(),
-            head_kind: model.head.clone(),
+            head_kind: model.head,
             num_classes: model.num_classes,
             mean: model.mean.clone(),
             std: model.std.clone(),
