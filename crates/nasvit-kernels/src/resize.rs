@@ -97,20 +97,9 @@ pub fn bilinear_add_nhwc(
     let tx = bilinear_taps(iw, ow);
     let rows_per = oh.div_ceil(par.threads.max(1) * 4).max(1);
     par.chunks_mut(&mut out[..oh * ow * c], rows_per * ow * c, &|t, chunk| {
-        let mut row = vec![0.0f32; iw * c];
+        let mut row = Vec::with_capacity(iw * c);
         for (r, orow) in chunk.chunks_exact_mut(ow * c).enumerate() {
-            let (y0, y1, ly) = ty[t * rows_per + r];
-            let (a, b) = (&x[y0 * iw * c..(y0 + 1) * iw * c], &x[y1 * iw * c..(y1 + 1) * iw * c]);
-            for ((d, &va), &vb) in row.iter_mut().zip(a).zip(b) {
-                *d = va + ly * (vb - va);
-            }
-            for (ox, o) in orow.chunks_exact_mut(c).enumerate() {
-                let (x0, x1, lx) = tx[ox];
-                let (p, q) = (&row[x0 * c..(x0 + 1) * c], &row[x1 * c..(x1 + 1) * c]);
-                for ((d, &vp), &vq) in o.iter_mut().zip(p).zip(q) {
-                    *d += vp + lx * (vq - vp);
-                }
-            }
+            bilinear_row_add(x, c, iw, ty[t * rows_per + r], &tx, &mut row, orow);
         }
     });
 }
