@@ -28,6 +28,7 @@
 //! | `mbconv.rs`, `transformer.rs`, `net.rs` | the blocks and the whole subnet, forward and backward |
 //! | `loss.rs` | label-smoothed / soft-target cross entropy, adaptive alpha-divergence, with gradients |
 //! | `step.rs` | [`CpuTrainer`]: the step, AdamW, EMA |
+//! | `seg.rs` | [`CpuSegTrainer`]: a subnet's pyramid + the SegFormer head, per-pixel cross entropy, AdamW |
 //! | `eval.rs` | [`CpuNet`]: BN re-calibration and inference-mode logits of a subnet |
 
 mod comm;
@@ -37,11 +38,13 @@ mod loss;
 mod mbconv;
 mod net;
 mod params;
+mod seg;
 mod step;
 mod transformer;
 
 pub use eval::CpuNet;
 pub use params::{NetIdx, Store};
+pub use seg::{CpuSegTrainer, SegProbe};
 pub use step::{AdamW, CpuTarget, CpuTrainer, Probe, SandwichGradients};
 
 use nasvit_space::SearchSpace;

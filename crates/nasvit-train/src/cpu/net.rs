@@ -107,12 +107,30 @@ enum Saved {
     Tf(TfSaved),
 }
 
-/// What the backward needs of one forward.
-pub struct Tape {
+/// What the backward of the stem and of the blocks run needs.
+pub struct TrunkTape {
     stem_cols: Buf,
     stem_s: Buf,
     stem_bn: BnSaved,
     blocks: Vec<Saved>,
+}
+
+impl TrunkTape {
+    pub fn release(self, ctx: &Ctx) {
+        for saved in self.blocks {
+            match saved {
+                Saved::Mb(sv) => sv.release(ctx),
+                Saved::Tf(sv) => transformer::release(ctx, sv),
+            }
+        }
+        ctx.put(self.stem_cols);
+        ctx.put(self.stem_s);
+    }
+}
+
+/// What the backward needs of one forward.
+pub struct Tape {
+    trunk: TrunkTape,
     head_x: Buf,
     head_e: Buf,
     head_bn: BnSaved,
@@ -124,37 +142,25 @@ pub struct Tape {
 impl Tape {
     /// Gives every buffer back to the arena (a forward without backward: evaluation, re-calibration).
     pub fn release(self, ctx: &Ctx) {
-        for saved in self.blocks {
-            match saved {
-                Saved::Mb(sv) => sv.release(ctx),
-                Saved::Tf(sv) => transformer::release(ctx, sv),
-            }
-        }
-        for buf in [
-            self.stem_cols,
-            self.stem_s,
-            self.head_x,
-            self.head_e,
-            self.pooled,
-            self.f,
-            self.af,
-        ] {
+        self.trunk.release(ctx);
+        for buf in [self.head_x, self.head_e, self.pooled, self.f, self.af] {
             ctx.put(buf);
         }
     }
 }
 
-/// Forward of `b` images `x: [b, r, r, cin]` (already at the arch's resolution) of a batch of `bt` over all
-/// workers: the logits `[b, classes]` and the tape. With `taps`, copies of the stem's and every stage's output
-/// (`[b, H, W, C]`) are pushed there.
-pub fn forward(
+/// Stem and blocks `..=last` (indices into `plan.steps`) of `b` images `x: [b, r, r, cin]` (already at the arch's
+/// resolution) of a batch of `bt` over all workers: the last block's output `[b, H, W, C]` and the tape. With
+/// `taps`, copies of the stem's and every stage's output up to `last` are pushed there.
+pub fn trunk_forward(
     ctx: &mut Ctx,
     plan: &Plan,
     x: &[f32],
     b: usize,
     bt: usize,
+    last: usize,
     mut taps: Option<&mut Vec<Vec<f32>>>,
-) -> (Vec<f32>, Tape) {
+) -> (Buf, TrunkTape) {
     let sh = &plan.shape;
     let idx = ctx.w.idx;
     // stem
@@ -186,7 +192,7 @@ pub fn forward(
     }
     // stages
     let mut blocks = Vec::with_capacity(plan.steps.len());
-    for (n, step) in plan.steps.iter().enumerate() {
+    for (n, step) in plan.steps.iter().enumerate().take(last + 1) {
         match *step {
             Step::Mb(i, ref ms) => {
                 let BlockIdx::Mb(ix) = &idx.blocks[i] else {
@@ -211,6 +217,91 @@ pub fn forward(
             }
         }
     }
+    (
+        a,
+        TrunkTape {
+            stem_cols: cols,
+            stem_s: s,
+            stem_bn,
+            blocks,
+        },
+    )
+}
+
+/// Backward of [`trunk_forward`] from `da`, the gradient of the last block's output: adds every weight gradient
+/// of the stem and the blocks. `inject[k] = (n, g)` adds `g` to the gradient of block `n`'s output before that
+/// block's backward (the pyramid levels a segmentation head reads; `n` below the last block).
+pub fn trunk_backward(ctx: &mut Ctx, plan: &Plan, tape: TrunkTape, mut da: Buf, b: usize, inject: Vec<(usize, Buf)>) {
+    let sh = &plan.shape;
+    let idx = ctx.w.idx;
+    let mut inject = inject;
+    for (n, (step, saved)) in plan.steps.iter().zip(tape.blocks).enumerate().rev() {
+        if let Some(k) = inject.iter().position(|(at, _)| *at == n) {
+            let (_, g) = inject.swap_remove(k);
+            for (d, v) in da.iter_mut().zip(g.iter()) {
+                *d += v;
+            }
+            ctx.put(g);
+        }
+        da = match (*step, saved) {
+            (Step::Mb(i, ref ms), Saved::Mb(sv)) => {
+                let BlockIdx::Mb(ix) = &idx.blocks[i] else {
+                    unreachable!("plan and index agree on block kinds")
+                };
+                mbconv::backward(ctx, ix, ms, b, sv, da, true).expect("dx was asked for")
+            }
+            (Step::Tf(i, ref ts), Saved::Tf(sv)) => {
+                let BlockIdx::Tf(ix) = &idx.blocks[i] else {
+                    unreachable!("plan and index agree on block kinds")
+                };
+                transformer::backward(ctx, ix, ts, b, sv, da)
+            }
+            _ => unreachable!("the tape follows the plan"),
+        };
+    }
+    debug_assert!(inject.is_empty(), "every injected gradient meets its block");
+    // stem (no input gradient)
+    let width = tape.stem_cols.len() / (da.len() / sh.stem_out).max(1);
+    let rows = da.len() / sh.stem_out;
+    bn_backward(
+        ctx,
+        idx.stem.bn,
+        &tape.stem_s,
+        sh.stem_out,
+        true,
+        &tape.stem_bn,
+        &mut da,
+    );
+    lin_backward(
+        ctx,
+        idx.stem.w,
+        None,
+        &tape.stem_cols,
+        &da,
+        rows,
+        width,
+        sh.stem_out,
+        false,
+    );
+    for buf in [da, tape.stem_cols, tape.stem_s] {
+        ctx.put(buf);
+    }
+}
+
+/// Forward of `b` images `x: [b, r, r, cin]` (already at the arch's resolution) of a batch of `bt` over all
+/// workers: the logits `[b, classes]` and the tape. With `taps`, copies of the stem's and every stage's output
+/// (`[b, H, W, C]`) are pushed there.
+pub fn forward(
+    ctx: &mut Ctx,
+    plan: &Plan,
+    x: &[f32],
+    b: usize,
+    bt: usize,
+    taps: Option<&mut Vec<Vec<f32>>>,
+) -> (Vec<f32>, Tape) {
+    let sh = &plan.shape;
+    let idx = ctx.w.idx;
+    let (a, trunk) = trunk_forward(ctx, plan, x, b, bt, plan.steps.len() - 1, taps);
     // head
     let hw = sh.head_hw * sh.head_hw;
     let rows = b * hw;
@@ -236,10 +327,7 @@ pub fn forward(
     (
         out,
         Tape {
-            stem_cols: cols,
-            stem_s: s,
-            stem_bn,
-            blocks,
+            trunk,
             head_x: a,
             head_e: e,
             head_bn,
@@ -283,7 +371,7 @@ pub fn backward(ctx: &mut Ctx, plan: &Plan, tape: Tape, dlogits: &[f32], b: usiz
     }
     ctx.put(dpooled);
     bn_backward(ctx, idx.head_expand.bn, &tape.head_e, ce, true, &tape.head_bn, &mut de);
-    let mut da = lin_backward(
+    let da = lin_backward(
         ctx,
         idx.head_expand.w,
         None,
@@ -296,57 +384,8 @@ pub fn backward(ctx: &mut Ctx, plan: &Plan, tape: Tape, dlogits: &[f32], b: usiz
     )
     .expect("dx was asked for");
     ctx.put(de);
-    // stages, last to first
-    for (step, saved) in plan.steps.iter().zip(tape.blocks).rev() {
-        da = match (*step, saved) {
-            (Step::Mb(i, ref ms), Saved::Mb(sv)) => {
-                let BlockIdx::Mb(ix) = &idx.blocks[i] else {
-                    unreachable!("plan and index agree on block kinds")
-                };
-                mbconv::backward(ctx, ix, ms, b, sv, da, true).expect("dx was asked for")
-            }
-            (Step::Tf(i, ref ts), Saved::Tf(sv)) => {
-                let BlockIdx::Tf(ix) = &idx.blocks[i] else {
-                    unreachable!("plan and index agree on block kinds")
-                };
-                transformer::backward(ctx, ix, ts, b, sv, da)
-            }
-            _ => unreachable!("the tape follows the plan"),
-        };
-    }
-    // stem (no input gradient)
-    let width = tape.stem_cols.len() / (da.len() / sh.stem_out).max(1);
-    let rows = da.len() / sh.stem_out;
-    bn_backward(
-        ctx,
-        idx.stem.bn,
-        &tape.stem_s,
-        sh.stem_out,
-        true,
-        &tape.stem_bn,
-        &mut da,
-    );
-    lin_backward(
-        ctx,
-        idx.stem.w,
-        None,
-        &tape.stem_cols,
-        &da,
-        rows,
-        width,
-        sh.stem_out,
-        false,
-    );
-    for buf in [
-        da,
-        tape.stem_cols,
-        tape.stem_s,
-        tape.head_x,
-        tape.head_e,
-        tape.pooled,
-        tape.f,
-        tape.af,
-    ] {
+    trunk_backward(ctx, plan, tape.trunk, da, b, Vec::new());
+    for buf in [tape.head_x, tape.head_e, tape.pooled, tape.f, tape.af] {
         ctx.put(buf);
     }
 }

@@ -56,6 +56,30 @@ impl Store {
         )
     }
 
+    /// Appends tensor `key` (the values go to the end of `values`, the buffer of this layout).
+    pub fn push(
+        &mut self,
+        key: &str,
+        shape: Vec<usize>,
+        data: &[f32],
+        values: &mut Vec<f32>,
+    ) -> Result<usize, ModelError> {
+        if self.index.contains_key(key) || data.len() != shape.iter().product::<usize>() {
+            return Err(ModelError::Tensors(format!(
+                "{key}: a duplicate, or {} values for {shape:?}",
+                data.len()
+            )));
+        }
+        let t = self.keys.len();
+        values.extend_from_slice(data);
+        self.keys.push(key.to_string());
+        self.shapes.push(shape);
+        self.offsets.push(values.len());
+        self.trainable.push(!is_running_stat(key));
+        self.index.insert(key.to_string(), t);
+        Ok(t)
+    }
+
     /// Number of tensors.
     pub fn tensors(&self) -> usize {
         self.keys.len()
@@ -186,7 +210,7 @@ pub struct NetIdx {
     pub g_max: usize,
 }
 
-fn bn(st: &Store, p: &str) -> Result<BnIdx, ModelError> {
+pub(super) fn bn(st: &Store, p: &str) -> Result<BnIdx, ModelError> {
     Ok(BnIdx {
         gamma: st.id(&format!("{p}.bn.bn.weight"))?,
         beta: st.id(&format!("{p}.bn.bn.bias"))?,
@@ -202,7 +226,7 @@ fn conv_bn(st: &Store, p: &str) -> Result<ConvBnIdx, ModelError> {
     })
 }
 
-fn lin(st: &Store, p: &str) -> Result<LinIdx, ModelError> {
+pub(super) fn lin(st: &Store, p: &str) -> Result<LinIdx, ModelError> {
     Ok(LinIdx {
         w: st.id(&format!("{p}.weight"))?,
         b: st.id(&format!("{p}.bias"))?,

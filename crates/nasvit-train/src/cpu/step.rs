@@ -85,12 +85,12 @@ pub struct AdamW {
 /// A worker's buffers, kept between steps.
 #[derive(Default)]
 pub(super) struct Worker {
-    arena: Arena,
-    g_sup: Vec<f32>,
+    pub(super) arena: Arena,
+    pub(super) g_sup: Vec<f32>,
     g_sub: Vec<f32>,
-    touched_sup: Vec<bool>,
+    pub(super) touched_sup: Vec<bool>,
     touched_sub: Vec<bool>,
-    scratch: Scratch,
+    pub(super) scratch: Scratch,
 }
 
 /// What a worker brings back from a step.
@@ -125,13 +125,13 @@ pub struct CpuTrainer {
 }
 
 /// `n` items split into `parts` contiguous ranges of near-equal size.
-fn split(n: usize, parts: usize) -> Vec<Range<usize>> {
+pub(super) fn split(n: usize, parts: usize) -> Vec<Range<usize>> {
     let parts = parts.max(1);
     (0..parts).map(|p| p * n / parts..(p + 1) * n / parts).collect()
 }
 
 /// Tensors split into `parts` contiguous groups of near-equal value counts.
-fn split_tensors(store: &Store, parts: usize) -> Vec<Range<usize>> {
+pub(super) fn split_tensors(store: &Store, parts: usize) -> Vec<Range<usize>> {
     let total = store.len();
     let mut out = Vec::new();
     let mut start = 0;
