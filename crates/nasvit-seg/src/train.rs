@@ -18,8 +18,8 @@ use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use image::{imageops, RgbImage};
-use nasvit_model::seg::{HeadKind, SegConfig, SegModel};
-use nasvit_model::{load_checkpoint, named_tensors, pyramid_multiple, Mode};
+use nasvit_model::seg::{HeadKind, SegConfig, SegModel, SEGFORMER_DROPOUT};
+use nasvit_model::{load_checkpoint, named_tensors, pyramid_multiple, Mode, Supernet, SupernetConfig};
 use nasvit_space::{Arch, SearchSpace};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -29,6 +29,7 @@ use serde_json::json;
 use crate::data::SegDataset;
 use crate::error::SegError;
 use crate::eval::{evaluate, InferMode, SegRunner, MEAN, STD};
+use nasvit_train::cpu::{AdamW, CpuSegTrainer};
 use nasvit_train::state::{CHECKPOINTS, LAST};
 
 /// Where the backbone comes from.
@@ -78,6 +79,18 @@ pub struct SegTrainConfig {
     /// engine on the checkpoint's file (metrics.jsonl `kind: eval`); 0 evaluates nothing (`nasvit seg eval` on
     /// the run does it afterwards).
     pub eval_images: usize,
+    /// Which implementation trains: `cpu` (nasvit's CPU training engine: SegFormer head, square crop at the
+    /// arch's resolution), `burn` (any head and crop), `auto` (cpu where it applies).
+    pub engine: SegEngineKind,
+}
+
+/// See [`SegTrainConfig::engine`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SegEngineKind {
+    Auto,
+    Cpu,
+    Burn,
 }
 
 impl Default for SegTrainConfig {
@@ -110,6 +123,7 @@ impl Default for SegTrainConfig {
             keep_checkpoints: 2,
             log_every: 10,
             eval_images: 0,
+            engine: SegEngineKind::Auto,
         }
     }
 }
@@ -339,6 +353,208 @@ fn adamw(cfg: &SegTrainConfig) -> ModuleOptimizer {
     AdamWConfig::new().with_weight_decay(cfg.weight_decay as f32).init()
 }
 
+/// burn's AdamW defaults (as [`adamw`]) for the cpu engine.
+fn cpu_adam(cfg: &SegTrainConfig) -> AdamW {
+    AdamW {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-5,
+        weight_decay: cfg.weight_decay as f32,
+    }
+}
+
+/// The file of a checkpoint of the cpu engine: weights, AdamW moments and step counts, flat.
+const ENGINE_STATE: &str = "engine_state.safetensors";
+
+/// The engine `engine: auto` picks, or why `engine: cpu` does not apply.
+fn engine_kind(cfg: &SegTrainConfig, model: &SegModel) -> Result<SegEngineKind, SegError> {
+    let c = model.config();
+    let r = c.arch.resolution;
+    let why = if !matches!(c.head, HeadKind::Segformer { .. }) {
+        Some("it trains the SegFormer head only".to_string())
+    } else if cfg.crop != [r, r] {
+        Some(format!(
+            "it trains at the arch's resolution, a crop of [{r}, {r}], not {:?}",
+            cfg.crop
+        ))
+    } else {
+        nasvit_train::cpu::supports(&c.space).err()
+    };
+    match (cfg.engine, why) {
+        (SegEngineKind::Burn, _) | (SegEngineKind::Auto, Some(_)) => Ok(SegEngineKind::Burn),
+        (SegEngineKind::Cpu, Some(w)) => Err(SegError::Usage(format!(
+            "engine: cpu does not apply: {w} (engine: burn or auto trains this config)"
+        ))),
+        (_, None) => Ok(SegEngineKind::Cpu),
+    }
+}
+
+/// The supernet the backbone is a subnet of: the checkpoint's, or the seeded init `SegModel::from_scratch` draws
+/// (the same weights, so that both engines start from one model).
+fn backbone_supernet(cfg: &SegTrainConfig, device: &Device) -> Result<Supernet, SegError> {
+    let model_err = |e: nasvit_model::ModelError| SegError::Usage(format!("backbone: {e}"));
+    let net = match &cfg.backbone {
+        BackboneConfig::Supernet { checkpoint, .. } => load_checkpoint(checkpoint, device).map_err(model_err)?,
+        BackboneConfig::Scratch { space, .. } => {
+            let space = SearchSpace::load(space).map_err(|e| SegError::Usage(format!("space {space}: {e}")))?;
+            SupernetConfig::new(space)
+                .with_seed(cfg.seed)
+                .try_init(device, nasvit_model::MAX_SUPERNET_FLOATS)
+                .map_err(model_err)?
+        }
+    };
+    Ok(net.valid())
+}
+
+fn save_engine_state(eng: &CpuSegTrainer, path: &Path) -> Result<(), SegError> {
+    let (values, m, v, t) = eng.state();
+    let t: Vec<f32> = t.iter().map(|&n| n as f32).collect();
+    let bytes = |x: &[f32]| -> Vec<u8> { x.iter().flat_map(|f| f.to_le_bytes()).collect() };
+    let parts = [
+        ("values", bytes(values)),
+        ("m", bytes(m)),
+        ("v", bytes(v)),
+        ("t", bytes(&t)),
+    ];
+    let mut views = Vec::new();
+    for (name, b) in &parts {
+        let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![b.len() / 4], b)
+            .map_err(|e| SegError::Usage(format!("{}: {e}", path.display())))?;
+        views.push((*name, view));
+    }
+    let data = safetensors::serialize(views, &None).map_err(|e| io_err(path, e))?;
+    std::fs::write(path, data).map_err(|e| io_err(path, e))
+}
+
+fn load_engine_state(eng: &mut CpuSegTrainer, path: &Path) -> Result<(), SegError> {
+    let bytes = std::fs::read(path).map_err(|e| {
+        io_err(
+            path,
+            format!("{e} (a checkpoint of the cpu engine has it; one of the burn engine resumes with engine: burn)"),
+        )
+    })?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| io_err(path, e))?;
+    let get = |name: &str| -> Result<Vec<f32>, SegError> {
+        let t = st.tensor(name).map_err(|e| io_err(path, format!("{name}: {e}")))?;
+        if t.dtype() != safetensors::Dtype::F32 {
+            return Err(io_err(path, format!("{name}: not f32")));
+        }
+        Ok(t.data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect())
+    };
+    let t = get("t")?
+        .into_iter()
+        .map(|x| if x.is_finite() && x >= 0.0 { x as u32 } else { 0 })
+        .collect();
+    eng.set_state(get("values")?, get("m")?, get("v")?, t)
+        .map_err(|e| io_err(path, e))
+}
+
+/// The model in training and what steps it.
+#[allow(clippy::large_enum_variant)]
+enum Trainer {
+    Burn {
+        model: SegModel,
+        opt_back: ModuleOptimizer,
+        opt_head: ModuleOptimizer,
+        back_ids: Vec<ParamId>,
+        head_ids: Vec<ParamId>,
+    },
+    Cpu {
+        eng: CpuSegTrainer,
+        /// The supernet the engine's buffers were read from (the layout to write them back into).
+        template: Supernet,
+        /// A model of the run's config (the module to load the trained tensors into).
+        skeleton: SegModel,
+    },
+}
+
+impl Trainer {
+    fn name(&self) -> &'static str {
+        match self {
+            Trainer::Burn { .. } => "burn",
+            Trainer::Cpu { .. } => "cpu",
+        }
+    }
+
+    fn config(&self) -> &SegConfig {
+        match self {
+            Trainer::Burn { model, .. } => model.config(),
+            Trainer::Cpu { skeleton, .. } => skeleton.config(),
+        }
+    }
+
+    /// The model as a `SegModel` (the engine's weights written back and the subnet extracted).
+    fn model(&self) -> Result<SegModel, SegError> {
+        match self {
+            Trainer::Burn { model, .. } => Ok(model.clone()),
+            Trainer::Cpu {
+                eng,
+                template,
+                skeleton,
+            } => {
+                let err = |e: String| SegError::Usage(format!("cpu engine: {e}"));
+                let net = eng.supernet_into(template.clone()).map_err(|e| err(e.to_string()))?;
+                let backbone = net.extract(&skeleton.config().arch).map_err(|e| err(e.to_string()))?;
+                let mut tensors: HashMap<String, TensorData> = named_tensors(&backbone)
+                    .into_iter()
+                    .map(|(k, d)| (format!("backbone.{k}"), d))
+                    .collect();
+                tensors.extend(eng.head_tensors());
+                nasvit_train::state::load_module(skeleton.clone(), &tensors, None, Path::new("cpu engine"))
+                    .map_err(|e| err(e.to_string()))
+            }
+        }
+    }
+
+    /// One step on `xs: [b, 3, h, w]`, `ys: [b, h, w]`; the loss.
+    #[allow(clippy::too_many_arguments)]
+    fn step(
+        &mut self,
+        xs: Vec<f32>,
+        ys: Vec<i64>,
+        shape: [usize; 4],
+        dropout_seed: u64,
+        lr: f64,
+        head_lr: f64,
+        device: &Device,
+    ) -> Result<f64, SegError> {
+        match self {
+            Trainer::Cpu { eng, .. } => eng
+                .step(&xs, shape, &ys, dropout_seed, lr, head_lr)
+                .map_err(|e| SegError::Usage(format!("step: {e}"))),
+            Trainer::Burn {
+                model,
+                opt_back,
+                opt_head,
+                back_ids,
+                head_ids,
+            } => {
+                let [b, c, h, w] = shape;
+                let x = Tensor::<4>::from_data(TensorData::new(xs, [b, c, h, w]), device);
+                let y = Tensor::<3, Int>::from_data(TensorData::new(ys, [b, h, w]), device);
+                let logits = model
+                    .forward_with(x, Mode::Train, dropout_seed)
+                    .map_err(|e| SegError::Usage(format!("forward: {e}")))?;
+                let loss = ce_ignore(logits, y);
+                let value = f64::from(loss.clone().into_scalar::<f32>());
+                if !value.is_finite() {
+                    return Ok(value);
+                }
+                let mut grads = loss.backward();
+                let g_back = GradientsParams::from_params(&mut grads, &*model, back_ids);
+                let g_head = GradientsParams::from_params(&mut grads, &*model, head_ids);
+                let m = std::mem::replace(model, model.clone());
+                let m = opt_back.step(lr, m, g_back);
+                *model = opt_head.step(head_lr, m, g_head);
+                Ok(value)
+            }
+        }
+    }
+}
+
 /// Scores the first `limit` validation images with the checkpoint's model file in the engine (whole-image
 /// inference, one confusion matrix): the metrics line `kind: eval`. The training state is not touched, so a run
 /// evaluated along the way equals one that is not.
@@ -430,7 +646,7 @@ pub fn run(opts: &SegRunOptions) -> Result<SegRunSummary, SegError> {
     let device = Device::flex().autodiff();
 
     // --- model and optimisers (fresh or from the last checkpoint, parameter ids included)
-    let (mut model, mut opt_back, mut opt_head, start, wall0) = match &resume_from {
+    let (model, start, wall0, state) = match &resume_from {
         Some(ckpt) => {
             let text = std::fs::read_to_string(ckpt.join(STATE_JSON)).map_err(|e| io_err(ckpt, e))?;
             let st: StateJson = serde_json::from_str(&text).map_err(|e| io_err(&ckpt.join(STATE_JSON), e))?;
@@ -439,25 +655,9 @@ pub fn run(opts: &SegRunOptions) -> Result<SegRunSummary, SegError> {
             let tensors: HashMap<_, _> = named_tensors(&model).into_iter().collect();
             let model = nasvit_train::state::load_module(model, &tensors, Some(&st.param_ids), ckpt)
                 .map_err(|e| SegError::Usage(e.to_string()))?;
-            let load = |name: &str| {
-                adamw(&cfg)
-                    .load(ckpt.join(name))
-                    .map_err(|e| SegError::Usage(format!("{}: {e:?}", ckpt.join(name).display())))
-            };
-            (
-                model,
-                load("optim_backbone.bpk")?,
-                load("optim_head.bpk")?,
-                st.step,
-                st.wall_s,
-            )
+            (model, st.step, st.wall_s, Some(st))
         }
-        None => {
-            let model = build_model(&cfg, classes, &device)?;
-            nasvit_train::fsio::write_atomic(&run_dir.join("config.yaml"), cfg.to_yaml().as_bytes())
-                .map_err(|e| SegError::Usage(e.to_string()))?;
-            (model, adamw(&cfg), adamw(&cfg), 0, 0.0)
-        }
+        None => (build_model(&cfg, classes, &device)?, 0, 0.0, None),
     };
     if model.config().num_classes != classes {
         return Err(SegError::Usage(format!(
@@ -465,8 +665,63 @@ pub fn run(opts: &SegRunOptions) -> Result<SegRunSummary, SegError> {
             model.config().num_classes
         )));
     }
-    let back_ids = param_ids_of(&model.backbone);
-    let head_ids = param_ids_of(&model.head);
+    let kind = engine_kind(&cfg, &model)?;
+    let mut trainer = match (kind, &resume_from) {
+        (SegEngineKind::Cpu, _) => {
+            let template = backbone_supernet(&cfg, &device)?;
+            let HeadKind::Segformer { embed } = model.config().head else {
+                unreachable!("engine_kind picks cpu for a SegFormer head only")
+            };
+            let head: HashMap<String, TensorData> = named_tensors(&model)
+                .into_iter()
+                .filter(|(k, _)| k.starts_with("head."))
+                .collect();
+            let mut eng = CpuSegTrainer::new(
+                &template,
+                &model.config().arch,
+                &head,
+                embed,
+                SEGFORMER_DROPOUT,
+                cpu_adam(&cfg),
+                nasvit_train::cpu::default_threads(),
+            )
+            .map_err(|e| SegError::Usage(format!("cpu engine: {e}")))?;
+            if let Some(ckpt) = &resume_from {
+                load_engine_state(&mut eng, &ckpt.join(ENGINE_STATE))?;
+            }
+            Trainer::Cpu {
+                eng,
+                template,
+                skeleton: model,
+            }
+        }
+        (_, Some(ckpt)) => {
+            let load = |name: &str| {
+                adamw(&cfg)
+                    .load(ckpt.join(name))
+                    .map_err(|e| SegError::Usage(format!("{}: {e:?}", ckpt.join(name).display())))
+            };
+            Trainer::Burn {
+                back_ids: param_ids_of(&model.backbone),
+                head_ids: param_ids_of(&model.head),
+                model,
+                opt_back: load("optim_backbone.bpk")?,
+                opt_head: load("optim_head.bpk")?,
+            }
+        }
+        (_, None) => Trainer::Burn {
+            back_ids: param_ids_of(&model.backbone),
+            head_ids: param_ids_of(&model.head),
+            model,
+            opt_back: adamw(&cfg),
+            opt_head: adamw(&cfg),
+        },
+    };
+    if state.is_none() {
+        nasvit_train::fsio::write_atomic(&run_dir.join("config.yaml"), cfg.to_yaml().as_bytes())
+            .map_err(|e| SegError::Usage(e.to_string()))?;
+    }
+    let model_cfg = trainer.config().clone();
 
     let metrics_path = run_dir.join("metrics.jsonl");
     let mut metrics = std::fs::OpenOptions::new()
@@ -480,30 +735,44 @@ pub fn run(opts: &SegRunOptions) -> Result<SegRunSummary, SegError> {
     if resume_from.is_none() {
         write(json!({
             "kind": "start", "max_steps": cfg.max_steps, "train_images": train.len(), "classes": classes,
-            "head": model.config().head.name(), "arch": model.config().arch, "space": model.config().space.name,
+            "head": model_cfg.head.name(), "arch": model_cfg.arch, "space": model_cfg.space.name,
+            "engine": trainer.name(),
         }))?;
     } else {
-        write(json!({"kind": "resume", "step": start}))?;
+        write(json!({"kind": "resume", "step": start, "engine": trainer.name()}))?;
     }
 
-    let save = |model: &SegModel,
-                ob: &ModuleOptimizer,
-                oh: &ModuleOptimizer,
-                step: u64,
-                wall: f64|
-     -> Result<PathBuf, SegError> {
+    let save = |trainer: &Trainer, step: u64, wall: f64| -> Result<PathBuf, SegError> {
         let ckpts = run_dir.join(CHECKPOINTS);
         let dir = ckpts.join(format!("step-{step:08}"));
         nasvit_train::fsio::replace_dir(&dir, |tmp: &Path| -> Result<(), SegError> {
             let mut meta = BTreeMap::new();
             meta.insert("nasvit.seg.step".to_string(), step.to_string());
+            let owned;
+            let model = match trainer {
+                Trainer::Burn {
+                    model,
+                    opt_back,
+                    opt_head,
+                    ..
+                } => {
+                    opt_back
+                        .save(tmp.join("optim_backbone.bpk"))
+                        .map_err(|e| SegError::Usage(format!("optimizer: {e:?}")))?;
+                    opt_head
+                        .save(tmp.join("optim_head.bpk"))
+                        .map_err(|e| SegError::Usage(format!("optimizer: {e:?}")))?;
+                    model
+                }
+                Trainer::Cpu { eng, .. } => {
+                    save_engine_state(eng, &tmp.join(ENGINE_STATE))?;
+                    owned = trainer.model()?;
+                    &owned
+                }
+            };
             model
                 .save(&tmp.join(MODEL_FILE), &meta)
                 .map_err(|e| SegError::Usage(e.to_string()))?;
-            ob.save(tmp.join("optim_backbone.bpk"))
-                .map_err(|e| SegError::Usage(format!("optimizer: {e:?}")))?;
-            oh.save(tmp.join("optim_head.bpk"))
-                .map_err(|e| SegError::Usage(format!("optimizer: {e:?}")))?;
             let st = StateJson {
                 step,
                 wall_s: wall,
@@ -552,26 +821,15 @@ pub fn run(opts: &SegRunOptions) -> Result<SegRunSummary, SegError> {
             ys.extend(y);
         }
         let b = idx.len();
-        let x = Tensor::<4>::from_data(TensorData::new(xs, [b, 3, ch, cw]), &device);
-        let y = Tensor::<3, Int>::from_data(TensorData::new(ys, [b, ch, cw]), &device);
         let dropout_seed = cfg.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(step);
-        let logits = model
-            .forward_with(x, Mode::Train, dropout_seed)
-            .map_err(|e| SegError::Usage(format!("forward: {e}")))?;
-        let loss = ce_ignore(logits, y);
-        let value = f64::from(loss.clone().into_scalar::<f32>());
+        let lr = cfg.lr_at(step);
+        let value = trainer.step(xs, ys, [b, 3, ch, cw], dropout_seed, lr, lr * cfg.head_lr_mult, &device)?;
         if !value.is_finite() {
             return Err(SegError::Usage(format!(
                 "step {step}: non-finite loss {value}; the last checkpoint is {}",
                 last_ckpt.as_ref().map_or("(none)".into(), |p| p.display().to_string())
             )));
         }
-        let mut grads = loss.backward();
-        let g_back = GradientsParams::from_params(&mut grads, &model, &back_ids);
-        let g_head = GradientsParams::from_params(&mut grads, &model, &head_ids);
-        let lr = cfg.lr_at(step);
-        model = opt_back.step(lr, model, g_back);
-        model = opt_head.step(lr * cfg.head_lr_mult, model, g_head);
         step += 1;
         window_images += b;
         if let Some(pb) = &bar {
@@ -592,13 +850,7 @@ pub fn run(opts: &SegRunOptions) -> Result<SegRunSummary, SegError> {
             window_images = 0;
         }
         if step % cfg.checkpoint_every.max(1) == 0 && step != stop {
-            let ckpt = save(
-                &model,
-                &opt_back,
-                &opt_head,
-                step,
-                wall0 + started.elapsed().as_secs_f64(),
-            )?;
+            let ckpt = save(&trainer, step, wall0 + started.elapsed().as_secs_f64())?;
             if let Some(e) = eval_at(&ckpt, step)? {
                 write(e)?;
             }
@@ -610,7 +862,7 @@ pub fn run(opts: &SegRunOptions) -> Result<SegRunSummary, SegError> {
     }
     let wall = wall0 + started.elapsed().as_secs_f64();
     let checkpoint = if step > start || resume_from.is_none() {
-        let ckpt = save(&model, &opt_back, &opt_head, step, wall)?;
+        let ckpt = save(&trainer, step, wall)?;
         if let Some(e) = eval_at(&ckpt, step)? {
             write(e)?;
         }

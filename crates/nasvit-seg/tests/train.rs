@@ -210,3 +210,79 @@ fn bad_configs_are_refused_before_a_run_folder_is_written() {
     assert!(err.to_string().contains("batch_size"), "{err}");
     assert!(!dir.join("batch").exists());
 }
+
+/// The config of [`config`] with the max subnet (resolution 32 = the crop), which the cpu engine trains.
+fn cpu_config(dir: &Path, data: &Path, steps: u64, engine: &str, name: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(
+        &p,
+        std::fs::read_to_string(config(dir, data, steps, &format!("jitter: 0.1\nengine: {engine}\n")))
+            .unwrap()
+            .replace("arch: min", "arch: max"),
+    )
+    .unwrap();
+    p
+}
+
+#[test]
+fn the_cpu_engine_trains_as_the_burn_model_does_and_resumes_exactly() {
+    let dir = scratch("cpu");
+    dataset(&dir.join("data"));
+    let data = dir.join("data");
+    let burn = dir.join("burn");
+    run(&opts(&cpu_config(&dir, &data, 4, "burn", "b.yaml"), &burn)).expect("burn");
+    let cpu = dir.join("cpu");
+    let cfg = cpu_config(&dir, &data, 4, "cpu", "c.yaml");
+    run(&opts(&cfg, &cpu)).expect("cpu");
+    let starts: Vec<String> = [&burn, &cpu]
+        .iter()
+        .map(|d| std::fs::read_to_string(d.join("metrics.jsonl")).unwrap())
+        .collect();
+    assert!(starts[0].contains(r#""engine":"burn""#) && starts[1].contains(r#""engine":"cpu""#));
+    // the same model, augmentation and dropout: the losses of the first steps agree to float rounding
+    let (lb, lc) = (losses(&burn), losses(&cpu));
+    assert_eq!(lb.len(), 4);
+    for (s, (a, b)) in lb.iter().zip(&lc).enumerate() {
+        assert!((a - b).abs() <= 1e-3 * a.abs(), "step {s}: burn loss {a}, cpu {b}");
+    }
+    // and the weights after 4 AdamW steps of lr <= 2e-3 (measured: 8e-5 apart at most)
+    let (wb, wc) = (weights(&burn), weights(&cpu));
+    assert_eq!(wb.len(), wc.len());
+    let mut worst = (0f32, String::new());
+    for (k, v) in &wb {
+        for (x, y) in v.iter().zip(&wc[k]) {
+            if (x - y).abs() > worst.0 {
+                worst = ((x - y).abs(), k.clone());
+            }
+        }
+    }
+    assert!(worst.0 <= 5e-4, "max difference {} in {}", worst.0, worst.1);
+
+    // resume: 2 steps, then 2 more, equals 4 at once (the engine state of the checkpoint)
+    let two = dir.join("two");
+    run(&SegRunOptions {
+        stop_after: Some(2),
+        ..opts(&cfg, &two)
+    })
+    .expect("2 steps");
+    assert!(two.join("last/engine_state.safetensors").exists());
+    run(&SegRunOptions {
+        resume: Some(two.clone()),
+        quiet: true,
+        ..SegRunOptions::default()
+    })
+    .expect("resume");
+    assert_eq!(losses(&cpu), losses(&two));
+    assert_eq!(weights(&cpu), weights(&two));
+
+    // engine: cpu where it does not apply is refused before the folder is written
+    let bad = dir.join("bad.yaml");
+    std::fs::write(
+        &bad,
+        std::fs::read_to_string(&cfg).unwrap().replace("arch: max", "arch: min"),
+    )
+    .unwrap();
+    let err = run(&opts(&bad, &dir.join("bad"))).expect_err("cpu at another resolution");
+    assert!(err.to_string().contains("engine: cpu"), "{err}");
+    assert!(!dir.join("bad").join("config.yaml").exists());
+}
