@@ -121,8 +121,11 @@ fn head_tensors(model: &SegModel) -> HashMap<String, TensorData> {
         .collect()
 }
 
+/// Values by key.
+type Named = HashMap<String, Vec<f32>>;
+
 /// burn's loss, gradients by key (backbone: supernet keys; head: `head.*`) and running statistics after the pass.
-fn burn_pass(c: &Case, dropout_seed: u64) -> (f64, HashMap<String, Vec<f32>>, HashMap<String, Vec<f32>>) {
+fn burn_pass(c: &Case, dropout_seed: u64) -> (f64, Named, Named) {
     let ad = Device::flex().autodiff();
     let mut net = c.net.valid().train().fork(&ad);
     net.set_active(&c.arch).expect("arch");
@@ -141,14 +144,14 @@ fn burn_pass(c: &Case, dropout_seed: u64) -> (f64, HashMap<String, Vec<f32>>, Ha
     let loss = ce_ignore(logits, y);
     let value = f64::from(loss.clone().into_scalar::<f32>());
     let grads = loss.backward();
-    let mut g: HashMap<String, Vec<f32>> = named_grads(&net, &grads)
+    let mut g: Named = named_grads(&net, &grads)
         .into_iter()
         .map(|(k, d)| (k, data(d)))
         .collect();
     for (k, d) in named_grads(&head, &grads) {
         g.insert(format!("head.{k}"), data(d));
     }
-    let mut stats: HashMap<String, Vec<f32>> = net.bn_stats().into_iter().map(|(k, d)| (k, data(d))).collect();
+    let mut stats: Named = net.bn_stats().into_iter().map(|(k, d)| (k, data(d))).collect();
     for (k, d) in named_tensors(&head) {
         if k.contains("running_") {
             stats.insert(format!("head.{k}"), data(d));

@@ -10,9 +10,11 @@ use nasvit_seg::train::{run, SegRunOptions};
     after_help = "The config (YAML; configs/seg/ has templates) names the data (a VOC, Cityscapes or ADE20K folder), \
     the backbone ({from: supernet, checkpoint: RUN/last/supernet.safetensors, arch: ARCH} or {from: scratch, space: \
     S, arch: ARCH}), the head ({kind: segformer, embed: E} or {kind: lraspp, inter: I}), the crop, batch, steps and \
-    the recipe (AdamW, warm-up + poly, head lr multiplier, scale 0.5-2 + crop + flip + jitter). The run folder holds \
-    config.yaml (resolved), metrics.jsonl, checkpoints/step-N/{model.safetensors, optim_*.bpk, state.json} and \
-    `last`; evaluate with `nasvit seg eval --model RUN`. A run resumes exactly."
+    the recipe (AdamW, warm-up + poly, head lr multiplier, scale 0.5-2 + crop + flip + jitter) and the engine \
+    (engine: auto = nasvit's CPU training engine for a SegFormer head with a crop of the arch's resolution, burn \
+    otherwise; cpu or burn force one; threads: RAYON_NUM_THREADS). The run folder holds config.yaml (resolved), \
+    metrics.jsonl, checkpoints/step-N/{model.safetensors, state.json, and optim_*.bpk (burn) or \
+    engine_state.safetensors (cpu)} and `last`; evaluate with `nasvit seg eval --model RUN`. A run resumes exactly."
 )]
 pub struct SegTrainArgs {
     /// Training config (YAML). Not needed with --resume.

@@ -731,7 +731,6 @@ fn seg_worker(
     let deepest = dlevels.pop().expect("four levels");
     let inject = dlevels.into_iter().zip(&lv).map(|(g, l)| (l.step, g)).collect();
     trunk_backward(&mut ctx, job.plan, trunk, deepest, b, inject);
-    drop(ctx);
     (loss, log)
 }
 
