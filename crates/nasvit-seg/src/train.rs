@@ -369,14 +369,10 @@ const ENGINE_STATE: &str = "engine_state.safetensors";
 /// The engine `engine: auto` picks, or why `engine: cpu` does not apply.
 fn engine_kind(cfg: &SegTrainConfig, model: &SegModel) -> Result<SegEngineKind, SegError> {
     let c = model.config();
-    let r = c.arch.resolution;
     let why = if !matches!(c.head, HeadKind::Segformer { .. }) {
         Some("it trains the SegFormer head only".to_string())
-    } else if cfg.crop != [r, r] {
-        Some(format!(
-            "it trains at the arch's resolution, a crop of [{r}, {r}], not {:?}",
-            cfg.crop
-        ))
+    } else if cfg.crop[0] != cfg.crop[1] {
+        Some(format!("it trains square crops, not {:?}", cfg.crop))
     } else {
         nasvit_train::cpu::supports(&c.space).err()
     };

@@ -2,7 +2,8 @@
 //! model: the supernet with the arch active (`Supernet::pyramid`, the backbone a `SegModel` extracts), the
 //! SegFormer head of `nasvit_model::seg`, bilinear upsampling of the logits and `ce_ignore`. Loss, every
 //! gradient (backbone slices and head), the set of tensors reached and the BN running statistics, with the
-//! dropout mask of the same seed, on 1 and 2 worker threads (an uneven split of 3 images).
+//! dropout mask of the same seed, on 1 and 2 worker threads (an uneven split of 3 images), at the arch's
+//! resolution and on a larger input (clipped relative positions).
 
 use std::collections::HashMap;
 
@@ -82,7 +83,7 @@ struct Case {
     shape: [usize; 4],
 }
 
-fn case(seed: u64, arch: Arch, embed: usize, classes: usize) -> Case {
+fn case(seed: u64, arch: Arch, side: usize, embed: usize, classes: usize) -> Case {
     let net = supernet(seed);
     let model = SegModel::new(
         net.extract(&arch).expect("extract"),
@@ -90,7 +91,7 @@ fn case(seed: u64, arch: Arch, embed: usize, classes: usize) -> Case {
         classes,
         seed + 7,
     );
-    let r = arch.resolution;
+    let r = side;
     let shape = [3, 3, r, r];
     let mut rng = Rng(seed + 99);
     let x: Vec<f32> = (0..shape.iter().product::<usize>()).map(|_| rng.u()).collect();
@@ -234,17 +235,21 @@ fn segmentation_gradients_match_burn_autodiff() {
     let max = space.max_arch();
     let mut min = space.min_arch();
     min.resolution = 32;
-    let c = case(1, max, 8, 5);
+    let c = case(1, max.clone(), 32, 8, 5);
     compare("max, 1 thread", &c, 8, 1);
     compare("max, 2 threads", &c, 8, 2);
-    let c = case(2, min, 6, 4);
+    let c = case(2, min, 32, 6, 4);
     compare("min at 32, 2 threads", &c, 6, 2);
+    // a 48 x 48 input: 6 x 6 token grids at stride 8, wider than the 4 x 4 bias table (clipped relative
+    // positions), the scales keyed by the arch's 32 px grid
+    let c = case(4, max, 48, 8, 5);
+    compare("max at 48, 2 threads", &c, 8, 2);
 }
 
 #[test]
 fn a_step_moves_the_loss_down_and_refuses_bad_input() {
     let space = SearchSpace::builtin("tiny").expect("tiny");
-    let mut c = case(3, space.max_arch(), 8, 5);
+    let mut c = case(3, space.max_arch(), 32, 8, 5);
     // a learnable map: each image's quadrants in their own classes
     let r = c.arch.resolution;
     for (p, l) in c.labels.iter_mut().enumerate() {
@@ -265,17 +270,19 @@ fn a_step_moves_the_loss_down_and_refuses_bad_input() {
         eng.step(&c.x, c.shape, &bad, 9, 1e-3, 1e-2).is_err(),
         "a label past the classes"
     );
-    assert!(
-        eng.step(
-            &c.x[..3 * 3 * 16 * 16],
-            [3, 3, 16, 16],
-            &c.labels[..3 * 16 * 16],
-            9,
-            1e-3,
-            1e-2
+    let sized = |h: usize, w: usize| {
+        (
+            c.x[..3 * 3 * h * w].to_vec(),
+            [3, 3, h, w],
+            c.labels[..3 * h * w].to_vec(),
         )
-        .is_err(),
-        "another resolution"
+    };
+    let (x, shape, y) = sized(16, 24);
+    assert!(eng.step(&x, shape, &y, 9, 1e-3, 1e-2).is_err(), "a non-square input");
+    let (x, shape, y) = sized(24, 24);
+    assert!(
+        eng.step(&x, shape, &y, 9, 1e-3, 1e-2).is_err(),
+        "a side that is not a multiple of 16"
     );
     assert!(
         eng.step(&c.x, [3, 3, r, r], &c.labels[1..], 9, 1e-3, 1e-2).is_err(),

@@ -96,12 +96,18 @@ fn a_resumed_run_equals_the_run_done_at_once() {
     let with_eval = dir.join("eval.yaml");
     std::fs::write(
         &with_eval,
-        std::fs::read_to_string(config(&dir, &dir.join("data"), 6, "jitter: 0.1\neval_images: 1\n"))
-            .unwrap()
-            .replace("checkpoint_every: 100", "checkpoint_every: 2"),
+        std::fs::read_to_string(config(
+            &dir,
+            &dir.join("data"),
+            6,
+            "jitter: 0.1\neval_images: 1\nengine: burn\n",
+        ))
+        .unwrap()
+        .replace("checkpoint_every: 100", "checkpoint_every: 2"),
     )
     .unwrap();
-    let cfg = config(&dir, &dir.join("data"), 6, "jitter: 0.1\n");
+    // the burn engine's optimiser records (the cpu engine's resume: the test below)
+    let cfg = config(&dir, &dir.join("data"), 6, "jitter: 0.1\nengine: burn\n");
     let one = dir.join("one");
     let s = run(&opts(&with_eval, &one)).expect("6 steps");
     assert_eq!(s.step, 6);
@@ -279,10 +285,12 @@ fn the_cpu_engine_trains_as_the_burn_model_does_and_resumes_exactly() {
     let bad = dir.join("bad.yaml");
     std::fs::write(
         &bad,
-        std::fs::read_to_string(&cfg).unwrap().replace("arch: max", "arch: min"),
+        std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace("crop: [32, 32]", "crop: [32, 48]"),
     )
     .unwrap();
-    let err = run(&opts(&bad, &dir.join("bad"))).expect_err("cpu at another resolution");
+    let err = run(&opts(&bad, &dir.join("bad"))).expect_err("cpu on a non-square crop");
     assert!(err.to_string().contains("engine: cpu"), "{err}");
     assert!(!dir.join("bad").join("config.yaml").exists());
 }

@@ -11,7 +11,7 @@ use nasvit_seg::train::{run, SegRunOptions};
     the backbone ({from: supernet, checkpoint: RUN/last/supernet.safetensors, arch: ARCH} or {from: scratch, space: \
     S, arch: ARCH}), the head ({kind: segformer, embed: E} or {kind: lraspp, inter: I}), the crop, batch, steps and \
     the recipe (AdamW, warm-up + poly, head lr multiplier, scale 0.5-2 + crop + flip + jitter) and the engine \
-    (engine: auto = nasvit's CPU training engine for a SegFormer head with a crop of the arch's resolution, burn \
+    (engine: auto = nasvit's CPU training engine for a SegFormer head with a square crop, burn \
     otherwise; cpu or burn force one; threads: RAYON_NUM_THREADS). The run folder holds config.yaml (resolved), \
     metrics.jsonl, checkpoints/step-N/{model.safetensors, state.json, and optim_*.bpk (burn) or \
     engine_state.safetensors (cpu)} and `last`; evaluate with `nasvit seg eval --model RUN`. A run resumes exactly."

@@ -16,8 +16,9 @@
 //! dropout mask is drawn as the burn head draws it (ChaCha8 from the step's seed, NCHW order), so a step of the
 //! engine and one of the burn model are the same function of their inputs.
 //!
-//! Limits (the callers fall back to burn): the SegFormer head only, and a square input at the arch's own
-//! resolution (the token grids and switchable scales of the classification path; no bias-table clipping).
+//! Inputs: square, of any side that is a multiple of the pyramid's stride (the plan of that size; the switchable
+//! scales keyed by the arch's own resolution, and wider grids clip the relative positions, as the burn model's
+//! dense path does). Limits (the callers fall back to burn): the SegFormer head only, square inputs only.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -27,13 +28,13 @@ use burn::tensor::TensorData;
 use nasvit_kernels::denormals::FlushDenormals;
 use nasvit_kernels::resize::bilinear_taps;
 use nasvit_model::{ModelError, Supernet};
-use nasvit_space::{pyramid_levels, Arch, SearchSpace, SubnetShape};
+use nasvit_space::{pyramid_levels, pyramid_multiple, Arch, SearchSpace, SubnetShape};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::comm::{Comm, Round};
 use super::ctx::{bn_backward, bn_forward, lin_backward, lin_forward, linear_bwd, linear_fwd, BnStat, Ctx, Weights};
-use super::net::{trunk_backward, trunk_forward, Plan};
+use super::net::{trunk_backward, trunk_forward, Plan, Step};
 use super::params::{bn, lin, BnIdx, LinIdx, NetIdx, Store};
 use super::step::{split, split_tensors, update_running, AdamW, Worker};
 use crate::sandwich::StepError;
@@ -65,7 +66,6 @@ pub struct CpuSegTrainer {
     store: Store,
     idx: NetIdx,
     head: HeadIdx,
-    levels: [Level; 4],
     /// Tensors `0..backbone` are the supernet's, the rest the head's.
     backbone: usize,
     embed: usize,
@@ -110,22 +110,7 @@ impl CpuSegTrainer {
         let idx = NetIdx::new(&store, &space, net.max_grid())?;
         let backbone = store.tensors();
         let plan = Plan::new(&idx, SubnetShape::new(&space, arch), arch, space.switchable_scales);
-        let sizes = space.stage_sizes(arch.resolution);
-        let lv = pyramid_levels(&space);
-        if lv.len() != 4 {
-            return Err(ModelError::Tensors(format!(
-                "a pyramid of 4 levels, the space has {}",
-                lv.len()
-            )));
-        }
-        let mut levels = [Level { step: 0, side: 0, c: 0 }; 4];
-        for (slot, &(stage, _)) in levels.iter_mut().zip(&lv) {
-            *slot = Level {
-                step: plan.stage_ends[stage],
-                side: sizes[stage + 1],
-                c: arch.width[stage + 1],
-            };
-        }
+        let levels = levels_of(&space, arch, &plan, arch.resolution)?;
         let classes = head
             .get("head.classifier.bias")
             .map(|d| d.shape().iter().product::<usize>())
@@ -173,7 +158,6 @@ impl CpuSegTrainer {
             store,
             idx,
             head: head_idx,
-            levels,
             backbone,
             embed,
             classes,
@@ -190,6 +174,36 @@ impl CpuSegTrainer {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// The blocks of the arch on a `side x side` input: the sizes of that input, the switchable scales keyed by
+    /// the token count each stage has at the arch's own resolution (the rule of the dense path of
+    /// `nasvit_model`, so the scales are those the subnet is extracted with); grids wider than the bias tables
+    /// clip the relative positions (`relative_position_index`).
+    fn plan_at(&self, side: usize) -> Plan {
+        let native = Plan::new(
+            &self.idx,
+            SubnetShape::new(&self.space, &self.arch),
+            &self.arch,
+            self.space.switchable_scales,
+        );
+        if side == self.arch.resolution {
+            return native;
+        }
+        let mut arch = self.arch.clone();
+        arch.resolution = side;
+        let mut plan = Plan::new(
+            &self.idx,
+            SubnetShape::new(&self.space, &arch),
+            &arch,
+            self.space.switchable_scales,
+        );
+        for (step, own) in plan.steps.iter_mut().zip(&native.steps) {
+            if let (Step::Tf(_, t), Step::Tf(_, n)) = (step, own) {
+                t.scale_col = n.scale_col;
+            }
+        }
+        plan
     }
 
     pub fn values(&self) -> &[f32] {
@@ -310,10 +324,10 @@ impl CpuSegTrainer {
                 expected: self.space.in_channels,
             }));
         }
-        let r = self.arch.resolution;
-        if h != r || w != r {
+        let m = pyramid_multiple(&self.space);
+        if h != w || h % m != 0 {
             return bad(format!(
-                "the engine trains segmentation at the arch's resolution ({r} x {r}), not {h} x {w}"
+                "the engine trains segmentation on square inputs whose side is a multiple of {m}, not {h} x {w}"
             ));
         }
         if let Some(l) = labels
@@ -326,13 +340,9 @@ impl CpuSegTrainer {
             ));
         }
         let valid = labels.iter().filter(|&&l| l != IGNORE).count();
-        let plan = Plan::new(
-            &self.idx,
-            SubnetShape::new(&self.space, &self.arch),
-            &self.arch,
-            self.space.switchable_scales,
-        );
-        let h0 = self.levels[0].side;
+        let plan = self.plan_at(h);
+        let levels = levels_of(&self.space, &self.arch, &plan, h).map_err(StepError::Model)?;
+        let h0 = levels[0].side;
         let mask = match dropout_seed {
             Some(seed) if self.dropout > 0.0 => dropout_mask(seed, bt * self.embed * h0 * h0, self.dropout),
             _ => Vec::new(),
@@ -351,7 +361,7 @@ impl CpuSegTrainer {
         let job = Job {
             plan: &plan,
             head: self.head,
-            levels: self.levels,
+            levels,
             embed: self.embed,
             classes: self.classes,
             images,
@@ -455,6 +465,27 @@ impl CpuSegTrainer {
             }
         });
     }
+}
+
+/// The four pyramid levels of `arch` on a `side x side` input: the block whose output each is, its side and width.
+fn levels_of(space: &SearchSpace, arch: &Arch, plan: &Plan, side: usize) -> Result<[Level; 4], ModelError> {
+    let sizes = space.stage_sizes(side);
+    let lv = pyramid_levels(space);
+    if lv.len() != 4 {
+        return Err(ModelError::Tensors(format!(
+            "a pyramid of 4 levels, the space has {}",
+            lv.len()
+        )));
+    }
+    let mut levels = [Level { step: 0, side: 0, c: 0 }; 4];
+    for (slot, &(stage, _)) in levels.iter_mut().zip(&lv) {
+        *slot = Level {
+            step: plan.stage_ends[stage],
+            side: sizes[stage + 1],
+            c: arch.width[stage + 1],
+        };
+    }
+    Ok(levels)
 }
 
 /// The burn head's inverted dropout mask: `n` values (NCHW order of `[B, E, H0, W0]`), `1 / keep` or 0.
