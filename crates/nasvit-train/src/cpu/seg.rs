@@ -22,10 +22,8 @@
 
 use std::collections::HashMap;
 use std::ops::Range;
-use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 
 use burn::tensor::TensorData;
-use nasvit_kernels::denormals::FlushDenormals;
 use nasvit_kernels::resize::bilinear_taps;
 use nasvit_model::{ModelError, Supernet};
 use nasvit_space::{pyramid_levels, pyramid_multiple, Arch, SearchSpace, SubnetShape};
@@ -36,7 +34,7 @@ use super::comm::{Comm, Round};
 use super::ctx::{bn_backward, bn_forward, lin_backward, lin_forward, linear_bwd, linear_fwd, BnStat, Ctx, Weights};
 use super::net::{trunk_backward, trunk_forward, Plan, Step};
 use super::params::{bn, lin, BnIdx, LinIdx, NetIdx, Store};
-use super::step::{split, split_tensors, update_running, AdamW, Worker};
+use super::step::{on_workers, split, split_tensors, update_running, AdamW, Worker};
 use crate::sandwich::StepError;
 
 /// The label no loss is computed for.
@@ -370,33 +368,8 @@ impl CpuSegTrainer {
             valid,
             mask: &mask,
         };
-        let job = &job;
-        let outs: Vec<(f64, Vec<BnStat>)> = std::thread::scope(|s| {
-            let handles: Vec<_> = self
-                .workers
-                .iter_mut()
-                .take(threads)
-                .enumerate()
-                .map(|(rank, wk)| {
-                    let comm = &comm;
-                    let r = rows[rank].clone();
-                    let body = move || {
-                        let _ftz = FlushDenormals::new();
-                        seg_worker(wk, rank, r, weights, comm, job, len, n_t)
-                    };
-                    s.spawn(move || match catch_unwind(AssertUnwindSafe(body)) {
-                        Ok(v) => v,
-                        Err(e) => {
-                            comm.poison();
-                            resume_unwind(e)
-                        }
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap_or_else(|e| resume_unwind(e)))
-                .collect()
+        let outs = on_workers(&mut self.workers[..threads], &comm, |rank, wk| {
+            seg_worker(wk, rank, rows[rank].clone(), weights, &comm, &job, len, n_t)
         });
         let loss = outs.iter().map(|o| o.0).sum::<f64>();
         let bn = outs.into_iter().next().map(|o| o.1).unwrap_or_default();
@@ -446,20 +419,8 @@ impl CpuSegTrainer {
                         let r = store.range(t);
                         let lr32 = if t >= backbone { head_lr } else { lr } as f32;
                         tc[i] += 1;
-                        let time = tc[i] as i32;
-                        let c1 = 1.0 - adam.beta1.powi(time);
-                        let c2 = 1.0 - adam.beta2.powi(time);
-                        let decay = lr32 * adam.weight_decay;
-                        let (f1, f2) = (1.0 - adam.beta1, 1.0 - adam.beta2);
-                        for (k, &gj) in (r.start - base..r.end - base).zip(&g[r.clone()]) {
-                            let mk = m[k] * adam.beta1 + gj * f1;
-                            let vk = v[k] * adam.beta2 + gj * gj * f2;
-                            m[k] = mk;
-                            v[k] = vk;
-                            let delta = (mk / c1) / ((vk / c2).sqrt() + adam.eps);
-                            let p = if decay == 0.0 { val[k] } else { val[k] * (1.0 - decay) };
-                            val[k] = p - delta * lr32;
-                        }
+                        let l = r.start - base..r.end - base;
+                        adam.update(tc[i], lr32, &g[r], &mut val[l.clone()], &mut m[l.clone()], &mut v[l]);
                     }
                 });
             }
@@ -514,6 +475,26 @@ struct Job<'a> {
     mask: &'a [f32],
 }
 
+/// Per output pixel of an `(ih, iw) -> (oh, ow)` bilinear resize (`align_corners = false`, PyTorch's taps): the
+/// weights of its four source pixels and their offsets in a channel-minor image of `c` channels.
+fn corners((ih, iw): (usize, usize), (oh, ow): (usize, usize), c: usize) -> Vec<([f32; 4], [usize; 4])> {
+    let (ty, tx) = (bilinear_taps(ih, oh), bilinear_taps(iw, ow));
+    let mut out = Vec::with_capacity(oh * ow);
+    for &(y0, y1, ly) in &ty {
+        for &(x0, x1, lx) in &tx {
+            let w = [(1.0 - ly) * (1.0 - lx), (1.0 - ly) * lx, ly * (1.0 - lx), ly * lx];
+            let p = [
+                (y0 * iw + x0) * c,
+                (y0 * iw + x1) * c,
+                (y1 * iw + x0) * c,
+                (y1 * iw + x1) * c,
+            ];
+            out.push((w, p));
+        }
+    }
+    out
+}
+
 /// Bilinear resize (`align_corners = false`) of one channel-minor image `src: [ih, iw, c]` into columns
 /// `off..off + c` of `dst: [oh, ow, ld]`.
 fn up_forward(
@@ -525,20 +506,10 @@ fn up_forward(
     ld: usize,
     off: usize,
 ) {
-    let (ty, tx) = (bilinear_taps(ih, oh), bilinear_taps(iw, ow));
-    for (oy, &(y0, y1, ly)) in ty.iter().enumerate() {
-        for (ox, &(x0, x1, lx)) in tx.iter().enumerate() {
-            let w = [(1.0 - ly) * (1.0 - lx), (1.0 - ly) * lx, ly * (1.0 - lx), ly * lx];
-            let p = [
-                (y0 * iw + x0) * c,
-                (y0 * iw + x1) * c,
-                (y1 * iw + x0) * c,
-                (y1 * iw + x1) * c,
-            ];
-            let d = &mut dst[(oy * ow + ox) * ld + off..][..c];
-            for (ch, o) in d.iter_mut().enumerate() {
-                *o = w[0] * src[p[0] + ch] + w[1] * src[p[1] + ch] + w[2] * src[p[2] + ch] + w[3] * src[p[3] + ch];
-            }
+    for (o, (w, p)) in corners((ih, iw), (oh, ow), c).into_iter().enumerate() {
+        let d = &mut dst[o * ld + off..][..c];
+        for (ch, o) in d.iter_mut().enumerate() {
+            *o = w[0] * src[p[0] + ch] + w[1] * src[p[1] + ch] + w[2] * src[p[2] + ch] + w[3] * src[p[3] + ch];
         }
     }
 }
@@ -554,21 +525,11 @@ fn up_backward(
     dx: &mut [f32],
     (ih, iw): (usize, usize),
 ) {
-    let (ty, tx) = (bilinear_taps(ih, oh), bilinear_taps(iw, ow));
-    for (oy, &(y0, y1, ly)) in ty.iter().enumerate() {
-        for (ox, &(x0, x1, lx)) in tx.iter().enumerate() {
-            let w = [(1.0 - ly) * (1.0 - lx), (1.0 - ly) * lx, ly * (1.0 - lx), ly * lx];
-            let p = [
-                (y0 * iw + x0) * c,
-                (y0 * iw + x1) * c,
-                (y1 * iw + x0) * c,
-                (y1 * iw + x1) * c,
-            ];
-            let g = &dy[(oy * ow + ox) * ld + off..][..c];
-            for (k, &pk) in p.iter().enumerate() {
-                for (d, &gv) in dx[pk..pk + c].iter_mut().zip(g) {
-                    *d += w[k] * gv;
-                }
+    for (o, (w, p)) in corners((ih, iw), (oh, ow), c).into_iter().enumerate() {
+        let g = &dy[o * ld + off..][..c];
+        for (k, &pk) in p.iter().enumerate() {
+            for (d, &gv) in dx[pk..pk + c].iter_mut().zip(g) {
+                *d += w[k] * gv;
             }
         }
     }

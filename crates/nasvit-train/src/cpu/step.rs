@@ -82,6 +82,31 @@ pub struct AdamW {
     pub weight_decay: f32,
 }
 
+impl AdamW {
+    /// One AdamW step of a tensor (burn's: bias-corrected moments, eps outside the sqrt, decoupled decay) at its
+    /// `time`-th update: `g` its gradient, `val`, `m`, `v` its values and moments.
+    pub(super) fn update(&self, time: u32, lr: f32, g: &[f32], val: &mut [f32], m: &mut [f32], v: &mut [f32]) {
+        let time = time as i32;
+        let c1 = 1.0 - self.beta1.powi(time);
+        let c2 = 1.0 - self.beta2.powi(time);
+        let decay_rate = lr * self.weight_decay;
+        let (f1, f2) = (1.0 - self.beta1, 1.0 - self.beta2);
+        for (k, &gj) in g.iter().enumerate() {
+            let mk = m[k] * self.beta1 + gj * f1;
+            let vk = v[k] * self.beta2 + gj * gj * f2;
+            m[k] = mk;
+            v[k] = vk;
+            let delta = (mk / c1) / ((vk / c2).sqrt() + self.eps);
+            let p = if decay_rate == 0.0 {
+                val[k]
+            } else {
+                val[k] * (1.0 - decay_rate)
+            };
+            val[k] = p - delta * lr;
+        }
+    }
+}
+
 /// A worker's buffers, kept between steps.
 #[derive(Default)]
 pub(super) struct Worker {
@@ -574,27 +599,9 @@ impl CpuTrainer {
                                     (true, false) => g.extend(g_sub[r.clone()].iter().map(|&a| a * scale)),
                                     _ => g.extend_from_slice(&g_sup[r.clone()]),
                                 }
-                                // AdamW (burn's: bias-corrected moments, eps outside the sqrt, decoupled decay)
                                 tcount[i] += 1;
-                                let time = tcount[i] as i32;
-                                let c1 = 1.0 - adam.beta1.powi(time);
-                                let c2 = 1.0 - adam.beta2.powi(time);
-                                let decay_rate = lr32 * adam.weight_decay;
-                                let (f1, f2) = (1.0 - adam.beta1, 1.0 - adam.beta2);
-                                for (j, &gj) in g.iter().enumerate() {
-                                    let k = local.start + j;
-                                    let mk = m[k] * adam.beta1 + gj * f1;
-                                    let vk = v[k] * adam.beta2 + gj * gj * f2;
-                                    m[k] = mk;
-                                    v[k] = vk;
-                                    let delta = (mk / c1) / ((vk / c2).sqrt() + adam.eps);
-                                    let p = if decay_rate == 0.0 {
-                                        val[k]
-                                    } else {
-                                        val[k] * (1.0 - decay_rate)
-                                    };
-                                    val[k] = p - delta * lr32;
-                                }
+                                let l = local.clone();
+                                adam.update(tcount[i], lr32, &g, &mut val[l.clone()], &mut m[l.clone()], &mut v[l]);
                             }
                             for k in local {
                                 ema[k] = ema[k] * ed + val[k] * ed1;
@@ -701,17 +708,41 @@ pub(super) fn run_job(
         idx: net.idx,
     };
     let plans = &plans;
-    let outs: Vec<WorkerOut> = std::thread::scope(|s| {
+    let outs = on_workers(&mut workers[..threads], &comm, |rank, wk| {
+        run_worker(
+            wk,
+            rank,
+            rows[rank].clone(),
+            weights,
+            &comm,
+            plans,
+            images,
+            shape,
+            labels,
+            job,
+            len,
+            n_t,
+        )
+    });
+    Ok((outs, threads))
+}
+
+/// Runs `f(rank, worker)` on one scoped thread per worker (denormals flushed), the results in rank order. A
+/// worker that panics poisons `comm`, so that the others leave their all-reduce, and the panic is passed on.
+pub(super) fn on_workers<T: Send>(
+    workers: &mut [Worker],
+    comm: &Comm,
+    f: impl Fn(usize, &mut Worker) -> T + Sync,
+) -> Vec<T> {
+    let f = &f;
+    std::thread::scope(|s| {
         let handles: Vec<_> = workers
             .iter_mut()
-            .take(threads)
             .enumerate()
             .map(|(rank, wk)| {
-                let comm = &comm;
-                let r = rows[rank].clone();
                 let body = move || {
                     let _ftz = FlushDenormals::new();
-                    run_worker(wk, rank, r, weights, comm, plans, images, shape, labels, job, len, n_t)
+                    f(rank, wk)
                 };
                 s.spawn(move || match catch_unwind(AssertUnwindSafe(body)) {
                     Ok(v) => v,
@@ -726,8 +757,7 @@ pub(super) fn run_job(
             .into_iter()
             .map(|h| h.join().unwrap_or_else(|e| resume_unwind(e)))
             .collect()
-    });
-    Ok((outs, threads))
+    })
 }
 
 /// One worker's share of a step: every subnet's forward, loss and backward on rows `rows` of the batch.
