@@ -79,8 +79,8 @@ pub struct SegTrainConfig {
     /// engine on the checkpoint's file (metrics.jsonl `kind: eval`); 0 evaluates nothing (`nasvit seg eval` on
     /// the run does it afterwards).
     pub eval_images: usize,
-    /// Which implementation trains: `cpu` (nasvit's CPU training engine: SegFormer head, square crop at the
-    /// arch's resolution), `burn` (any head and crop), `auto` (cpu where it applies).
+    /// Which implementation trains: `cpu` (nasvit's CPU training engine: SegFormer head, square crop), `burn`
+    /// (any head and crop), `auto` (cpu where it applies).
     pub engine: SegEngineKind,
 }
 
@@ -405,40 +405,30 @@ fn backbone_supernet(cfg: &SegTrainConfig, device: &Device) -> Result<Supernet, 
 fn save_engine_state(eng: &CpuSegTrainer, path: &Path) -> Result<(), SegError> {
     let (values, m, v, t) = eng.state();
     let t: Vec<f32> = t.iter().map(|&n| n as f32).collect();
-    let bytes = |x: &[f32]| -> Vec<u8> { x.iter().flat_map(|f| f.to_le_bytes()).collect() };
-    let parts = [
-        ("values", bytes(values)),
-        ("m", bytes(m)),
-        ("v", bytes(v)),
-        ("t", bytes(&t)),
-    ];
-    let mut views = Vec::new();
-    for (name, b) in &parts {
-        let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![b.len() / 4], b)
-            .map_err(|e| SegError::Usage(format!("{}: {e}", path.display())))?;
-        views.push((*name, view));
-    }
-    let data = safetensors::serialize(views, &None).map_err(|e| io_err(path, e))?;
-    std::fs::write(path, data).map_err(|e| io_err(path, e))
+    let flat = |x: &[f32]| nasvit_infer::Tensor::new(vec![x.len()], x.to_vec());
+    let tensors: nasvit_infer::StateDict = [
+        ("values", flat(values)),
+        ("m", flat(m)),
+        ("v", flat(v)),
+        ("t", flat(&t)),
+    ]
+    .into_iter()
+    .map(|(k, x)| (k.to_string(), x))
+    .collect();
+    nasvit_infer::save_safetensors(path, &tensors, None).map_err(|e| io_err(path, e))
 }
 
 fn load_engine_state(eng: &mut CpuSegTrainer, path: &Path) -> Result<(), SegError> {
-    let bytes = std::fs::read(path).map_err(|e| {
+    let (mut st, _) = nasvit_infer::load_safetensors(path).map_err(|e| {
         io_err(
             path,
             format!("{e} (a checkpoint of the cpu engine has it; one of the burn engine resumes with engine: burn)"),
         )
     })?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| io_err(path, e))?;
-    let get = |name: &str| -> Result<Vec<f32>, SegError> {
-        let t = st.tensor(name).map_err(|e| io_err(path, format!("{name}: {e}")))?;
-        if t.dtype() != safetensors::Dtype::F32 {
-            return Err(io_err(path, format!("{name}: not f32")));
-        }
-        Ok(t.data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect())
+    let mut get = |name: &str| -> Result<Vec<f32>, SegError> {
+        st.remove(name)
+            .map(|t| t.data)
+            .ok_or_else(|| io_err(path, format!("{name}: missing")))
     };
     let t = get("t")?
         .into_iter()
