@@ -495,18 +495,14 @@ fn corners((ih, iw): (usize, usize), (oh, ow): (usize, usize), c: usize) -> Vec<
     out
 }
 
+/// The output pixels' source weights and offsets of a resize, from [`corners`] (computed once per layer, used
+/// for every image).
+type Corners = [([f32; 4], [usize; 4])];
+
 /// Bilinear resize (`align_corners = false`) of one channel-minor image `src: [ih, iw, c]` into columns
-/// `off..off + c` of `dst: [oh, ow, ld]`.
-fn up_forward(
-    src: &[f32],
-    (ih, iw): (usize, usize),
-    c: usize,
-    dst: &mut [f32],
-    (oh, ow): (usize, usize),
-    ld: usize,
-    off: usize,
-) {
-    for (o, (w, p)) in corners((ih, iw), (oh, ow), c).into_iter().enumerate() {
+/// `off..off + c` of `dst: [oh, ow, ld]`; `taps = corners((ih, iw), (oh, ow), c)`.
+fn up_forward(src: &[f32], taps: &Corners, c: usize, dst: &mut [f32], ld: usize, off: usize) {
+    for (o, &(w, p)) in taps.iter().enumerate() {
         let d = &mut dst[o * ld + off..][..c];
         for (ch, o) in d.iter_mut().enumerate() {
             *o = w[0] * src[p[0] + ch] + w[1] * src[p[1] + ch] + w[2] * src[p[2] + ch] + w[3] * src[p[3] + ch];
@@ -515,17 +511,9 @@ fn up_forward(
 }
 
 /// The adjoint of [`up_forward`]: the gradient of columns `off..off + c` of `dy: [oh, ow, ld]` added into
-/// `dx: [ih, iw, c]`.
-fn up_backward(
-    dy: &[f32],
-    (oh, ow): (usize, usize),
-    ld: usize,
-    off: usize,
-    c: usize,
-    dx: &mut [f32],
-    (ih, iw): (usize, usize),
-) {
-    for (o, (w, p)) in corners((ih, iw), (oh, ow), c).into_iter().enumerate() {
+/// `dx: [ih, iw, c]`; `taps = corners((ih, iw), (oh, ow), c)`.
+fn up_backward(dy: &[f32], taps: &Corners, ld: usize, off: usize, c: usize, dx: &mut [f32]) {
+    for (o, &(w, p)) in taps.iter().enumerate() {
         let g = &dy[o * ld + off..][..c];
         for (k, &pk) in p.iter().enumerate() {
             for (d, &gv) in dx[pk..pk + c].iter_mut().zip(g) {
@@ -591,21 +579,23 @@ fn seg_worker(
     let p0 = h0 * h0;
     let rows0 = b * p0;
     let mut cat = ctx.take(rows0 * 4 * e);
+    let mut level_taps = Vec::with_capacity(4);
     for (l, lev) in lv.iter().enumerate() {
         let hw = lev.side * lev.side;
         let pl = linear_fwd(&mut ctx, job.head.linear_c[l], level_x[l], b * hw, lev.c, e);
+        let taps = corners((lev.side, lev.side), (h0, h0), e);
         for i in 0..b {
             up_forward(
                 &pl[i * hw * e..(i + 1) * hw * e],
-                (lev.side, lev.side),
+                &taps,
                 e,
                 &mut cat[i * p0 * 4 * e..(i + 1) * p0 * 4 * e],
-                (h0, h0),
                 4 * e,
                 l * e,
             );
         }
         ctx.put(pl);
+        level_taps.push(taps);
     }
     let f = lin_forward(&mut ctx, job.head.fuse, None, &cat, rows0, 4 * e, e);
     let mut z = ctx.take(rows0 * e);
@@ -629,13 +619,13 @@ fn seg_worker(
     }
     let zl = linear_fwd(&mut ctx, job.head.classifier, &d, rows0, e, k);
     let mut logits = ctx.take(b * h * w * k);
+    let out_taps = corners((h0, h0), (h, w), k);
     for i in 0..b {
         up_forward(
             &zl[i * p0 * k..(i + 1) * p0 * k],
-            (h0, h0),
+            &out_taps,
             k,
             &mut logits[i * h * w * k..(i + 1) * h * w * k],
-            (h, w),
             k,
             0,
         );
@@ -669,12 +659,11 @@ fn seg_worker(
     for i in 0..b {
         up_backward(
             &dlogits[i * h * w * k..(i + 1) * h * w * k],
-            (h, w),
+            &out_taps,
             k,
             0,
             k,
             &mut dzl[i * p0 * k..(i + 1) * p0 * k],
-            (h0, h0),
         );
     }
     ctx.put(dlogits);
@@ -706,12 +695,11 @@ fn seg_worker(
         for i in 0..b {
             up_backward(
                 &dcat[i * p0 * 4 * e..(i + 1) * p0 * 4 * e],
-                (h0, h0),
+                &level_taps[l],
                 4 * e,
                 l * e,
                 e,
                 &mut dp[i * hw * e..(i + 1) * hw * e],
-                (lev.side, lev.side),
             );
         }
         let dl = linear_bwd(&mut ctx, job.head.linear_c[l], level_x[l], &dp, b * hw, lev.c, e, true)
@@ -742,9 +730,10 @@ mod tests {
         let x: Vec<f32> = (0..ih * iw * c).map(|_| rnd()).collect();
         let y: Vec<f32> = (0..oh * ow * ld).map(|_| rnd()).collect();
         let mut ux = vec![0.0f32; oh * ow * ld];
-        up_forward(&x, (ih, iw), c, &mut ux, (oh, ow), ld, off);
+        let taps = corners((ih, iw), (oh, ow), c);
+        up_forward(&x, &taps, c, &mut ux, ld, off);
         let mut uty = vec![0.0f32; ih * iw * c];
-        up_backward(&y, (oh, ow), ld, off, c, &mut uty, (ih, iw));
+        up_backward(&y, &taps, ld, off, c, &mut uty);
         let lhs: f64 = (0..oh * ow)
             .flat_map(|p| (0..c).map(move |j| (p, j)))
             .map(|(p, j)| ux[p * ld + off + j] as f64 * y[p * ld + off + j] as f64)
@@ -753,7 +742,7 @@ mod tests {
         assert!((lhs - rhs).abs() < 1e-5, "{lhs} vs {rhs}");
         // a constant map stays constant
         let ones = vec![1.0f32; ih * iw * c];
-        up_forward(&ones, (ih, iw), c, &mut ux, (oh, ow), ld, off);
+        up_forward(&ones, &taps, c, &mut ux, ld, off);
         for p in 0..oh * ow {
             for j in 0..c {
                 assert!((ux[p * ld + off + j] - 1.0).abs() < 1e-6);
