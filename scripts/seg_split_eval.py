@@ -11,6 +11,7 @@ import glob, os, sys
 import numpy as np
 import zlib, struct
 def read(p):
+    """An 8-bit grey or palette PNG's values as an (h, w) int64 array."""
     d = open(p, 'rb').read(); i = 8; idat = b''
     while i < len(d):
         n, = struct.unpack('>I', d[i:i+4]); t = d[i+4:i+8]; c = d[i+8:i+8+n]; i += 12 + n
@@ -30,17 +31,24 @@ def read(p):
                 v = r[x] + (a if pa <= pb and pa <= pc else b if pb <= pc else cc)
             cur[x] = v & 255
         out[y] = cur; prev = cur
-    return out.ravel()
-pred_dir, gt_dir = sys.argv[1], sys.argv[2]
-K = 11
-mats = {1: np.zeros((K, K), np.int64), 2: np.zeros((K, K), np.int64)}
-for gt_p in sorted(glob.glob(f'{gt_dir}/val_*.png')):
-    stem = os.path.basename(gt_p)[:-4]
-    g = read(gt_p); p = read(f'{pred_dir}/{stem}.png')
-    n = len(set(np.unique(g)) - {0, 255})
-    m = mats[1 if n <= 1 else 2]
-    ok = g != 255
-    np.add.at(m, (g[ok], p[ok]), 1)
-for n, m in mats.items():
-    tp = np.diag(m); iou = tp / np.maximum(m.sum(0) + m.sum(1) - tp, 1)
-    print(('one item class' if n == 1 else 'two item classes'), 'pixels', m.sum(), 'mIoU %.2f' % (100 * iou.mean()), 'aAcc %.2f' % (100 * tp.sum() / m.sum()))
+    return out
+
+
+def main():
+    pred_dir, gt_dir = sys.argv[1], sys.argv[2]
+    K = 11
+    mats = {1: np.zeros((K, K), np.int64), 2: np.zeros((K, K), np.int64)}
+    for gt_p in sorted(glob.glob(f'{gt_dir}/val_*.png')):
+        stem = os.path.basename(gt_p)[:-4]
+        g = read(gt_p).ravel(); p = read(f'{pred_dir}/{stem}.png').ravel()
+        n = len(set(np.unique(g)) - {0, 255})
+        m = mats[1 if n <= 1 else 2]
+        ok = g != 255
+        np.add.at(m, (g[ok], p[ok]), 1)
+    for n, m in mats.items():
+        tp = np.diag(m); iou = tp / np.maximum(m.sum(0) + m.sum(1) - tp, 1)
+        print(('one item class' if n == 1 else 'two item classes'), 'pixels', m.sum(), 'mIoU %.2f' % (100 * iou.mean()), 'aAcc %.2f' % (100 * tp.sum() / m.sum()))
+
+
+if __name__ == '__main__':
+    main()

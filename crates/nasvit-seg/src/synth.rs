@@ -10,7 +10,9 @@
 //!   resized to the output size (triangle filter), mirrored half the time, its levels times `background_gain`
 //!   (default 1);
 //! - 2-5 Fashion-MNIST items (`items`), each scaled 0.8x-3x of its 28 px (`scale`; bilinear), at a random position
-//!   inside the image, later items over earlier ones; each gets a random tint, shaded by the item's own intensity
+//!   inside the image, later items over earlier ones (with `max_overlap` < 1, a position whose box covers at most
+//!   that fraction of the smaller of it and each earlier item's box: up to [`PLACEMENT_TRIES`] positions are drawn
+//!   and the least overlapping kept); each gets a random tint, shaded by the item's own intensity
 //!   (`tint * (0.35 + 0.65 v / 255)`) so its texture stays visible (`look: colour`), or keeps its own grey level
 //!   `v` as in Fashion-MNIST (`look: grey`), and is blended over the background at opacity 0.9 where its scaled
 //!   intensity `v >= THRESHOLD` (48 of 255), fading to 0 below it (soft edges);
@@ -79,6 +81,8 @@ pub const FASHION_CLASSES: [&str; 10] = [
     "Bag",
     "Ankle boot",
 ];
+/// Positions drawn per item when `max_overlap` < 1.
+pub const PLACEMENT_TRIES: usize = 32;
 /// The most images one call generates per split.
 pub const MAX_ITEMS: usize = 1_000_000;
 
@@ -126,6 +130,9 @@ pub struct SynthConfig {
     pub look: Look,
     /// Background brightness factor (1 = the photo as is; < 1 darkens it towards Fashion-MNIST's black).
     pub background_gain: f32,
+    /// How much an item's box may cover another's, as a fraction of the smaller box (1 = anything, items occlude
+    /// each other freely; 0 = boxes apart where the image has room).
+    pub max_overlap: f32,
 }
 
 /// How an item's pixels are drawn over the background.
@@ -163,6 +170,7 @@ impl Default for SynthConfig {
             scale: [0.8, 3.0],
             look: Look::Colour,
             background_gain: 1.0,
+            max_overlap: 1.0,
         }
     }
 }
@@ -193,6 +201,12 @@ impl SynthConfig {
             return Err(SegError::Input(format!(
                 "background gain {}: must be in 0..=1",
                 self.background_gain
+            )));
+        }
+        if !(0.0..=1.0).contains(&self.max_overlap) {
+            return Err(SegError::Input(format!(
+                "max overlap {}: must be in 0..=1",
+                self.max_overlap
             )));
         }
         if self.train > MAX_ITEMS || self.val > MAX_ITEMS {
@@ -410,6 +424,7 @@ impl Generator {
             Split::Val => &self.val,
         };
         let count = rng.random_range(self.config.items[0]..=self.config.items[1]);
+        let mut boxes = Vec::with_capacity(count as usize);
         for _ in 0..count {
             let (item, label) = items.item(rng.random_range(0..items.len()));
             let scale = rng.random_range(self.config.scale[0]..=self.config.scale[1]);
@@ -417,8 +432,8 @@ impl Generator {
             let iw = ((item.width() as f32 * scale).round() as u32).clamp(1, w);
             let ih = ((item.height() as f32 * scale).round() as u32).clamp(1, h);
             let scaled = imageops::resize(&item, iw, ih, FilterType::Triangle);
-            let x = rng.random_range(0..=w - iw);
-            let y = rng.random_range(0..=h - ih);
+            let (x, y) = place(&mut rng, (iw, ih), (w, h), &boxes, self.config.max_overlap);
+            boxes.push([x, y, iw, ih]);
             let tint = hsv(
                 rng.random_range(0.0f32..1.0),
                 rng.random_range(0.5f32..1.0),
@@ -564,6 +579,44 @@ fn fit_background(img: RgbImage) -> std::result::Result<RgbImage, String> {
     Ok(imageops::resize(&img, nw, nh, FilterType::Triangle))
 }
 
+/// A position for an `iw x ih` box in a `w x h` image (the box fits): with `max_overlap` >= 1 one uniform draw;
+/// else the first of up to [`PLACEMENT_TRIES`] draws whose intersection with each earlier box (`[x, y, w, h]`) is
+/// at most `max_overlap` of the smaller of the two boxes, or, if none is, the draw with the least such fraction.
+fn place(
+    rng: &mut ChaCha8Rng,
+    (iw, ih): (u32, u32),
+    (w, h): (u32, u32),
+    boxes: &[[u32; 4]],
+    max_overlap: f32,
+) -> (u32, u32) {
+    let mut draw = || (rng.random_range(0..=w - iw), rng.random_range(0..=h - ih));
+    if max_overlap >= 1.0 {
+        return draw();
+    }
+    let worst = |(x, y): (u32, u32)| {
+        boxes
+            .iter()
+            .map(|&[bx, by, bw, bh]| {
+                let ox = (x + iw).min(bx + bw).saturating_sub(x.max(bx));
+                let oy = (y + ih).min(by + bh).saturating_sub(y.max(by));
+                (ox * oy) as f32 / (iw * ih).min(bw * bh) as f32
+            })
+            .fold(0.0f32, f32::max)
+    };
+    let mut best = (f32::INFINITY, (0, 0));
+    for _ in 0..PLACEMENT_TRIES {
+        let at = draw();
+        let o = worst(at);
+        if o <= max_overlap {
+            return at;
+        }
+        if o < best.0 {
+            best = (o, at);
+        }
+    }
+    best.1
+}
+
 /// Blends one scaled item (grey intensities) into `img` at `(x, y)` and labels its pixels `class` in `mask`.
 /// Draws `item` at `(x, y)`: with a `tint`, `tint * (0.35 + 0.65 v / 255)`; without, the grey level `v` itself.
 fn paste(img: &mut RgbImage, mask: &mut [u8], item: &GrayImage, class: u8, (x, y): (u32, u32), tint: Option<[f32; 3]>) {
@@ -671,6 +724,60 @@ mod tests {
         assert!(e.contains("width 100: must be a multiple of 32"), "{e}");
         c.width = 4096;
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn apart_items_do_not_overlap_where_there_is_room() {
+        // 4 boxes of 10 x 10 in 64 x 64 always fit apart; with max_overlap 1 they often overlap
+        let boxes_of = |max_overlap: f32, seed: u64| {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            let mut boxes: Vec<[u32; 4]> = Vec::new();
+            for _ in 0..4 {
+                let (x, y) = place(&mut rng, (10, 10), (64, 64), &boxes, max_overlap);
+                assert!(x + 10 <= 64 && y + 10 <= 64);
+                boxes.push([x, y, 10, 10]);
+            }
+            boxes
+        };
+        let overlaps = |b: &[[u32; 4]]| {
+            let mut n = 0;
+            for (i, p) in b.iter().enumerate() {
+                for q in &b[..i] {
+                    if p[0] < q[0] + q[2] && q[0] < p[0] + p[2] && p[1] < q[1] + q[3] && q[1] < p[1] + p[3] {
+                        n += 1;
+                    }
+                }
+            }
+            n
+        };
+        let free: usize = (0..200).map(|s| overlaps(&boxes_of(1.0, s))).sum();
+        let apart: usize = (0..200).map(|s| overlaps(&boxes_of(0.0, s))).sum();
+        assert!(free > 20, "{free}");
+        assert_eq!(apart, 0);
+        // max_overlap 1 is one uniform draw per item, as before the option existed
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let mut same = ChaCha8Rng::seed_from_u64(3);
+        assert_eq!(
+            place(&mut rng, (10, 20), (64, 64), &[[0, 0, 64, 64]], 1.0),
+            (same.random_range(0..=54), same.random_range(0..=44))
+        );
+    }
+
+    #[test]
+    fn a_crowded_image_keeps_the_least_overlapping_position() {
+        // a 30 x 30 box in a 40 x 40 image beside one at the top left: every position overlaps it by
+        // (30 - x)(30 - y) / 900, so all PLACEMENT_TRIES draws are made and the least overlapping one is kept
+        let earlier = [[0, 0, 30, 30]];
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let mut same = rng.clone();
+        let (x, y) = place(&mut rng, (30, 30), (40, 40), &earlier, 0.0);
+        let least = (0..PLACEMENT_TRIES)
+            .map(|_| (same.random_range(0..=10u32), same.random_range(0..=10u32)))
+            .map(|(x, y)| (30 - x) * (30 - y))
+            .min()
+            .unwrap();
+        assert_eq!((30 - x) * (30 - y), least);
+        assert!(least < 30 * 30);
     }
 
     #[test]

@@ -59,6 +59,11 @@ pub struct SegTrainConfig {
     /// Peak learning rate of the backbone; the head runs at `lr * head_lr_mult`.
     pub lr: f64,
     pub head_lr_mult: f64,
+    /// For the first N steps the backbone is not updated (its batch-norm statistics still are): the head learns
+    /// on the pretrained features before they are fine-tuned (linear probing, then fine-tuning: a random head's
+    /// first gradients otherwise rewrite the features it could have used). The backbone's warm-up and poly decay
+    /// then run over the remaining steps; the head's schedule is unchanged. 0 = train both from the start.
+    pub freeze_backbone_steps: u64,
     pub weight_decay: f64,
     pub warmup_steps: u64,
     /// The warm-up starts at `lr * warmup_ratio`.
@@ -109,6 +114,7 @@ impl Default for SegTrainConfig {
             max_steps: 1000,
             lr: 6e-4,
             head_lr_mult: 10.0,
+            freeze_backbone_steps: 0,
             weight_decay: 0.01,
             warmup_steps: 50,
             warmup_ratio: 1e-6,
@@ -164,6 +170,12 @@ impl SegTrainConfig {
         if self.max_steps == 0 {
             return bad("max_steps must be at least 1".into());
         }
+        if self.freeze_backbone_steps >= self.max_steps {
+            return bad(format!(
+                "freeze_backbone_steps {} must be below max_steps {} (the backbone would never train)",
+                self.freeze_backbone_steps, self.max_steps
+            ));
+        }
         Ok(())
     }
 
@@ -175,6 +187,28 @@ impl SegTrainConfig {
         }
         let t = (step as f64 / self.max_steps as f64).min(1.0);
         (self.lr - self.min_lr) * (1.0 - t).powf(self.poly_power) + self.min_lr
+    }
+
+    /// The backbone's learning rate at `step`: 0 (not updated at all) for the first `freeze_backbone_steps`, then
+    /// [`Self::lr_at`]'s warm-up and decay over the steps that remain.
+    pub fn backbone_lr_at(&self, step: u64) -> f64 {
+        let f = self.freeze_backbone_steps;
+        if f == 0 {
+            return self.lr_at(step);
+        }
+        if step < f {
+            return 0.0;
+        }
+        Self {
+            max_steps: self.max_steps - f,
+            ..self.clone()
+        }
+        .lr_at(step - f)
+    }
+
+    /// The head's learning rate at `step`.
+    pub fn head_lr_at(&self, step: u64) -> f64 {
+        self.lr_at(step) * self.head_lr_mult
     }
 }
 
@@ -533,7 +567,8 @@ impl Trainer {
                 let g_back = GradientsParams::from_params(&mut grads, &*model, back_ids);
                 let g_head = GradientsParams::from_params(&mut grads, &*model, head_ids);
                 let m = std::mem::replace(model, model.clone());
-                let m = opt_back.step(lr, m, g_back);
+                // a frozen backbone (lr 0) is left alone, AdamW's moments and step count included
+                let m = if lr == 0.0 { m } else { opt_back.step(lr, m, g_back) };
                 *model = opt_head.step(head_lr, m, g_head);
                 Ok(value)
             }
@@ -808,8 +843,8 @@ pub fn run(opts: &SegRunOptions) -> Result<SegRunSummary, SegError> {
         }
         let b = idx.len();
         let dropout_seed = cfg.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(step);
-        let lr = cfg.lr_at(step);
-        let value = trainer.step(xs, ys, [b, 3, ch, cw], dropout_seed, lr, lr * cfg.head_lr_mult, &device)?;
+        let (lr, head_lr) = (cfg.backbone_lr_at(step), cfg.head_lr_at(step));
+        let value = trainer.step(xs, ys, [b, 3, ch, cw], dropout_seed, lr, head_lr, &device)?;
         if !value.is_finite() {
             return Err(SegError::Usage(format!(
                 "step {step}: non-finite loss {value}; the last checkpoint is {}",
@@ -826,7 +861,7 @@ pub fn run(opts: &SegRunOptions) -> Result<SegRunSummary, SegError> {
             let dt = window.elapsed().as_secs_f64();
             let ips = if dt > 0.0 { window_images as f64 / dt } else { 0.0 };
             write(json!({
-                "kind": "train", "step": step, "loss": value, "lr": lr, "images_per_s": ips,
+                "kind": "train", "step": step, "loss": value, "lr": lr, "head_lr": head_lr, "images_per_s": ips,
                 "wall_s": wall0 + started.elapsed().as_secs_f64(),
             }))?;
             if bar.is_none() && !opts.quiet {
@@ -884,6 +919,42 @@ mod tests {
         assert!((cfg.lr_at(10) - 1e-3 * (1.0 - 10.0 / 110.0)).abs() < 1e-12);
         assert!((cfg.lr_at(55) - 5e-4).abs() < 1e-12);
         assert_eq!(cfg.lr_at(110), 0.0);
+    }
+
+    #[test]
+    fn a_frozen_backbone_starts_its_schedule_after_the_freeze() {
+        let cfg = SegTrainConfig {
+            lr: 1e-3,
+            head_lr_mult: 10.0,
+            warmup_steps: 10,
+            warmup_ratio: 0.0,
+            max_steps: 130,
+            freeze_backbone_steps: 20,
+            poly_power: 1.0,
+            ..SegTrainConfig::default()
+        };
+        // the head: the plain schedule over 130 steps
+        assert!((cfg.head_lr_at(5) - 5e-3).abs() < 1e-12);
+        assert!((cfg.head_lr_at(65) - 5e-3).abs() < 1e-12);
+        // the backbone: 0 for 20 steps, then warm-up 20..30 and decay to 0 at 130 (110 steps, as above)
+        assert_eq!(cfg.backbone_lr_at(0), 0.0);
+        assert_eq!(cfg.backbone_lr_at(19), 0.0);
+        assert_eq!(cfg.backbone_lr_at(20), 0.0);
+        assert!((cfg.backbone_lr_at(25) - 5e-4).abs() < 1e-12);
+        assert!((cfg.backbone_lr_at(75) - 5e-4).abs() < 1e-12);
+        assert_eq!(cfg.backbone_lr_at(130), 0.0);
+        // no freeze: the same schedule as the head's
+        let plain = SegTrainConfig {
+            freeze_backbone_steps: 0,
+            ..cfg.clone()
+        };
+        assert_eq!(plain.backbone_lr_at(65), plain.lr_at(65));
+        // a freeze as long as the run is refused
+        let all = SegTrainConfig {
+            freeze_backbone_steps: 130,
+            ..cfg
+        };
+        assert!(all.check().unwrap_err().to_string().contains("freeze_backbone_steps"));
     }
 
     #[test]

@@ -294,3 +294,48 @@ fn the_cpu_engine_trains_as_the_burn_model_does_and_resumes_exactly() {
     assert!(err.to_string().contains("engine: cpu"), "{err}");
     assert!(!dir.join("bad").join("config.yaml").exists());
 }
+
+#[test]
+fn a_frozen_backbone_is_left_alone_on_both_engines() {
+    // 3 steps with the backbone frozen, at two head rates: the backbone's weights and BN statistics are the same
+    // in both runs (they depend on the images only), the head's differ; unfrozen, the backbone moves
+    let dir = scratch("freeze");
+    dataset(&dir.join("data"));
+    let data = dir.join("data");
+    for engine in ["burn", "cpu"] {
+        // 3 of 4 steps (stopped there: the 4th would train the backbone)
+        let run_with = |name: &str, extra: &str| {
+            let cfg = cpu_config(&dir, &data, 4, engine, &format!("{engine}-{name}.yaml"));
+            std::fs::write(&cfg, std::fs::read_to_string(&cfg).unwrap() + extra).unwrap();
+            let out = dir.join(format!("{engine}-{name}"));
+            run(&SegRunOptions {
+                stop_after: Some(3),
+                ..opts(&cfg, &out)
+            })
+            .expect(name);
+            weights(&out)
+        };
+        let slow = run_with("slow", "freeze_backbone_steps: 3\nhead_lr_mult: 1.0\n");
+        let fast = run_with("fast", "freeze_backbone_steps: 3\nhead_lr_mult: 5.0\n");
+        let free = run_with("free", "head_lr_mult: 1.0\n");
+        let differs = |a: &HashMap<String, Vec<f32>>, b: &HashMap<String, Vec<f32>>, head: bool| {
+            a.iter()
+                .filter(|(k, _)| k.starts_with("head.") == head && !k.contains("running"))
+                .filter(|(k, v)| *v != &b[*k])
+                .count()
+        };
+        assert!(
+            differs(&slow, &fast, true) > 0,
+            "{engine}: the head rate changed nothing"
+        );
+        let same_backbone = slow
+            .iter()
+            .filter(|(k, _)| !k.starts_with("head."))
+            .all(|(k, v)| v == &fast[k]);
+        assert!(same_backbone, "{engine}: a frozen backbone moved with the head's rate");
+        assert!(
+            differs(&slow, &free, false) > 0,
+            "{engine}: the unfrozen backbone did not move"
+        );
+    }
+}

@@ -104,6 +104,10 @@ pub struct MakeArgs {
     /// Fashion-MNIST's black backgrounds).
     #[arg(long, default_value_t = 1.0)]
     background_gain: f32,
+    /// How much an item's box may cover another item's box, as a fraction of the smaller one, in 0..1 (1 = items
+    /// occlude each other freely; 0 = apart where the image has room; up to 32 positions are tried per item).
+    #[arg(long, default_value_t = 1.0)]
+    max_overlap: f32,
     /// Folder of Fashion-MNIST's IDX files (Debian package dataset-fashion-mnist).
     #[arg(long, default_value = synth::FASHION_DIR)]
     fashion: PathBuf,
@@ -329,6 +333,7 @@ fn make(args: MakeArgs) -> anyhow::Result<()> {
         scale: range("scale", &args.scale)?,
         look: args.look,
         background_gain: args.background_gain,
+        max_overlap: args.max_overlap,
     };
     config.validate()?;
     let generator = Generator::new(config)?;

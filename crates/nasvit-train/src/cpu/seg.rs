@@ -250,7 +250,8 @@ impl CpuSegTrainer {
     }
 
     /// One training step on `images: [B, C, H, W]` (NCHW, normalised) and `labels: [B, H, W]` (class ids, 255
-    /// ignored): forward, loss, backward, BN running statistics, AdamW at `lr` (backbone) and `head_lr` (head).
+    /// ignored): forward, loss, backward, BN running statistics, AdamW at `lr` (backbone; 0 leaves it
+    /// alone) and `head_lr` (head).
     /// Returns the loss; on error (bad input, a non-finite loss) nothing changes.
     pub fn step(
         &mut self,
@@ -413,7 +414,9 @@ impl CpuSegTrainer {
                 s.spawn(move || {
                     let base = store.offsets[gr.start];
                     for (i, t) in gr.enumerate() {
-                        if !touched[t] {
+                        // lr 0 = a frozen backbone: no update, moments and step count untouched (as burn's
+                        // engine, which skips its backbone optimiser then)
+                        if !touched[t] || (t < backbone && lr == 0.0) {
                             continue;
                         }
                         let r = store.range(t);
