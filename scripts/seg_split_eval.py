@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """mIoU of a generated segmentation set's validation images split by the number of item classes in each ground
-truth (<= 1 or 2), one confusion matrix per group (docs/results.md, issue 15: where the errors are).
+truth (<= 1 or 2), one confusion matrix per group, and the share of items recognised: of the ground truth's item
+regions (one per class present in an image), those whose pixels the prediction labels mostly (among item classes)
+with the right class (docs/results.md, issue 15: where the errors are).
 
     nasvit seg infer --model RUN --out PRED DATA/JPEGImages/val_*.png
     python3 scripts/seg_split_eval.py PRED DATA/SegmentationClassPNG
@@ -38,6 +40,7 @@ def main():
     pred_dir, gt_dir = sys.argv[1], sys.argv[2]
     K = 11
     mats = {1: np.zeros((K, K), np.int64), 2: np.zeros((K, K), np.int64)}
+    regions = recognised = 0
     for gt_p in sorted(glob.glob(f'{gt_dir}/val_*.png')):
         stem = os.path.basename(gt_p)[:-4]
         g = read(gt_p).ravel(); p = read(f'{pred_dir}/{stem}.png').ravel()
@@ -45,9 +48,15 @@ def main():
         m = mats[1 if n <= 1 else 2]
         ok = g != 255
         np.add.at(m, (g[ok], p[ok]), 1)
+        for c in set(np.unique(g)) - {0, 255}:
+            votes = np.bincount(p[g == c], minlength=K)
+            votes[0] = 0
+            regions += 1
+            recognised += votes.argmax() == c
     for n, m in mats.items():
         tp = np.diag(m); iou = tp / np.maximum(m.sum(0) + m.sum(1) - tp, 1)
         print(('one item class' if n == 1 else 'two item classes'), 'pixels', m.sum(), 'mIoU %.2f' % (100 * iou.mean()), 'aAcc %.2f' % (100 * tp.sum() / m.sum()))
+    print('items recognised (majority vote per class region): %d of %d, %.1f %%' % (recognised, regions, 100 * recognised / max(regions, 1)))
 
 
 if __name__ == '__main__':
