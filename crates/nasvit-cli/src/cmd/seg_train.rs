@@ -10,7 +10,8 @@ use nasvit_seg::train::{run, SegRunOptions};
     after_help = "The config (YAML; configs/seg/ has templates) names the data (a VOC, Cityscapes or ADE20K folder), \
     the backbone ({from: supernet, checkpoint: RUN/last/supernet.safetensors, arch: ARCH} or {from: scratch, space: \
     S, arch: ARCH}), the head ({kind: segformer, embed: E} or {kind: lraspp, inter: I}), the crop, batch, steps and \
-    the recipe (AdamW, warm-up + poly, head lr multiplier, scale 0.5-2 + crop + flip + jitter) and the engine \
+    the recipe (AdamW, warm-up + poly, head lr multiplier, freeze_backbone_steps: N for a head-only start, scale \
+    0.5-2 + crop + flip + jitter) and the engine \
     (engine: auto = nasvit's CPU training engine for a SegFormer head with a square crop, burn \
     otherwise; cpu or burn force one; threads: RAYON_NUM_THREADS). The run folder holds config.yaml (resolved), \
     metrics.jsonl, checkpoints/step-N/{model.safetensors, state.json, and optim_*.bpk (burn) or \
