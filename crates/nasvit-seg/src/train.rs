@@ -181,11 +181,16 @@ impl SegTrainConfig {
 
     /// The learning rate of the backbone at `step`: linear warm-up, then poly decay to `min_lr`.
     pub fn lr_at(&self, step: u64) -> f64 {
+        self.schedule(step, self.max_steps)
+    }
+
+    /// Warm-up over `warmup_steps`, then poly decay reaching `min_lr` at step `total`.
+    fn schedule(&self, step: u64, total: u64) -> f64 {
         if step < self.warmup_steps {
             let start = self.lr * self.warmup_ratio;
             return start + (self.lr - start) * step as f64 / self.warmup_steps as f64;
         }
-        let t = (step as f64 / self.max_steps as f64).min(1.0);
+        let t = (step as f64 / total as f64).min(1.0);
         (self.lr - self.min_lr) * (1.0 - t).powf(self.poly_power) + self.min_lr
     }
 
@@ -193,17 +198,10 @@ impl SegTrainConfig {
     /// [`Self::lr_at`]'s warm-up and decay over the steps that remain.
     pub fn backbone_lr_at(&self, step: u64) -> f64 {
         let f = self.freeze_backbone_steps;
-        if f == 0 {
-            return self.lr_at(step);
-        }
         if step < f {
             return 0.0;
         }
-        Self {
-            max_steps: self.max_steps - f,
-            ..self.clone()
-        }
-        .lr_at(step - f)
+        self.schedule(step - f, self.max_steps - f)
     }
 
     /// The head's learning rate at `step`.
